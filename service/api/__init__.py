@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI app, routes, auth, and the one error→status mapping."""

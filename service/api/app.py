@@ -1,0 +1,109 @@
+"""The FastAPI application: ``create_app(settings)`` wires state, routes and error mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service import migrate
+from service.api import errors as api_errors
+from service.api import routes_datasets, routes_studies
+from service.api.deps import AppState, state
+from service.db import Database
+from service.optuna_bridge import make_storage
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("seqtune.service")
+
+
+class BodyLimit:
+    """Refuse bodies over the cap from their Content-Length, before reading them (413)."""
+
+    def __init__(self, app: Any, *, json_cap: int, upload_cap: int) -> None:
+        self.app, self.json_cap, self.upload_cap = app, json_cap, upload_cap
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None:
+                cap = self.upload_cap + 64 * 1024 if scope["path"].startswith("/v1/datasets") \
+                    else self.json_cap
+                try:
+                    too_big = int(length) > cap
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    resp = JSONResponse(api_errors.error_body(
+                        "too_large", f"the request body is over the {cap} byte cap"),
+                        status_code=413)
+                    await resp(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings)
+        if settings.migrate_on_start:
+            migrate.upgrade(db.engine)
+        storage = make_storage(settings)
+        app.state.seqtune = AppState(settings=settings, db=db, storage=storage)
+        if not settings.auth_enabled:
+            log.warning("authentication is OFF (SEQTUNE_AUTH_ENABLED=false): every caller "
+                        "acts as tenant 'default'. Do not expose this service.")
+        where = "SQLite " + settings.url if settings.is_sqlite else "Postgres"
+        log.info("seqtune service ready on %s", where)
+        try:
+            yield
+        finally:
+            db.dispose()
+
+    app = FastAPI(
+        title="seqtune",
+        version="0.1.0",
+        summary="Hyperparameter search for LSTM sequence models",
+        description=(
+            "Submit studies (dataset, search space, sampler, pruner, budget); GPU workers "
+            "train the trials; query trials, the best hyperparameters and importances. Every "
+            "/v1 call needs `Authorization: Bearer <key>` unless auth is off. Errors share one "
+            "body: `{\"error\": {\"code\", \"message\", \"details\": [{\"field\", \"reason\"}]}}`."
+        ),
+        lifespan=lifespan,
+    )
+    api_errors.install(app)
+    app.include_router(routes_studies.router)
+    app.include_router(routes_datasets.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(st: AppState = Depends(state)) -> JSONResponse:
+        """The database answers and seqtune's migrations are current."""
+        try:
+            with st.db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            current = migrate.current_revision(st.db.engine)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"status": "unavailable", "reason": f"database: {exc}"[:300]},
+                                status_code=503)
+        head = migrate.head_revision()
+        if current != head:
+            return JSONResponse({"status": "unavailable", "reason": f"migrations at {current},"
+                                 f" head is {head}; run `seqtune db upgrade`"}, status_code=503)
+        return JSONResponse({"status": "ready", "migration": current})
+
+    app.add_middleware(BodyLimit, json_cap=settings.max_body_bytes,
+                       upload_cap=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,42 @@
+"""Request dependencies: the app's shared state and the caller's tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service import keys
+from service.db import Database
+from service.errors import Unauthorized
+from service.settings import Settings
+
+DEFAULT_TENANT = "default"
+_bearer = HTTPBearer(auto_error=False, description="An API key from `seqtune keys create`")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    storage: optuna.storages.RDBStorage
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.seqtune  # type: ignore[no-any-return]
+
+
+def tenant(request: Request,
+           creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+    """The tenant of the bearer key. With auth off, everyone is the 'default' tenant."""
+    st = state(request)
+    if not st.settings.auth_enabled:
+        return DEFAULT_TENANT
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise Unauthorized("send 'Authorization: Bearer <key>'; create a key with "
+                           "`seqtune keys create --tenant NAME`")
+    if len(creds.credentials) > 256:
+        raise Unauthorized("the API key is unknown or revoked")
+    return keys.authenticate(st.db, key=creds.credentials)

@@ -1,0 +1,158 @@
+"""/v1/studies: submit, inspect, steer and query studies and their trials."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import datasets, studies, trials
+from service.api.deps import AppState, state, tenant
+from service.errors import Invalid, NotFound
+from service.spec import Scalar, StudySpec, UploadedData, check_spec
+from service.views import BestView, Page, StudyView, TrialView
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+StudyName = Annotated[str, Path(max_length=256, description="the study's name")]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0, le=10**9)]
+
+SUNSPOTS_EXAMPLE: dict[str, Any] = {
+    "name": "sunspots-lstm",
+    "task": "forecast",
+    "dataset": {"kind": "builtin", "name": "sunspots"},
+    "horizon": 1,
+    "objectives": [{"metric": "val_rmse"}],
+    "search_space": {
+        "hidden_size": {"type": "int", "low": 16, "high": 128, "log": True},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "seq_len": {"type": "int", "low": 8, "high": 48, "step": 4},
+        "optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
+    },
+    "fixed": {"max_epochs": 60, "batch_size": 32},
+    "sampler": {"name": "tpe", "seed": 0},
+    "pruner": {"name": "median", "options": {"n_warmup_steps": 5}},
+    "budget": {"n_trials": 30},
+}
+
+
+class StudyPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["running", "paused", "stopped"] | None = Field(
+        default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends")
+    n_trials: int | None = Field(default=None, ge=1, le=1_000_000)
+    priority: int | None = Field(default=None, ge=-100, le=100)
+
+
+class EnqueueBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    params: dict[str, Scalar] = Field(max_length=64, description="hyperparameters to try")
+
+
+def _check_with_dataset(st: AppState, who: str, spec: StudySpec) -> None:
+    cols = None
+    if isinstance(spec.dataset, UploadedData):
+        try:
+            cols = datasets.dataset_columns(st.db, tenant=who, dataset_id=spec.dataset.id)
+        except NotFound:
+            raise Invalid("the study names an unknown dataset", details=[
+                {"field": "dataset.id", "reason": "no such dataset; upload it with "
+                 "POST /v1/datasets and use the id it returns"}]) from None
+    check_spec(spec, uploaded_columns=cols)
+
+
+@router.post("", status_code=201, response_model=StudyView,
+             responses={409: {"description": "a study of that name exists"},
+                        422: {"description": "the definition is invalid; details name fields"}})
+def create_study(
+    spec: Annotated[StudySpec, Body(openapi_examples={"sunspots": {
+        "summary": "LSTM on yearly sunspots", "value": SUNSPOTS_EXAMPLE}})],
+    response: Response,
+    st: AppState = Depends(state), who: str = Depends(tenant),
+) -> StudyView:
+    """Submit a study. Workers start pulling its trials at once."""
+    _check_with_dataset(st, who, spec)
+    view = studies.create_study(st.db, st.storage, tenant=who, spec=spec)
+    response.headers["Location"] = f"/v1/studies/{view.name}"
+    return view
+
+
+@router.get("", response_model=Page[StudyView])
+def list_studies(
+    status: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Limit = 50, offset: Offset = 0,
+    st: AppState = Depends(state), who: str = Depends(tenant),
+) -> Page[StudyView]:
+    """The caller's studies, newest first; filter by status."""
+    return studies.list_studies(st.db, tenant=who, status=status, limit=limit, offset=offset)
+
+
+@router.get("/{name}", response_model=StudyView)
+def get_study(name: StudyName, st: AppState = Depends(state),
+              who: str = Depends(tenant)) -> StudyView:
+    """A study with its trial counts and remaining budget."""
+    return studies.get_study(st.db, tenant=who, name=name)
+
+
+@router.patch("/{name}", response_model=StudyView)
+def update_study(name: StudyName, patch: StudyPatch, st: AppState = Depends(state),
+                 who: str = Depends(tenant)) -> StudyView:
+    """Pause, resume or stop a study; raise its budget; change its priority."""
+    if patch.status is None and patch.n_trials is None and patch.priority is None:
+        raise Invalid("nothing to change; send status, n_trials or priority")
+    return studies.update_study(st.db, tenant=who, name=name, status=patch.status,
+                                n_trials=patch.n_trials, priority=patch.priority)
+
+
+@router.delete("/{name}", status_code=204)
+def delete_study(name: StudyName, force: bool = False, st: AppState = Depends(state),
+                 who: str = Depends(tenant)) -> Response:
+    """Delete a study, its trials and its Optuna study."""
+    studies.delete_study(st.db, st.storage, tenant=who, name=name, force=force)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/trials", response_model=Page[TrialView])
+def list_trials(
+    name: StudyName,
+    state_: Annotated[str | None, Query(alias="state", max_length=16,
+                                        description="WAITING, RUNNING, COMPLETE, PRUNED, FAIL")
+                      ] = None,
+    sort: Annotated[str, Query(max_length=32, description="number, value, started_at, "
+                               "finished_at; '-' prefix for descending")] = "number",
+    limit: Limit = 100, offset: Offset = 0,
+    st: AppState = Depends(state), who: str = Depends(tenant),
+) -> Page[TrialView]:
+    """A page of trials (without learning curves)."""
+    return trials.list_trials(st.db, tenant=who, name=name, state=state_, sort=sort,
+                              limit=limit, offset=offset)
+
+
+@router.get("/{name}/trials/{number}", response_model=TrialView)
+def get_trial(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
+              st: AppState = Depends(state), who: str = Depends(tenant)) -> TrialView:
+    """One trial: params, state, values, learning curve, reason, worker, timings, attempts."""
+    return trials.get_trial(st.db, tenant=who, name=name, number=number)
+
+
+@router.post("/{name}/trials", status_code=201, response_model=TrialView)
+def enqueue_trial(name: StudyName, body: EnqueueBody, st: AppState = Depends(state),
+                  who: str = Depends(tenant)) -> TrialView:
+    """Queue given hyperparameters (warm start); they run before sampled trials."""
+    return trials.enqueue_trial(st.db, st.storage, tenant=who, name=name, params=body.params)
+
+
+@router.get("/{name}/best", response_model=BestView)
+def best(name: StudyName, st: AppState = Depends(state),
+         who: str = Depends(tenant)) -> BestView:
+    """The best trial and its test metrics, or the Pareto front for several objectives."""
+    return studies.best(st.db, tenant=who, name=name)
+
+
+@router.get("/{name}/importance")
+def importance(name: StudyName, objective: Annotated[int, Query(ge=0, le=3)] = 0,
+               st: AppState = Depends(state), who: str = Depends(tenant)) -> dict[str, Any]:
+    """Hyperparameter importances (PED-ANOVA), once enough trials completed."""
+    return studies.importance(st.db, st.storage, tenant=who, name=name, objective=objective)

@@ -1,0 +1,107 @@
+"""The ``seqtune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.errors import SeqtuneError
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from service.settings import Settings
+
+    overrides = {}
+    if getattr(args, "database_url", None):
+        overrides["database_url"] = args.database_url
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = _settings(args)
+    if args.no_auth:
+        settings.auth_enabled = False
+    host = args.host or settings.host
+    port = args.port or settings.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
+                access_log=args.access_log)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from service import migrate
+    from service.db import Database
+
+    db = Database(_settings(args))
+    migrate.upgrade(db.engine)
+    print(f"seqtune schema at {migrate.current_revision(db.engine)}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from service import keys, migrate
+    from service.db import Database
+
+    db = Database(_settings(args))
+    migrate.upgrade(db.engine)
+    key = keys.create_key(db, tenant=args.tenant)
+    print(f"created a key for tenant '{args.tenant}'; it is shown once, keep it:",
+          file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from service import keys
+    from service.db import Database
+
+    keys.revoke_key(Database(_settings(args)), key=args.key)
+    print("revoked")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqtune", description="Hyperparameter search for LSTMs.")
+    p.add_argument("--database-url", help="overrides SEQTUNE_DATABASE_URL")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the REST service")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--no-auth", action="store_true",
+                   help="turn authentication off (local use only; logs a warning)")
+    s.add_argument("--access-log", action="store_true")
+    s.set_defaults(fn=cmd_serve)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
+    db.add_parser("upgrade", help="apply seqtune's migrations").set_defaults(fn=cmd_db_upgrade)
+
+    k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
+    kc = k.add_parser("create", help="create a key; printed alone on the last line")
+    kc.add_argument("--tenant", required=True)
+    kc.set_defaults(fn=cmd_keys_create)
+    kr = k.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key")
+    kr.set_defaults(fn=cmd_keys_revoke)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.fn(args))
+    except SeqtuneError as exc:
+        print(f"seqtune: {exc.message}", file=sys.stderr)
+        for d in exc.details:
+            print(f"  {d.get('field')}: {d.get('reason')}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

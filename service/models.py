@@ -1,0 +1,142 @@
+"""SQLAlchemy models of seqtune's own tables. Every table is named ``seqtune_*``.
+
+Optuna's tables (studies, trials, ...) live in the same database and belong to Optuna: nothing
+here references them by foreign key, and nothing in seqtune writes them except through Optuna.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# JSONB on Postgres, JSON text elsewhere (SQLite).
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ApiKey(Base):
+    __tablename__ = "seqtune_api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Dataset(Base):
+    __tablename__ = "seqtune_datasets"
+    __table_args__ = (Index(None, "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    columns: Mapped[list[dict[str, Any]]] = mapped_column(JsonType)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "seqtune_studies"
+    __table_args__ = (
+        UniqueConstraint("tenant", "name"),
+        Index(None, "tenant", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    optuna_study_name: Mapped[str] = mapped_column(String(256), unique=True)
+    optuna_study_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    task: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    directions: Mapped[list[str]] = mapped_column(JsonType)
+    n_trials: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    dataset_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("seqtune_datasets.id", ondelete="RESTRICT"), nullable=True,
+        index=True,
+    )
+    # Counters kept in step with trial transitions, so reading a study never counts its trials.
+    n_waiting: Mapped[int] = mapped_column(Integer, default=0)
+    n_running: Mapped[int] = mapped_column(Integer, default=0)
+    n_complete: Mapped[int] = mapped_column(Integer, default=0)
+    n_pruned: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Trial(Base):
+    """seqtune's record of an Optuna trial: what Optuna holds plus curves, reason, worker."""
+
+    __tablename__ = "seqtune_trials"
+    __table_args__ = (
+        UniqueConstraint("study_id", "number"),
+        # Serves GET /best (ORDER BY value LIMIT 1) and state-filtered listings without a scan.
+        Index(None, "study_id", "state", "value"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("seqtune_studies.id", ondelete="CASCADE")
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    optuna_trial_id: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    values: Mapped[list[float] | None] = mapped_column(JsonType, nullable=True)
+    on_front: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    curve: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    test_metrics: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,72 @@
+"""One typed settings object, read from ``SEQTUNE_*`` environment variables and validated at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("seqtune-data")
+
+
+class Settings(BaseSettings):
+    """Everything seqtune reads from its environment.
+
+    With no ``SEQTUNE_DATABASE_URL`` the service and workers share an embedded SQLite file under
+    ``SEQTUNE_DATA_DIR``; with a ``postgresql://`` URL they share Postgres.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SEQTUNE_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset means an SQLite file in data_dir."
+    )
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Checkpoints, caches, SQLite.")
+    auth_enabled: bool = Field(
+        default=True, description="Require 'Authorization: Bearer <key>' on every /v1 call."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    migrate_on_start: bool = True
+    pool_size: int = Field(default=5, ge=1, le=200)
+    max_overflow: int = Field(default=10, ge=0, le=500)
+    pool_recycle_s: int = Field(default=1800, ge=30)
+    db_retries: int = Field(default=5, ge=0, le=50, description="Retries on a lost connection.")
+    db_retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON bodies.")
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_url(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        v = v.strip()
+        # Heroku-style and libpq-style URLs name no driver; SQLAlchemy wants one.
+        if v.startswith("postgres://"):
+            v = "postgresql://" + v[len("postgres://") :]
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg2://" + v[len("postgresql://") :]
+        if not (v.startswith("postgresql+") or v.startswith("sqlite")):
+            raise ValueError("SEQTUNE_DATABASE_URL must be a postgresql:// or sqlite:/// URL")
+        return v
+
+    @property
+    def url(self) -> str:
+        """The effective database URL (the embedded SQLite file when none is configured)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'seqtune.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

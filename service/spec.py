@@ -1,0 +1,516 @@
+"""The study definition: one validated schema, the same as a JSON body and as a YAML file.
+
+``StudySpec`` checks shapes and types (pydantic); ``check_spec`` checks meaning (known
+hyperparameter names, ranges inside the engine's bounds, options the sampler and pruner take,
+objectives that fit the task). Both report problems as ``{field, reason}`` pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service import catalog
+from service.errors import Invalid
+from service.hparams import HPARAMS, defaults
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+Scalar = bool | int | float | str
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---- search space ---------------------------------------------------------------------------
+
+
+class IntRange(_Strict):
+    type: Literal["int"]
+    low: int = Field(ge=-(10**9), le=10**9)
+    high: int = Field(ge=-(10**9), le=10**9)
+    step: int = Field(default=1, ge=1, le=10**9)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log=true needs low > 0")
+        if self.log and self.step != 1:
+            raise ValueError("log=true needs step=1")
+        return self
+
+
+class FloatRange(_Strict):
+    type: Literal["float"]
+    low: float = Field(ge=-1e12, le=1e12)
+    high: float = Field(ge=-1e12, le=1e12)
+    step: float | None = Field(default=None, gt=0, le=1e12)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log=true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log=true cannot be combined with step")
+        return self
+
+
+class Categorical(_Strict):
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> Categorical:
+        seen = [repr(c) for c in self.choices]
+        if len(set(seen)) != len(seen):
+            raise ValueError("choices must not repeat")
+        return self
+
+
+Distribution = Annotated[IntRange | FloatRange | Categorical, Field(discriminator="type")]
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+class BuiltinData(_Strict):
+    kind: Literal["builtin"]
+    name: str = Field(max_length=64)
+
+
+class SyntheticData(_Strict):
+    kind: Literal["synthetic"]
+    generator: str = Field(max_length=64)
+    n_points: int = Field(default=2000, ge=50, le=5_000_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    options: dict[str, float] = Field(default_factory=dict, max_length=16)
+
+
+class UploadedData(_Strict):
+    kind: Literal["uploaded"]
+    id: str = Field(min_length=1, max_length=32, pattern=r"^[0-9a-f]+$")
+
+
+DataRef = Annotated[BuiltinData | SyntheticData | UploadedData, Field(discriminator="kind")]
+
+
+class Splits(_Strict):
+    train: float = Field(default=0.7, gt=0, lt=1)
+    val: float = Field(default=0.15, gt=0, lt=1)
+    test: float = Field(default=0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> Splits:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must be 1 (got {total:g})")
+        return self
+
+
+# ---- search machinery -----------------------------------------------------------------------
+
+
+class Objective(_Strict):
+    metric: str = Field(max_length=64)
+    direction: Literal["minimize", "maximize"] | None = None  # default: the metric's natural one
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
+
+
+class PrunerSpec(_Strict):
+    name: Literal[
+        "none", "median", "percentile", "successive_halving", "hyperband", "threshold",
+        "patient", "wilcoxon",
+    ] = "median"
+    options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
+    wrapped: PrunerSpec | None = None  # the pruner that ``patient`` wraps
+
+
+class EarlyStopping(_Strict):
+    patience: int | None = Field(default=10, ge=1, le=100_000)  # null turns it off
+    min_delta: float = Field(default=0.0, ge=0, le=1e9)
+
+
+class Budget(_Strict):
+    n_trials: int = Field(default=50, ge=1, le=1_000_000)
+    max_concurrent_trials: int | None = Field(default=None, ge=1, le=100_000)
+    timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400)
+    trial_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
+    max_retries: int = Field(default=2, ge=0, le=100)
+    lease_timeout_s: float = Field(default=300, ge=5, le=86400)
+
+
+class StudySpec(_Strict):
+    """A study, as submitted. See ``examples/*.yaml`` for complete examples."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '_', '.', '-'")
+    task: Literal["forecast", "classify"] = "forecast"
+    dataset: DataRef
+    target: list[str] | None = Field(default=None, max_length=256)
+    features: list[str] | None = Field(default=None, max_length=4096)
+    horizon: int = Field(default=1, ge=1, le=10_000)
+    splits: Splits = Field(default_factory=Splits)
+    missing: Literal["interpolate", "drop"] = "interpolate"
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="val_loss")], min_length=1, max_length=4
+    )
+    search_space: dict[str, Distribution] = Field(default_factory=dict, max_length=64)
+    fixed: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    budget: Budget = Field(default_factory=Budget)
+    priority: int = Field(default=0, ge=-100, le=100)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction or catalog.METRICS[o.metric][0] for o in self.objectives]
+
+    def fixed_config(self) -> dict[str, Scalar]:
+        """Every hyperparameter not searched: the study's fixed value, else the default."""
+        out: dict[str, Scalar] = {}
+        for name, value in defaults().items():
+            if name not in self.search_space:
+                out[name] = self.fixed.get(name, value)
+        return out
+
+
+# ---- semantic checks ------------------------------------------------------------------------
+
+_OptionType = Literal["int", "float", "bool", "int_or_auto", "str"]
+# option -> (type, low, high or allowed strings)
+_SAMPLER_OPTIONS: dict[str, dict[str, tuple[_OptionType, Any, Any]]] = {
+    "tpe": {
+        "n_startup_trials": ("int", 0, 100_000), "n_ei_candidates": ("int", 1, 10_000),
+        "multivariate": ("bool", None, None), "group": ("bool", None, None),
+        "constant_liar": ("bool", None, None), "consider_endpoints": ("bool", None, None),
+        "prior_weight": ("float", 0.0, 1e6),
+    },
+    "random": {},
+    "grid": {},
+    "cmaes": {
+        "n_startup_trials": ("int", 0, 100_000), "sigma0": ("float", 1e-12, 1e12),
+        "popsize": ("int", 2, 100_000), "use_separable_cma": ("bool", None, None),
+        "with_margin": ("bool", None, None), "lr_adapt": ("bool", None, None),
+        "consider_pruned_trials": ("bool", None, None),
+        "restart_strategy": ("str", None, ("ipop", "bipop")),
+    },
+    "gp": {"n_startup_trials": ("int", 0, 100_000),
+           "deterministic_objective": ("bool", None, None)},
+    "qmc": {"qmc_type": ("str", None, ("sobol", "halton")), "scramble": ("bool", None, None)},
+    "nsga2": {
+        "population_size": ("int", 2, 100_000), "mutation_prob": ("float", 0.0, 1.0),
+        "crossover_prob": ("float", 0.0, 1.0), "swapping_prob": ("float", 0.0, 1.0),
+    },
+}
+_COMMON_PRUNE = {
+    "n_startup_trials": ("int", 0, 100_000), "n_warmup_steps": ("int", 0, 1_000_000),
+    "interval_steps": ("int", 1, 1_000_000), "n_min_trials": ("int", 1, 100_000),
+}
+_PRUNER_OPTIONS: dict[str, dict[str, tuple[_OptionType, Any, Any]]] = {
+    "none": {},
+    "median": dict(_COMMON_PRUNE),
+    "percentile": {**_COMMON_PRUNE, "percentile": ("float", 0.0, 100.0)},
+    "successive_halving": {
+        "min_resource": ("int_or_auto", 1, 1_000_000), "reduction_factor": ("int", 2, 100),
+        "min_early_stopping_rate": ("int", 0, 100), "bootstrap_count": ("int", 0, 1000),
+    },
+    "hyperband": {
+        "min_resource": ("int", 1, 1_000_000), "max_resource": ("int_or_auto", 1, 1_000_000),
+        "reduction_factor": ("int", 2, 100), "bootstrap_count": ("int", 0, 1000),
+    },
+    "threshold": {
+        "lower": ("float", -1e300, 1e300), "upper": ("float", -1e300, 1e300),
+        "n_warmup_steps": ("int", 0, 1_000_000), "interval_steps": ("int", 1, 1_000_000),
+    },
+    "patient": {"patience": ("int", 0, 100_000), "min_delta": ("float", 0.0, 1e300)},
+    "wilcoxon": {"p_threshold": ("float", 0.0, 1.0), "n_startup_steps": ("int", 0, 1_000_000)},
+}
+_REQUIRED_PRUNER_OPTIONS = {"percentile": ("percentile",), "patient": ("patience",)}
+MAX_GRID_POINTS = 1_000_000
+
+
+def _check_options(kind: str, name: str, options: dict[str, Any],
+                   allowed: dict[str, tuple[_OptionType, Any, Any]], where: str,
+                   errors: list[dict[str, str]]) -> None:
+    for key, value in options.items():
+        field = f"{where}.options.{key}"
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            errors.append({"field": field,
+                           "reason": f"{kind} '{name}' takes no option '{key}' (known: {known})"})
+            continue
+        typ, low, high = allowed[key]
+        if value is None:
+            continue
+        if typ == "bool":
+            if not isinstance(value, bool):
+                errors.append({"field": field, "reason": "must be true or false"})
+            continue
+        if typ == "str":
+            if value not in high:
+                errors.append({"field": field, "reason": f"must be one of {list(high)}"})
+            continue
+        if typ == "int_or_auto" and value == "auto":
+            continue
+        if typ in ("int", "int_or_auto") and (isinstance(value, bool) or
+                                               not isinstance(value, int)):
+            errors.append({"field": field, "reason": "must be an integer"
+                           + (" or 'auto'" if typ == "int_or_auto" else "")})
+            continue
+        if typ == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            errors.append({"field": field, "reason": "must be a number"})
+            continue
+        if not low <= value <= high:
+            errors.append({"field": field, "reason": f"must be between {low} and {high}"})
+
+
+def _check_dataset(spec: StudySpec, errors: list[dict[str, str]],
+                   uploaded_columns: list[str] | None) -> tuple[str, ...] | None:
+    """Returns the dataset's numeric columns when known, after checking the reference."""
+    ds = spec.dataset
+    if isinstance(ds, BuiltinData):
+        info = catalog.BUILTIN.get(ds.name)
+        if info is None:
+            errors.append({"field": "dataset.name", "reason":
+                           f"unknown built-in dataset; known: {sorted(catalog.BUILTIN)}"})
+            return None
+    elif isinstance(ds, SyntheticData):
+        info = catalog.SYNTHETIC.get(ds.generator)
+        if info is None:
+            errors.append({"field": "dataset.generator", "reason":
+                           f"unknown generator; known: {sorted(catalog.SYNTHETIC)}"})
+            return None
+        for key, value in ds.options.items():
+            if key not in info.options:
+                errors.append({"field": f"dataset.options.{key}", "reason":
+                               f"generator '{ds.generator}' takes {sorted(info.options)}"})
+            elif not info.options[key][0] <= value <= info.options[key][1]:
+                lo, hi, _ = info.options[key]
+                errors.append({"field": f"dataset.options.{key}",
+                               "reason": f"must be between {lo:g} and {hi:g}"})
+    else:
+        return tuple(uploaded_columns) if uploaded_columns is not None else None
+    if spec.task not in info.tasks:
+        errors.append({"field": "task", "reason":
+                       f"dataset '{info.name}' supports task(s) {list(info.tasks)}"})
+    if isinstance(ds, SyntheticData):
+        cols = catalog.synthetic_columns(ds.generator, ds.options)
+        return cols + (("label",) if spec.task == "classify" else ())
+    return info.columns
+
+
+def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) -> None:
+    """Check what the schema cannot: names, bounds, options, objectives against the task.
+
+    ``uploaded_columns`` are the columns of the uploaded dataset the spec names, if any.
+    Raises ``Invalid`` listing every problem found as ``{field, reason}``.
+    """
+    errors: list[dict[str, str]] = []
+    columns = _check_dataset(spec, errors, uploaded_columns)
+    if columns is not None:
+        for key in ("target", "features"):
+            for i, col in enumerate(getattr(spec, key) or []):
+                if col not in columns:
+                    errors.append({"field": f"{key}[{i}]",
+                                   "reason": f"no column '{col}'; columns: {list(columns)}"})
+    if spec.task == "classify" and spec.target is not None and len(spec.target) != 1:
+        errors.append({"field": "target", "reason": "classification takes exactly one label"})
+    if spec.task == "classify" and spec.horizon != 1:
+        errors.append({"field": "horizon", "reason": "classification needs horizon 1"})
+
+    for i, obj in enumerate(spec.objectives):
+        meta = catalog.METRICS.get(obj.metric)
+        if meta is None:
+            errors.append({"field": f"objectives[{i}].metric",
+                           "reason": f"unknown metric; known: {sorted(catalog.METRICS)}"})
+        elif spec.task not in meta[1]:
+            errors.append({"field": f"objectives[{i}].metric",
+                           "reason": f"'{obj.metric}' does not apply to task '{spec.task}'"})
+    if len({o.metric for o in spec.objectives}) != len(spec.objectives):
+        errors.append({"field": "objectives", "reason": "each metric may appear once"})
+
+    for name, dist in spec.search_space.items():
+        _check_distribution(name, dist, errors)
+    for name, value in spec.fixed.items():
+        field = f"fixed.{name}"
+        hp = HPARAMS.get(name)
+        if hp is None:
+            errors.append({"field": field, "reason": _unknown(name)})
+        elif name in spec.search_space:
+            errors.append({"field": field, "reason": "searched and fixed at once; pick one"})
+        else:
+            reason = _value_problem(name, value)
+            if reason:
+                errors.append({"field": field, "reason": reason})
+
+    sampler = spec.sampler
+    _check_options("sampler", sampler.name, sampler.options, _SAMPLER_OPTIONS[sampler.name],
+                   "sampler", errors)
+    if sampler.name == "grid":
+        _check_grid(spec, errors)
+    _check_pruner(spec.pruner, "pruner", errors)
+    if len(spec.objectives) > 1 and spec.pruner.name != "none":
+        errors.append({"field": "pruner.name", "reason":
+                       "pruning needs a single objective; use 'none' with several objectives"})
+    if sampler.name == "cmaes" and len(spec.objectives) > 1:
+        errors.append({"field": "sampler.name", "reason":
+                       "'cmaes' handles one objective; use 'tpe' or 'nsga2'"})
+    if errors:
+        raise Invalid(f"the study definition has {len(errors)} problem(s)", details=errors)
+
+
+def _unknown(name: str) -> str:
+    return f"unknown hyperparameter '{name}'; known: {', '.join(sorted(HPARAMS))}"
+
+
+def _check_distribution(name: str, dist: Any, errors: list[dict[str, str]]) -> None:
+    field = f"search_space.{name}"
+    hp = HPARAMS.get(name)
+    if hp is None:
+        errors.append({"field": field, "reason": _unknown(name)})
+        return
+    if isinstance(dist, Categorical):
+        for i, choice in enumerate(dist.choices):
+            reason = _value_problem(name, choice)
+            if reason:
+                errors.append({"field": f"{field}.choices[{i}]", "reason": reason})
+        return
+    if hp.kind in ("bool", "categorical"):
+        errors.append({"field": f"{field}.type",
+                       "reason": f"'{name}' is {hp.kind}; search it with type 'categorical'"})
+        return
+    if hp.kind == "int" and isinstance(dist, FloatRange):
+        errors.append({"field": f"{field}.type", "reason": f"'{name}' is an integer; use 'int'"})
+        return
+    assert hp.low is not None and hp.high is not None
+    for end in ("low", "high"):
+        v = getattr(dist, end)
+        if not hp.low <= v <= hp.high:
+            errors.append({"field": f"{field}.{end}",
+                           "reason": f"must be between {hp.low:g} and {hp.high:g}"})
+
+
+def _value_problem(name: str, value: Any) -> str | None:
+    hp = HPARAMS[name]
+    if hp.kind == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if hp.kind == "categorical":
+        assert hp.choices is not None
+        return None if value in hp.choices and isinstance(value, str) else \
+            f"must be one of {list(hp.choices)}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a{'n integer' if hp.kind == 'int' else ' number'}"
+    if hp.kind == "int" and not isinstance(value, int):
+        return "must be an integer"
+    assert hp.low is not None and hp.high is not None
+    if not hp.low <= value <= hp.high:
+        return f"must be between {hp.low:g} and {hp.high:g}"
+    return None
+
+
+def grid_values(dist: Any) -> list[Any] | None:
+    """The grid points of one dimension, or None when it is continuous."""
+    if isinstance(dist, Categorical):
+        return list(dist.choices)
+    if isinstance(dist, IntRange):
+        return list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else \
+            list(range(dist.low, dist.high + 1))
+    if dist.step is not None:
+        n = int(math.floor((dist.high - dist.low) / dist.step + 1e-9)) + 1
+        return [round(dist.low + i * dist.step, 12) for i in range(n)]
+    return None
+
+
+def _check_grid(spec: StudySpec, errors: list[dict[str, str]]) -> None:
+    size = 1
+    for name, dist in spec.search_space.items():
+        if isinstance(dist, IntRange):
+            n = (dist.high - dist.low) // dist.step + 1
+        elif isinstance(dist, FloatRange):
+            if dist.step is None:
+                errors.append({"field": f"search_space.{name}",
+                               "reason": "grid search needs a step or choices for floats"})
+                return
+            n = int((dist.high - dist.low) / dist.step + 1e-9) + 1
+        else:
+            n = len(dist.choices)
+        size *= n
+        if size > MAX_GRID_POINTS:
+            errors.append({"field": "search_space", "reason":
+                           f"the grid has over {MAX_GRID_POINTS} points; coarsen the steps"})
+            return
+
+
+def _check_pruner(pruner: PrunerSpec, where: str, errors: list[dict[str, str]]) -> None:
+    _check_options("pruner", pruner.name, pruner.options, _PRUNER_OPTIONS[pruner.name], where,
+                   errors)
+    for key in _REQUIRED_PRUNER_OPTIONS.get(pruner.name, ()):
+        if key not in pruner.options:
+            errors.append({"field": f"{where}.options.{key}",
+                           "reason": f"pruner '{pruner.name}' needs option '{key}'"})
+    if pruner.name == "threshold" and pruner.options.get("lower") is None and \
+            pruner.options.get("upper") is None:
+        errors.append({"field": f"{where}.options",
+                       "reason": "pruner 'threshold' needs 'lower' or 'upper'"})
+    if pruner.wrapped is not None:
+        if pruner.name != "patient":
+            errors.append({"field": f"{where}.wrapped",
+                           "reason": "only the 'patient' pruner wraps another"})
+        elif pruner.wrapped.name == "patient":
+            errors.append({"field": f"{where}.wrapped.name",
+                           "reason": "'patient' cannot wrap 'patient'"})
+        else:
+            _check_pruner(pruner.wrapped, f"{where}.wrapped", errors)
+
+
+# ---- parsing helpers ------------------------------------------------------------------------
+
+
+def errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic's errors as ``{field, reason}``, with field paths like ``budget.n_trials``."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if p not in ("body",)]
+        # Discriminated unions add the tag to the path (search_space.lr.float.low): drop it.
+        loc = [p for p in loc if p not in ("int", "float", "categorical", "builtin",
+                                           "synthetic", "uploaded")]
+        out.append({"field": ".".join(loc) or "(body)", "reason": err["msg"]})
+    return out
+
+
+def parse_spec(data: Any) -> StudySpec:
+    """Validate a decoded JSON/YAML document as a study. Raises ``Invalid`` with details."""
+    if not isinstance(data, dict):
+        raise Invalid("a study definition must be a JSON object / YAML mapping")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        details = errors_from_validation(exc)
+        raise Invalid(f"the study definition has {len(details)} problem(s)",
+                      details=details) from None
+    return spec
+
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read and validate a YAML (or JSON) study file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise Invalid(f"cannot read study file {path}: {exc}") from None
+    spec = parse_spec(data)
+    check_spec(spec)
+    return spec

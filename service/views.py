@@ -1,0 +1,79 @@
+"""Plain values the data layer returns and the API serialises. Never live ORM rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_offset: int | None = None
+
+
+class TrialCounts(BaseModel):
+    waiting: int
+    running: int
+    complete: int
+    pruned: int
+    failed: int
+    finished: int
+    budget: int
+    remaining: int
+
+
+class StudyView(BaseModel):
+    name: str
+    tenant: str
+    status: str
+    task: str
+    optuna_study_name: str
+    directions: list[str]
+    priority: int
+    trials: TrialCounts
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+
+
+class TrialView(BaseModel):
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None = None
+    values: list[float] | None = None
+    reason: str | None = None
+    test_metrics: dict[str, Any] | None = None
+    info: dict[str, Any] = {}
+    curve: list[dict[str, Any]] | None = None  # only in the single-trial view
+    epochs: int = 0
+    worker: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+
+
+class BestView(BaseModel):
+    study: str
+    directions: list[str]
+    metrics: list[str]
+    best: TrialView | None = None  # single objective
+    pareto_front: list[TrialView] | None = None  # several objectives
+
+
+class DatasetView(BaseModel):
+    id: str
+    name: str
+    sha256: str
+    size_bytes: int
+    n_rows: int
+    columns: list[dict[str, Any]]
+    created_at: datetime
