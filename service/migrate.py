@@ -20,7 +20,7 @@ _ADVISORY_LOCK_KEY = 0x5E97_0001
 def include_name(name: str | None, type_: str, _parent: Any) -> bool:
     """Autogenerate and schema comparison see only seqtune's tables, never Optuna's."""
     if type_ == "table":
-        return bool(name) and str(name).startswith("seqtune_")
+        return bool(name) and str(name).startswith("seqtune_") and name != VERSION_TABLE
     return True
 
 

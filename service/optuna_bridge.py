@@ -55,7 +55,7 @@ def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     s = spec.sampler
-    opts = {k: v for k, v in s.options.items() if v is not None}
+    opts: dict[str, Any] = {k: v for k, v in s.options.items() if v is not None}
     if s.name == "tpe":
         return optuna.samplers.TPESampler(seed=s.seed, **opts)
     if s.name == "random":

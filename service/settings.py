@@ -1,4 +1,4 @@
-"""One typed settings object, read from ``SEQTUNE_*`` environment variables and validated at start."""
+"""One typed settings object, read from ``SEQTUNE_*`` environment variables, validated at start."""
 
 from __future__ import annotations
 

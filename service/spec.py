@@ -216,7 +216,7 @@ _SAMPLER_OPTIONS: dict[str, dict[str, tuple[_OptionType, Any, Any]]] = {
         "crossover_prob": ("float", 0.0, 1.0), "swapping_prob": ("float", 0.0, 1.0),
     },
 }
-_COMMON_PRUNE = {
+_COMMON_PRUNE: dict[str, tuple[_OptionType, Any, Any]] = {
     "n_startup_trials": ("int", 0, 100_000), "n_warmup_steps": ("int", 0, 1_000_000),
     "interval_steps": ("int", 1, 1_000_000), "n_min_trials": ("int", 1, 100_000),
 }

@@ -6,6 +6,7 @@ comes from the (study_id, state, value) index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -97,10 +98,9 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
         return db.run(txn)
     except BaseException:
         if created:  # our record did not land: take the Optuna study back out
-            try:
+            # Best effort: the original error is the one worth raising.
+            with contextlib.suppress(Exception):
                 storage.delete_study(created[0])
-            except Exception:  # noqa: BLE001 - best effort; the original error matters more
-                pass
         raise
 
 
@@ -181,10 +181,8 @@ def delete_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
                            "first (PATCH status=stopped) or pass ?force=true")
         s.delete(row)
         s.flush()
-        try:
+        with contextlib.suppress(KeyError):  # already gone from Optuna's side
             storage.delete_study(row.optuna_study_id)
-        except KeyError:
-            pass  # already gone from Optuna's side
 
     db.run(txn)
 

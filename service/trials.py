@@ -86,10 +86,10 @@ def _check_params(spec: StudySpec, params: dict[str, Any]) -> None:
         try:
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
                 ok = any(type(value) is type(c) and value == c for c in dist.choices)
-            elif isinstance(value, bool) or not isinstance(value, int | float):
-                ok = False
-            elif isinstance(dist, optuna.distributions.IntDistribution) and \
-                    not isinstance(value, int):
+            elif isinstance(value, bool) or not isinstance(value, int | float) or (
+                isinstance(dist, optuna.distributions.IntDistribution)
+                and not isinstance(value, int)
+            ):
                 ok = False
             else:
                 ok = dist._contains(dist.to_internal_repr(value))

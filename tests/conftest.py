@@ -1,0 +1,157 @@
+"""Test fixtures on a real Postgres (127.0.0.1:5432 by default).
+
+Isolation: one template database is migrated once per run (seqtune's tables and Optuna's);
+every test gets a fresh clone of it (CREATE DATABASE ... TEMPLATE), dropped afterwards.
+Under CI=true an unreachable Postgres fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from service import keys, migrate
+from service.db import Database
+from service.optuna_bridge import load_study
+from service.settings import Settings
+from service.spec import StudySpec
+from service.trials import close_trial, open_trial, record_epoch
+
+ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+def _admin():  # type: ignore[no-untyped-def]
+    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    try:
+        admin = _admin()
+        with admin.connect() as c:
+            c.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Postgres is unreachable at {ADMIN_URL} under CI=true: {exc}")
+        pytest.skip(f"Postgres unreachable at {ADMIN_URL}: {exc}")
+    name = f"seqtune_tpl_{os.getpid()}"
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    eng = create_engine(url)
+    migrate.upgrade(eng)
+    eng.dispose()
+    storage = optuna.storages.RDBStorage(url)  # creates Optuna's tables in the template
+    storage.engine.dispose()
+    yield name
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """A fresh database cloned from the migrated template."""
+    admin = _admin()
+    name = f"seqtune_t_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(pg_url: str, tmp_path: Any) -> Settings:
+    return Settings(database_url=pg_url, data_dir=tmp_path, auth_enabled=True,
+                    db_retry_backoff_s=0.05)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    d = Database(settings)
+    yield d
+    d.dispose()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    from service.api.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture
+def key(db: Database) -> str:
+    return keys.create_key(db, tenant="acme")
+
+
+@pytest.fixture
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def study_body(name: str = "s1", **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": name,
+        "dataset": {"kind": "builtin", "name": "sunspots"},
+        "objectives": [{"metric": "val_rmse"}],
+        "search_space": {
+            "hidden_size": {"type": "int", "low": 8, "high": 64},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+        },
+        "budget": {"n_trials": 20},
+    }
+    body.update(over)
+    return body
+
+
+def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestClient,
+              headers: dict[str, str], name: str, values: list[float] | float,
+              state: str = "COMPLETE", epochs: int = 3) -> int:
+    """Drive one trial the way a worker does: Optuna ask → seqtune records → Optuna tell."""
+    view = client.get(f"/v1/studies/{name}", headers=headers).json()
+    spec = StudySpec.model_validate(view["spec"])
+    from service.optuna_bridge import distributions
+
+    study = load_study(storage, view["optuna_study_name"], spec)
+    study_id = _study_id(db, view["tenant"], name)
+    trial = study.ask(distributions(spec))
+    open_trial(db, study_id=study_id, number=trial.number, optuna_trial_id=trial._trial_id,
+               params=trial.params, worker="test-worker")
+    vals = values if isinstance(values, list) else [values]
+    for e in range(epochs):
+        record_epoch(db, study_id=study_id, number=trial.number,
+                     record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e})
+        if len(vals) == 1:
+            trial.report(vals[0] + (epochs - e), e)
+    if state == "COMPLETE":
+        study.tell(trial, vals if len(vals) > 1 else vals[0])
+        close_trial(db, study_id=study_id, number=trial.number, state="COMPLETE", values=vals,
+                    reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
+    else:
+        study.tell(trial, state=optuna.trial.TrialState[state])
+        close_trial(db, study_id=study_id, number=trial.number, state=state,
+                    reason="pruned" if state == "PRUNED" else "error")
+    return trial.number
+
+
+def _study_id(db: Database, tenant: str, name: str) -> int:
+    from sqlalchemy import select
+
+    from service.models import Study
+
+    return db.run(lambda s: s.scalar(select(Study.id).where(Study.tenant == tenant,
+                                                             Study.name == name)))
