@@ -28,8 +28,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.auth_enabled = False
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
-                access_log=args.access_log)
+    common = {"host": host, "port": port, "log_level": settings.log_level.lower(),
+              "access_log": args.access_log}
+    if args.workers > 1:
+        # Several processes: each builds its app from the environment (the factory below).
+        import os
+
+        from service import migrate
+        from service.db import Database
+
+        if settings.migrate_on_start:  # once, before the processes race for it
+            migrate.upgrade(Database(settings).engine)
+        os.environ["SEQTUNE_AUTH_ENABLED"] = "true" if settings.auth_enabled else "false"
+        os.environ["SEQTUNE_MIGRATE_ON_START"] = "false"
+        if settings.database_url:
+            os.environ["SEQTUNE_DATABASE_URL"] = settings.database_url
+        uvicorn.run("service.api.app:create_app", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
     return 0
 
 
@@ -76,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-auth", action="store_true",
                    help="turn authentication off (local use only; logs a warning)")
     s.add_argument("--access-log", action="store_true")
+    s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     s.set_defaults(fn=cmd_serve)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -82,6 +82,15 @@ class Database:
         self.engine = engine or make_engine(settings)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run a read-only ``fn(connection)`` on a plain Core connection (no ORM session):
+        the cheap path for hot reads. Retried and translated like ``run``."""
+        return self._retrying(lambda: self._read_once(fn), retry=True)
+
+    def _read_once(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            return fn(conn)
+
     def run(self, fn: Callable[[Session], T], *, retry: bool = True) -> T:
         """Run ``fn(session)`` in one transaction and return its result.
 
@@ -90,12 +99,18 @@ class Database:
         the failed attempt was rolled back). Raises ``AlreadyExists`` on a unique violation and
         ``Unavailable`` when the database stays unreachable.
         """
+        return self._retrying(lambda: self._run_once(fn), retry=retry)
+
+    def _run_once(self, fn: Callable[[Session], T]) -> T:
+        with self._sessions() as session, session.begin():
+            return fn(session)
+
+    def _retrying(self, once: Callable[[], T], *, retry: bool) -> T:
         attempts = self.settings.db_retries + 1 if retry else 1
         delay = self.settings.db_retry_backoff_s
         for attempt in range(1, attempts + 1):
             try:
-                with self._sessions() as session, session.begin():
-                    return fn(session)
+                return once()
             except IntegrityError as exc:
                 raise AlreadyExists(_integrity_message(exc)) from exc
             except DBAPIError as exc:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(
         default=True, description="Require 'Authorization: Bearer <key>' on every /v1 call."
     )
+    auth_cache_s: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="How long a verified key is trusted without a lookup; revocations made "
+        "in another process take effect within this time. 0 looks every key up.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     migrate_on_start: bool = True

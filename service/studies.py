@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -19,6 +20,10 @@ from service.errors import AlreadyExists, Conflict, Invalid, NotFound
 from service.models import Study, Trial, utcnow
 from service.spec import StudySpec, UploadedData
 from service.views import BestView, Page, StudyView, TrialCounts, TrialView
+
+_STUDIES = Study.__table__  # Core tables for the hot reads
+_TRIALS = Trial.__table__
+_TRIAL_COLS = [c for c in _TRIALS.c if c.name != "curve"]
 
 STATUSES = ("running", "paused", "stopped", "completed", "timed_out")
 TERMINAL = ("stopped", "timed_out")
@@ -29,7 +34,8 @@ def optuna_name(tenant: str, name: str) -> str:
     return f"{tenant}/{name}"
 
 
-def study_view(row: Study) -> StudyView:
+def study_view(row: Any) -> StudyView:
+    """The view of a study row (ORM object or Core row namespace)."""
     finished = row.n_complete + row.n_pruned + row.n_failed
     return StudyView(
         name=row.name, tenant=row.tenant, status=row.status, task=row.task,
@@ -122,8 +128,20 @@ def list_studies(db: Database, *, tenant: str, status: str | None, limit: int,
     return db.run(txn)
 
 
+_GET_STMT = select(_STUDIES).where(_STUDIES.c.tenant == bindparam("tenant"),
+                                   _STUDIES.c.name == bindparam("name"))
+
+
 def get_study(db: Database, *, tenant: str, name: str) -> StudyView:
-    return db.run(lambda s: study_view(study_row(s, tenant, name)))
+    """One study and its counters: a single indexed row read. Raises NotFound."""
+
+    def read(conn: Connection) -> StudyView:
+        row = conn.execute(_GET_STMT, {"tenant": tenant, "name": name}).one_or_none()
+        if row is None:
+            raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+        return study_view(SimpleNamespace(**row._mapping))
+
+    return db.read(read)
 
 
 def update_study(db: Database, *, tenant: str, name: str, status: str | None = None,
@@ -187,7 +205,8 @@ def delete_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
     db.run(txn)
 
 
-def trial_view(t: Trial, *, with_curve: bool = False) -> TrialView:
+def trial_view(t: Any, *, with_curve: bool = False) -> TrialView:
+    """The view of a trial row (ORM object or Core row namespace)."""
     duration = None
     if t.started_at is not None and t.finished_at is not None:
         duration = (t.finished_at - t.started_at).total_seconds()
@@ -200,31 +219,58 @@ def trial_view(t: Trial, *, with_curve: bool = False) -> TrialView:
     )
 
 
+
+
+def _best_id(descending: bool) -> Any:
+    """Correlated subquery: the id of the study's best COMPLETE trial in one direction."""
+    bt = _TRIALS.alias("bt")
+    order = bt.c.value.desc() if descending else bt.c.value.asc()
+    return (select(bt.c.id)
+            .where(bt.c.study_id == _STUDIES.c.id, bt.c.state == "COMPLETE",
+                   bt.c.value.is_not(None))
+            .order_by(order, bt.c.number).limit(1)
+            .correlate(_STUDIES).scalar_subquery())
+
+
+# One statement, two index lookups: the study by (tenant, name), then the first row of the
+# (study_id, state, value) index in the study's direction. Never reads the other trials.
+_BEST_STMT = (
+    select(_STUDIES.c.id.label("study_pk"), _STUDIES.c.directions,
+           _STUDIES.c.spec["objectives"].label("objectives"), *_TRIAL_COLS)
+    .select_from(_STUDIES.outerjoin(_TRIALS, _TRIALS.c.id == case(
+        (_STUDIES.c.directions[0].as_string() == "maximize", _best_id(True)),
+        else_=_best_id(False))))
+    .where(_STUDIES.c.tenant == bindparam("tenant"), _STUDIES.c.name == bindparam("name"))
+)
+
+
 def best(db: Database, *, tenant: str, name: str) -> BestView:
     """The best trial (one objective) or the Pareto front (several), read by index.
 
-    Raises NotFound until a trial has completed.
+    Raises NotFound for an unknown study and until a trial has completed.
     """
 
-    def txn(s: Session) -> BestView:
-        row = study_row(s, tenant, name)
-        metrics = [o["metric"] for o in row.spec["objectives"]]
-        base = select(Trial).where(Trial.study_id == row.id, Trial.state == "COMPLETE")
-        if len(row.directions) == 1:
-            order = Trial.value.asc() if row.directions[0] == "minimize" else Trial.value.desc()
-            t = s.scalar(base.where(Trial.value.is_not(None))
-                         .order_by(order, Trial.number).limit(1))
-            if t is None:
+    def read(conn: Connection) -> BestView:
+        row = conn.execute(_BEST_STMT, {"tenant": tenant, "name": name}).one_or_none()
+        if row is None:
+            raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+        m = row._mapping
+        directions, metrics = m["directions"], [o["metric"] for o in m["objectives"]]
+        if len(directions) == 1:
+            if m["id"] is None:
                 raise NotFound(f"study '{name}' has no completed trial yet")
-            return BestView(study=name, directions=row.directions, metrics=metrics,
-                            best=trial_view(t))
-        front = s.scalars(base.where(Trial.on_front.is_(True)).order_by(Trial.number)).all()
+            return BestView(study=name, directions=directions, metrics=metrics,
+                            best=trial_view(SimpleNamespace(**m, curve=None)))
+        front = conn.execute(select(*_TRIAL_COLS).where(
+            _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == "COMPLETE",
+            _TRIALS.c.on_front.is_(True)).order_by(_TRIALS.c.number)).all()
         if not front:
             raise NotFound(f"study '{name}' has no completed trial yet")
-        return BestView(study=name, directions=row.directions, metrics=metrics,
-                        pareto_front=[trial_view(t) for t in front])
+        return BestView(study=name, directions=directions, metrics=metrics,
+                        pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None))
+                                      for f in front])
 
-    return db.run(txn)
+    return db.read(read)
 
 
 MIN_TRIALS_FOR_IMPORTANCE = 4

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import optuna
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import keys
@@ -24,14 +25,15 @@ class AppState:
     storage: optuna.storages.RDBStorage
 
 
-def state(request: Request) -> AppState:
+# Both dependencies are async: FastAPI runs sync ones in the threadpool, one hop each.
+async def state(request: Request) -> AppState:
     return request.app.state.seqtune  # type: ignore[no-any-return]
 
 
-def tenant(request: Request,
-           creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+async def tenant(request: Request,
+                 creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
     """The tenant of the bearer key. With auth off, everyone is the 'default' tenant."""
-    st = state(request)
+    st: AppState = request.app.state.seqtune
     if not st.settings.auth_enabled:
         return DEFAULT_TENANT
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
@@ -39,4 +41,9 @@ def tenant(request: Request,
                            "`seqtune keys create --tenant NAME`")
     if len(creds.credentials) > 256:
         raise Unauthorized("the API key is unknown or revoked")
-    return keys.authenticate(st.db, key=creds.credentials)
+    ttl = st.settings.auth_cache_s
+    cached = keys.cached_tenant(creds.credentials, ttl)
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(keys.authenticate, st.db, key=creds.credentials,
+                                   cache_ttl_s=ttl)

@@ -11,7 +11,7 @@ from service import datasets, studies, trials
 from service.api.deps import AppState, state, tenant
 from service.errors import Invalid, NotFound
 from service.spec import Scalar, StudySpec, UploadedData, check_spec
-from service.views import BestView, Page, StudyView, TrialView
+from service.views import BestView, Page, StudyView, TrialView  # noqa: F401
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -89,11 +89,16 @@ def list_studies(
     return studies.list_studies(st.db, tenant=who, status=status, limit=limit, offset=offset)
 
 
+def _json(model: BaseModel) -> Response:
+    # Serialise once: FastAPI would otherwise validate the returned model again.
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 @router.get("/{name}", response_model=StudyView)
 def get_study(name: StudyName, st: AppState = Depends(state),
-              who: str = Depends(tenant)) -> StudyView:
+              who: str = Depends(tenant)) -> Response:
     """A study with its trial counts and remaining budget."""
-    return studies.get_study(st.db, tenant=who, name=name)
+    return _json(studies.get_study(st.db, tenant=who, name=name))
 
 
 @router.patch("/{name}", response_model=StudyView)
@@ -146,9 +151,11 @@ def enqueue_trial(name: StudyName, body: EnqueueBody, st: AppState = Depends(sta
 
 @router.get("/{name}/best", response_model=BestView)
 def best(name: StudyName, st: AppState = Depends(state),
-         who: str = Depends(tenant)) -> BestView:
-    """The best trial and its test metrics, or the Pareto front for several objectives."""
-    return studies.best(st.db, tenant=who, name=name)
+         who: str = Depends(tenant)) -> Response:
+    """The best trial and its test metrics, or the Pareto front for several objectives.
+
+    Reads one row by index: as fast with 100,000 trials as with 10."""
+    return _json(studies.best(st.db, tenant=who, name=name))
 
 
 @router.get("/{name}/importance")
