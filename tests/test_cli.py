@@ -1,0 +1,69 @@
+"""The command line as a user runs it: `seqtune serve` in its own process, `seqtune db upgrade`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from sqlalchemy import create_engine
+
+from service import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _seqtune() -> list[str]:
+    exe = shutil.which("seqtune")
+    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+
+
+def test_serve_on_the_embedded_default_accepts_the_example(tmp_path: Path) -> None:
+    """The README's run command: no database configured → SQLite in the data folder."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
+    proc = subprocess.Popen([*_seqtune(), "serve", "--no-auth", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(base + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("service did not become ready")
+        example = yaml.safe_load((ROOT / "examples" / "sunspots.yaml").read_text())
+        r = httpx.post(base + "/v1/studies", json=example)
+        assert r.status_code == 201, r.text
+        assert httpx.get(base + "/v1/studies/sunspots-lstm").json()["status"] == "running"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert (tmp_path / "seqtune-data" / "seqtune.db").exists()
+    assert "authentication is OFF" in out
+
+
+def test_db_upgrade_migrates_an_empty_database(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    migrate.downgrade(engine, "base")
+    assert migrate.current_revision(engine) is None
+    out = subprocess.run([*_seqtune(), "--database-url", pg_url, "db", "upgrade"],
+                         capture_output=True, text=True, check=True)
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    assert migrate.head_revision() in out.stdout
+    engine.dispose()
