@@ -1,0 +1,425 @@
+"""The training engine: one trial's config in, metrics, curves and a checkpoint out.
+
+Reads top to bottom: config → model, optimizer, schedule → epochs of device-resident batches
+→ validation, pruning and early stopping each epoch → best weights restored → test metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.hparams import HPARAMS
+from worker.model import LSTMModel, ModelArgs, param_count
+from worker.preprocessing import Prepared
+
+EVAL_BATCH = 4096
+DIVERGED_GRAD_NORM = 1e6
+CHECK_EVERY_CUDA = 8  # steps between divergence checks on CUDA (each check syncs the device)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Every engine hyperparameter (the names of ``service.hparams``; a test holds them equal)."""
+
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    head_dropout: float = 0.0
+    bidirectional: bool = False
+    init: str = "default"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "none"
+    scheduler_gamma: float = 0.95
+    scheduler_step_size: int = 10
+    scheduler_patience: int = 5
+    scheduler_factor: float = 0.5
+    max_lr_factor: float = 10.0
+    clip_norm: float = 1.0
+    clip_value: float = 0.0
+    loss: str = "mse"
+    precision: str = "auto"
+    batch_size: int = 64
+    seq_len: int = 24
+    max_epochs: int = 50
+    noise_std: float = 0.0
+    curriculum: bool = False
+    scaler: str = "standard"
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Hyper:
+        known = {f.name for f in fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
+        cast: dict[str, Any] = {k: (int(v) if HPARAMS[k].kind == "int" else v)
+                                for k, v in params.items()}
+        return cls(**cast)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    hp: Hyper
+    monitor: str = "val_loss"  # the validation metric for early stopping and pruning
+    direction: str = "minimize"
+    patience: int | None = 10
+    min_delta: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    timeout_s: float | None = None
+
+
+@dataclass
+class TrialResult:
+    reason: str  # early_stopped | max_epochs | pruned | diverged | timeout
+    best_epoch: int | None
+    epochs: int
+    val: dict[str, float]  # validation metrics of the best epoch
+    test: dict[str, float]  # test metrics of the restored best weights (+ persistence)
+    curve: list[dict[str, float]]
+    param_count: int
+    train_seconds: float
+    wall_seconds: float
+    samples_per_s: float
+    peak_gpu_mem_bytes: int | None
+    precision: str
+    checkpoint: dict[str, Any] | None = field(default=None, repr=False)
+
+    def metric(self, name: str) -> float:
+        """An objective's value: a validation metric, param_count or train_seconds."""
+        if name == "param_count":
+            return float(self.param_count)
+        if name == "train_seconds":
+            return self.train_seconds
+        return self.val[name]
+
+
+# ---- building blocks (pure functions of the config) -----------------------------------------
+
+
+def make_optimizer(hp: Hyper, params: Any) -> torch.optim.Optimizer:
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay,
+                                   momentum=hp.momentum)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay,
+                               momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+    raise ValueError(f"unknown optimizer {hp.optimizer}")
+
+
+def make_scheduler(hp: Hyper, opt: torch.optim.Optimizer, steps_per_epoch: int,
+                   mode: str) -> tuple[Any, str]:
+    """The LR scheduler and when it steps: 'step' (per batch), 'epoch', 'val' (on the
+    monitored metric), or 'none'."""
+    s = hp.scheduler
+    sched = torch.optim.lr_scheduler
+    if s == "none":
+        return None, "none"
+    if s == "plateau":
+        return sched.ReduceLROnPlateau(opt, mode="min" if mode == "minimize" else "max",
+                                       factor=hp.scheduler_factor,
+                                       patience=hp.scheduler_patience), "val"
+    if s == "exponential":
+        return sched.ExponentialLR(opt, gamma=hp.scheduler_gamma), "epoch"
+    if s == "step":
+        return sched.StepLR(opt, step_size=hp.scheduler_step_size,
+                            gamma=hp.scheduler_gamma), "epoch"
+    if s == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=max(1, hp.max_epochs)), "epoch"
+    if s == "onecycle":
+        return sched.OneCycleLR(opt, max_lr=hp.lr * hp.max_lr_factor,
+                                total_steps=max(2, hp.max_epochs * steps_per_epoch)), "step"
+    if s == "cyclic":
+        return sched.CyclicLR(opt, base_lr=hp.lr, max_lr=hp.lr * hp.max_lr_factor,
+                              step_size_up=max(1, 2 * steps_per_epoch),
+                              cycle_momentum=False), "step"
+    raise ValueError(f"unknown scheduler {s}")
+
+
+def make_loss(task: str, loss: str) -> nn.Module:
+    if task == "classify":
+        return nn.CrossEntropyLoss()
+    return {"mse": nn.MSELoss(), "mae": nn.L1Loss(), "huber": nn.HuberLoss()}[loss]
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype: bf16/fp16 on CUDA only; CPU trains in fp32."""
+    if not device.startswith("cuda"):
+        return None
+    if precision in ("auto", "bf16"):
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return None
+
+
+def curriculum_len(seq_len: int, epoch: int, max_epochs: int) -> int:
+    """Window length for an epoch under the curriculum: a quarter of seq_len at first,
+    the full length from half-way through training on."""
+    ramp = max(1, max_epochs // 2)
+    frac = min(1.0, 0.25 + 0.75 * epoch / ramp)
+    return max(2, min(seq_len, int(round(seq_len * frac))))
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for i in range(0, len(x), EVAL_BATCH):
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            outs.append(model(x[i:i + EVAL_BATCH]).float())
+    return torch.cat(outs) if outs else torch.empty(0, device=x.device)
+
+
+def _forecast_metrics(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, float]:
+    err = pred - true
+    nz = np.abs(true) > 1e-8
+    mape = float(np.mean(np.abs(err[nz]) / np.abs(true[nz])) * 100) if nz.any() else math.nan
+    return {f"{prefix}_rmse": float(np.sqrt(np.mean(err**2))),
+            f"{prefix}_mae": float(np.mean(np.abs(err))), f"{prefix}_mape": mape}
+
+
+def _macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
+    f1s = []
+    for c in range(n_classes):
+        tp = np.sum((pred == c) & (true == c))
+        fp = np.sum((pred == c) & (true != c))
+        fn = np.sum((pred != c) & (true == c))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
+             amp: torch.dtype | None, *, baseline: bool = False) -> dict[str, float]:
+    """Metrics of one split. Forecast: loss, RMSE, MAE and MAPE in original units, plus the
+    same in the scaled space (``*_scaled``); with ``baseline`` the persistence forecast's too.
+    Classify: loss (cross-entropy), accuracy, macro F1."""
+    s = getattr(data, split)
+    p = split[:4] if split != "train" else "train"
+    out = predict(model, s.x, amp)
+    if data.task == "classify":
+        ce = float(loss_fn(out, s.y).item())
+        pred = out.argmax(dim=1).cpu().numpy()
+        true = s.y.cpu().numpy()
+        return {f"{p}_loss": ce, f"{p}_cross_entropy": ce,
+                f"{p}_accuracy": float(np.mean(pred == true)),
+                f"{p}_f1": _macro_f1(pred, true, len(data.classes))}
+    pred_t = out.reshape(s.y.shape)
+    metrics = {f"{p}_loss": float(loss_fn(pred_t, s.y).item())}
+    pred_s, true_s = pred_t.cpu().numpy(), s.y.float().cpu().numpy()
+    scaled = _forecast_metrics(pred_s, true_s, p)
+    metrics |= {k + "_scaled": v for k, v in scaled.items()}
+    inv = data.scaler.inverse
+    metrics |= _forecast_metrics(inv(pred_s, data.target_idx), inv(true_s, data.target_idx), p)
+    if baseline and s.persistence is not None:
+        pers = s.persistence.float().cpu().numpy()
+        metrics |= _forecast_metrics(inv(pers, data.target_idx), inv(true_s, data.target_idx),
+                                     f"{p}_persistence")
+    return metrics
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+class _Diverged(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, data: Prepared,
+          on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> TrialResult:
+    """Train one trial. ``on_epoch(epoch, record)`` runs after each epoch's validation and
+    returns True to prune (Optuna's should_prune). Never raises for a diverging trial: it
+    comes back with reason ``diverged``."""
+    t_start = time.perf_counter()
+    hp = cfg.hp
+    device = cfg.device
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    model = LSTMModel(ModelArgs(
+        n_features=data.n_features, hidden_size=hp.hidden_size, num_layers=hp.num_layers,
+        dropout=hp.dropout, bidirectional=hp.bidirectional, head_dropout=hp.head_dropout,
+        out_dim=data.out_dim, init=hp.init)).to(device)
+    opt = make_optimizer(hp, model.parameters())
+    x, y = data.train.x, data.train.y
+    n = len(x)
+    bs = min(hp.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    sched, sched_when = make_scheduler(hp, opt, steps_per_epoch, cfg.direction)
+    loss_fn = make_loss(data.task, hp.loss)
+    amp = autocast_dtype(hp.precision, device)
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    check_every = CHECK_EVERY_CUDA if device.startswith("cuda") else 1
+    clip = hp.clip_norm if hp.clip_norm > 0 else math.inf
+    sign = 1.0 if cfg.direction == "minimize" else -1.0
+
+    best: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int | None = None
+    stale, epoch, samples, train_s = 0, -1, 0, 0.0
+    curve: list[dict[str, float]] = []
+    reason = "max_epochs"
+    for epoch in range(hp.max_epochs):
+        t_epoch = time.perf_counter()
+        model.train()
+        seq = curriculum_len(data.seq_len, epoch, hp.max_epochs) if hp.curriculum \
+            else data.seq_len
+        perm = torch.randperm(n, device=device, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        try:
+            for step, i in enumerate(range(0, n, bs)):
+                idx = perm[i:i + bs]
+                xb, yb = x[idx], y[idx]  # slices of device tensors: no host copies
+                if seq < data.seq_len:
+                    xb = xb[:, -seq:]
+                if hp.noise_std > 0:
+                    xb = xb + hp.noise_std * torch.randn(xb.shape, device=device, generator=gen)
+                with torch.autocast(x.device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    out = model(xb)
+                    loss = loss_fn(out if data.task == "classify" else out.reshape(yb.shape),
+                                   yb)
+                opt.zero_grad(set_to_none=True)
+                grad_scaler.scale(loss).backward()
+                grad_scaler.unscale_(opt)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if hp.clip_value > 0:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), hp.clip_value)
+                bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(norm) | \
+                    (norm > DIVERGED_GRAD_NORM)
+                if (step + 1) % check_every == 0 and bool(bad):
+                    raise _Diverged
+                grad_scaler.step(opt)
+                grad_scaler.update()
+                if sched_when == "step":
+                    sched.step()
+                loss_sum += loss.detach().float() * len(idx)
+            if bool(bad):
+                raise _Diverged
+        except _Diverged:
+            reason = "diverged"
+            curve.append({"epoch": epoch, "train_loss": math.nan})
+            break
+        train_s += time.perf_counter() - t_epoch
+        samples += n
+
+        val = evaluate(model, data, "val", loss_fn, amp)
+        monitored = val[cfg.monitor]
+        if sched_when == "epoch":
+            sched.step()
+        elif sched_when == "val":
+            sched.step(monitored)
+        record = {"epoch": epoch, "train_loss": float(loss_sum.item()) / n, **val,
+                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t_epoch}
+        curve.append(record)
+        if not math.isfinite(monitored):
+            reason = "diverged"
+            break
+        if best is None or sign * (monitored - best) < -cfg.min_delta:
+            best, best_epoch, stale = monitored, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        if on_epoch is not None and on_epoch(epoch, record):
+            reason = "pruned"
+            break
+        if cfg.patience is not None and stale >= cfg.patience:
+            reason = "early_stopped"
+            break
+        if cfg.timeout_s is not None and time.perf_counter() - t_start > cfg.timeout_s:
+            reason = "timeout"
+            break
+
+    val_best: dict[str, float] = {}
+    test: dict[str, float] = {}
+    checkpoint = None
+    if best_state is not None and reason != "diverged":
+        model.load_state_dict(best_state)  # the test split sees the best epoch's weights
+        val_best = {k: v for k, v in curve[best_epoch or 0].items() if k.startswith("val_")}
+        test = evaluate(model, data, "test", loss_fn, amp, baseline=True)
+        checkpoint = make_checkpoint(model, data, hp)
+    peak = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
+    return TrialResult(
+        reason=reason, best_epoch=best_epoch, epochs=len(curve), val=val_best, test=test,
+        curve=curve, param_count=param_count(model), train_seconds=train_s,
+        wall_seconds=time.perf_counter() - t_start,
+        samples_per_s=samples / train_s if train_s > 0 else 0.0, peak_gpu_mem_bytes=peak,
+        precision=str(amp).replace("torch.", "") if amp else "fp32", checkpoint=checkpoint)
+
+
+# ---- checkpoints and prediction -------------------------------------------------------------
+
+
+def make_checkpoint(model: LSTMModel, data: Prepared, hp: Hyper) -> dict[str, Any]:
+    """Everything needed to rebuild the model and predict on new data."""
+    return {
+        "format": 1,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": model.args.to_dict(), "task": data.task, "features": data.features,
+        "targets": data.targets, "seq_len": data.seq_len, "horizon": data.horizon,
+        "target_idx": data.target_idx, "scaler": data.scaler.state(), "classes": data.classes,
+        "hparams": {f.name: getattr(hp, f.name) for f in fields(hp)},
+    }
+
+
+class Predictor:
+    """A trained model rebuilt from a checkpoint: forecasts or classifies new data."""
+
+    def __init__(self, ckpt: dict[str, Any], device: str = "cpu") -> None:
+        from worker.preprocessing import Scaler
+
+        self.ckpt = ckpt
+        self.model = LSTMModel(ModelArgs(**ckpt["model"])).to(device)
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.eval()
+        self.scaler = Scaler.from_state(ckpt["scaler"])
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> Predictor:
+        return cls(torch.load(path, map_location=device, weights_only=False), device)
+
+    def predict(self, frame: Any) -> np.ndarray:
+        """Predict from every full window of ``frame`` (a DataFrame with the feature columns).
+
+        Forecast: array (n_windows, horizon, n_targets) in original units, for the steps after
+        each window. Classify: the class of each window's last step.
+        """
+        c = self.ckpt
+        n_in, L = len(c["features"]), c["seq_len"]
+        cols = list(dict.fromkeys([*c["features"],
+                                   *(c["targets"] if c["task"] == "forecast" else [])]))
+        values = frame[cols].to_numpy(dtype=np.float64)
+        if len(values) < L:
+            raise ValueError(f"need at least seq_len={L} rows, got {len(values)}")
+        scaled = self.scaler.transform(values)[:, :n_in]
+        idx = np.arange(len(values) - L + 1)[:, None] + np.arange(L)[None, :]
+        x = torch.as_tensor(scaled[idx], dtype=torch.float32, device=self.device)
+        out = predict(self.model, x, None).cpu().numpy()
+        if c["task"] == "classify":
+            return np.asarray(c["classes"])[out.argmax(axis=1)]
+        out = out.reshape(len(out), c["horizon"], len(c["targets"]))
+        return self.scaler.inverse(out, c["target_idx"])
