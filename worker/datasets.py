@@ -88,12 +88,13 @@ def waveforms(n: int, rng: np.random.Generator, n_classes: float = 4, noise: flo
               segment: float = 64) -> pd.DataFrame:
     """Segments of sine/square/sawtooth/triangle waves with random period and noise; the label
     of each step is the wave it belongs to."""
-    shapes: list[Callable[[Any], Any]] = [
-        np.sin,
+    all_shapes: list[Callable[[Any], Any]] = [
+        lambda p: np.sin(p),
         lambda p: np.sign(np.sin(p)),
         lambda p: 2 * ((p / (2 * np.pi)) % 1.0) - 1,
         lambda p: 2 * np.abs(2 * ((p / (2 * np.pi)) % 1.0) - 1) - 1,
-    ][: int(n_classes)]
+    ]
+    shapes = all_shapes[: int(n_classes)]
     signal, label = np.empty(n), np.empty(n, dtype=np.int64)
     t, seg = 0, int(segment)
     while t < n:
