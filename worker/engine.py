@@ -23,6 +23,7 @@ from worker.preprocessing import Prepared
 EVAL_BATCH = 4096
 DIVERGED_GRAD_NORM = 1e6
 CHECK_EVERY_CUDA = 8  # steps between divergence checks on CUDA (each check syncs the device)
+CHECK_EVERY_CPU = 4  # steps between gradient-norm checks on CPU when not clipping by norm
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,8 @@ def train(cfg: TrainConfig, data: Prepared,
     loss_fn = make_loss(data.task, hp.loss)
     amp = autocast_dtype(hp.precision, device)
     grad_scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-    check_every = CHECK_EVERY_CUDA if device.startswith("cuda") else 1
+    on_cuda = device.startswith("cuda")
+    check_every = CHECK_EVERY_CUDA if on_cuda else CHECK_EVERY_CPU
     clip = hp.clip_norm if hp.clip_norm > 0 else math.inf
     sign = 1.0 if cfg.direction == "minimize" else -1.0
 
@@ -304,26 +306,43 @@ def train(cfg: TrainConfig, data: Prepared,
                                    yb)
                 opt.zero_grad(set_to_none=True)
                 grad_scaler.scale(loss).backward()
-                grad_scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                check = (step + 1) % check_every == 0
+                # The gradient norm costs a pass over all gradients: take it when clipping
+                # needs it anyway, else only on divergence-check steps.
+                norm = None
+                if clip < math.inf or check:
+                    grad_scaler.unscale_(opt)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 if hp.clip_value > 0:
+                    if norm is None:
+                        grad_scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_value_(model.parameters(), hp.clip_value)
-                bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(norm) | \
-                    (norm > DIVERGED_GRAD_NORM)
-                if (step + 1) % check_every == 0 and bool(bad):
-                    raise _Diverged
+                if on_cuda:
+                    # No host sync per step: gather the flags, look every few steps.
+                    bad |= ~torch.isfinite(loss.detach())
+                    if norm is not None:
+                        bad |= ~torch.isfinite(norm) | (norm > DIVERGED_GRAD_NORM)
+                    if check and bool(bad):
+                        raise _Diverged
+                    loss_sum += loss.detach().float() * len(idx)
+                else:
+                    value = float(loss.item())  # no device to wait for on the CPU
+                    if not math.isfinite(value) or (norm is not None and not (
+                            float(norm) <= DIVERGED_GRAD_NORM)):
+                        raise _Diverged
+                    loss_sum += value * len(idx)
                 grad_scaler.step(opt)
                 grad_scaler.update()
                 if sched_when == "step":
                     sched.step()
-                loss_sum += loss.detach().float() * len(idx)
-            if bool(bad):
+            if on_cuda and bool(bad):
                 raise _Diverged
         except _Diverged:
             reason = "diverged"
             curve.append({"epoch": epoch, "train_loss": math.nan})
             break
-        train_s += time.perf_counter() - t_epoch
+        epoch_train_s = time.perf_counter() - t_epoch
+        train_s += epoch_train_s
         samples += n
 
         val = evaluate(model, data, "val", loss_fn, amp)
@@ -333,7 +352,8 @@ def train(cfg: TrainConfig, data: Prepared,
         elif sched_when == "val":
             sched.step(monitored)
         record = {"epoch": epoch, "train_loss": float(loss_sum.item()) / n, **val,
-                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t_epoch}
+                  "lr": opt.param_groups[0]["lr"], "train_seconds": epoch_train_s,
+                  "seconds": time.perf_counter() - t_epoch}
         curve.append(record)
         if not math.isfinite(monitored):
             reason = "diverged"
