@@ -100,6 +100,15 @@ class Study(Base):
     n_complete: Mapped[int] = mapped_column(Integer, default=0)
     n_pruned: Mapped[int] = mapped_column(Integer, default=0)
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    # The budget: trials ever started. Exactly n_trials are claimed, whatever the workers.
+    n_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    # Copies of spec fields the claim and reap statements filter on.
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lease_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
+    max_retries: Mapped[int] = mapped_column(Integer, default=2)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                            nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -115,6 +124,8 @@ class Trial(Base):
         UniqueConstraint("study_id", "number"),
         # Serves GET /best (ORDER BY value LIMIT 1) and state-filtered listings without a scan.
         Index(None, "study_id", "state", "value"),
+        # Serves the reaper and the resume claim: running trials by lease age.
+        Index(None, "state", "lease_renewed_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
@@ -137,6 +148,49 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: the attempt that owns a RUNNING trial, fenced by a number every steal bumps.
+    # RUNNING with no owner = waiting for a worker to resume it (after a lost lease or SIGTERM).
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fence: Mapped[int] = mapped_column(Integer, default=0)
+    lease_renewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                              nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Checkpoint(Base):
+    """A trial's latest resumable snapshot ('resume') and its best model ('best'), in the
+    database so that any worker on any machine can resume or serve them."""
+
+    __tablename__ = "seqtune_checkpoints"
+
+    trial_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("seqtune_trials.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """One worker slot process: registered at start, heartbeating while alive."""
+
+    __tablename__ = "seqtune_workers"
+    __table_args__ = (Index(None, "heartbeat_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(256))
+    slot: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    versions: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    trial_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("seqtune_trials.id", ondelete="SET NULL"), nullable=True)
+    trials_done: Mapped[int] = mapped_column(Integer, default=0)

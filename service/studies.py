@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,7 +46,7 @@ def study_view(row: Any) -> StudyView:
         trials=TrialCounts(
             waiting=row.n_waiting, running=row.n_running, complete=row.n_complete,
             pruned=row.n_pruned, failed=row.n_failed, finished=finished, budget=row.n_trials,
-            remaining=max(0, row.n_trials - finished - row.n_running - row.n_waiting),
+            remaining=max(0, row.n_trials - row.n_claimed - row.n_waiting),
         ),
     )
 
@@ -94,7 +95,11 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
             spec=json.loads(spec.model_dump_json()), directions=directions,
             n_trials=spec.budget.n_trials, priority=spec.priority,
             dataset_id=spec.dataset.id if isinstance(spec.dataset, UploadedData) else None,
-            n_waiting=0, n_running=0, n_complete=0, n_pruned=0, n_failed=0,
+            n_waiting=0, n_running=0, n_complete=0, n_pruned=0, n_failed=0, n_claimed=0,
+            max_concurrent=spec.budget.max_concurrent_trials,
+            lease_timeout_s=spec.budget.lease_timeout_s, max_retries=spec.budget.max_retries,
+            deadline=(utcnow() + timedelta(seconds=spec.budget.timeout_s)
+                      if spec.budget.timeout_s else None),
         )
         s.add(row)
         s.flush()
@@ -154,7 +159,7 @@ def update_study(db: Database, *, tenant: str, name: str, status: str | None = N
 
     def txn(s: Session) -> StudyView:
         row = study_row(s, tenant, name, lock=True)
-        started = row.n_complete + row.n_pruned + row.n_failed + row.n_running + row.n_waiting
+        started = row.n_claimed + row.n_waiting
         if n_trials is not None:
             if n_trials < started:
                 raise Conflict(f"{started} trials already started or queued; n_trials must be "

@@ -1,4 +1,5 @@
-"""Trials: listing, enqueueing given hyperparameters, and the lifecycle records workers write.
+"""Trials: listing, enqueueing given hyperparameters; counters and Pareto flags shared with
+``service.leases``, which moves trials through their lifecycle.
 
 Optuna holds each trial's params and values (its tools read them there); ``seqtune_trials``
 holds seqtune's record beside it: curves, stop reason, worker, attempts, test metrics. The
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, defer
 
 from service.db import Database
 from service.errors import Conflict, Invalid, NotFound
-from service.models import Study, Trial, utcnow
+from service.models import Study, Trial
 from service.optuna_bridge import distributions
 from service.spec import StudySpec
 from service.studies import study_row, trial_view
@@ -115,9 +116,7 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
             raise Conflict(f"study '{name}' is {study.status}; it takes no more trials")
         spec = StudySpec.model_validate(study.spec)
         _check_params(spec, params)
-        used = (study.n_complete + study.n_pruned + study.n_failed + study.n_running
-                + study.n_waiting)
-        if used >= study.n_trials:
+        if study.n_claimed + study.n_waiting >= study.n_trials:
             raise Conflict(f"the budget of {study.n_trials} trials is spent; raise it with "
                            "PATCH {\"n_trials\": ...} first")
         # Optuna's own enqueue path: a WAITING trial whose fixed_params ask() will honour.
@@ -129,17 +128,17 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
                     state="WAITING", params=params, curve=[], epochs=0, info={}, attempts=0,
                     on_front=False)
         s.add(row)
-        _count(s, study.id, None, "WAITING")
+        count_move(s, study.id, None, "WAITING")
         s.flush()
         return trial_view(row)
 
     return db.run(txn)
 
 
-# ---- lifecycle records, written by whoever runs the trial -----------------------------------
+# ---- helpers shared with service.leases ----------------------------------------------------
 
 
-def _count(s: Session, study_id: int, old: str | None, new: str | None) -> None:
+def count_move(s: Session, study_id: int, old: str | None, new: str | None) -> None:
     """Move one trial between state counters, atomically in SQL (no lost updates)."""
     values: dict[str, Any] = {}
     if old is not None:
@@ -150,79 +149,6 @@ def _count(s: Session, study_id: int, old: str | None, new: str | None) -> None:
         s.execute(update(Study).where(Study.id == study_id).values(**values))
 
 
-def open_trial(db: Database, *, study_id: int, number: int, optuna_trial_id: int,
-               params: dict[str, Any], worker: str | None) -> None:
-    """Record that an attempt of trial ``number`` started running (its first or a retry)."""
-
-    def txn(s: Session) -> None:
-        t = s.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number)
-                     .with_for_update())
-        now = utcnow()
-        if t is None:
-            t = Trial(study_id=study_id, number=number, optuna_trial_id=optuna_trial_id,
-                      state="RUNNING", params=params, curve=[], epochs=0, info={}, attempts=1,
-                      on_front=False, worker=worker, started_at=now)
-            s.add(t)
-            _count(s, study_id, None, "RUNNING")
-            return
-        _count(s, study_id, t.state, "RUNNING")
-        t.state, t.params, t.worker = "RUNNING", params, worker
-        t.optuna_trial_id = optuna_trial_id
-        t.attempts += 1
-        t.started_at = t.started_at or now
-
-    db.run(txn)
-
-
-def record_epoch(db: Database, *, study_id: int, number: int, record: dict[str, Any]) -> None:
-    """Append one epoch's metrics to the trial's learning curve."""
-
-    def txn(s: Session) -> None:
-        t = s.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number)
-                     .with_for_update())
-        if t is None:
-            raise NotFound(f"trial {number} of study {study_id} was never opened")
-        t.curve = [*t.curve, record]
-        t.epochs = len(t.curve)
-
-    db.run(txn)
-
-
-def close_trial(db: Database, *, study_id: int, number: int, state: str,
-                values: list[float] | None = None, reason: str | None = None,
-                test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-                curve: list[dict[str, Any]] | None = None, error: str | None = None) -> None:
-    """Record a trial's end: state (COMPLETE, PRUNED, FAIL), values, reason, metrics.
-
-    For several objectives, keeps the study's Pareto front flags (``on_front``) up to date
-    under a lock on the study row, so the front is read by index and never recomputed.
-    """
-    if state not in ("COMPLETE", "PRUNED", "FAIL"):
-        raise Invalid(f"a trial cannot end as {state}")
-
-    def txn(s: Session) -> None:
-        study = s.scalar(select(Study).where(Study.id == study_id).with_for_update())
-        if study is None:
-            raise NotFound(f"no study {study_id}")
-        t = s.scalar(select(Trial).where(Trial.study_id == study_id, Trial.number == number)
-                     .with_for_update())
-        if t is None:
-            raise NotFound(f"trial {number} of study {study_id} was never opened")
-        _count(s, study_id, t.state, state)
-        t.state, t.reason, t.error = state, reason, error
-        t.values = list(values) if values is not None else None
-        t.value = values[0] if values else None
-        t.test_metrics = test_metrics
-        t.info = info or {}
-        if curve is not None:
-            t.curve, t.epochs = curve, len(curve)
-        t.finished_at = utcnow()
-        if state == "COMPLETE" and values and len(study.directions) > 1:
-            _update_front(s, study, t)
-
-    db.run(txn)
-
-
 def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
     signs = [1.0 if d == "minimize" else -1.0 for d in directions]
     x = [v * sg for v, sg in zip(a, signs, strict=True)]
@@ -230,7 +156,8 @@ def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
     return all(p <= q for p, q in zip(x, y, strict=True)) and x != y
 
 
-def _update_front(s: Session, study: Study, new: Trial) -> None:
+def update_front(s: Session, study: Study, new: Trial) -> None:
+    """Keep the Pareto-front flags right after ``new`` completed (study row locked)."""
     assert new.values is not None
     front = s.scalars(select(Trial).where(Trial.study_id == study.id,
                                           Trial.on_front.is_(True))).all()

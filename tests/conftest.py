@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -18,12 +18,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from service import keys, migrate
+from service import keys, leases, migrate
 from service.db import Database
-from service.optuna_bridge import load_study
 from service.settings import Settings
 from service.spec import StudySpec
-from service.trials import close_trial, open_trial, record_epoch
 
 ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -119,33 +117,29 @@ def study_body(name: str = "s1", **over: Any) -> dict[str, Any]:
 
 
 def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestClient,
-              headers: dict[str, str], name: str, values: list[float] | float,
-              state: str = "COMPLETE", epochs: int = 3) -> int:
-    """Drive one trial the way a worker does: Optuna ask → seqtune records → Optuna tell."""
-    view = client.get(f"/v1/studies/{name}", headers=headers).json()
-    spec = StudySpec.model_validate(view["spec"])
-    from service.optuna_bridge import distributions
-
-    study = load_study(storage, view["optuna_study_name"], spec)
-    study_id = _study_id(db, view["tenant"], name)
-    trial = study.ask(distributions(spec))
-    open_trial(db, study_id=study_id, number=trial.number, optuna_trial_id=trial._trial_id,
-               params=trial.params, worker="test-worker")
-    vals = values if isinstance(values, list) else [values]
+              headers: dict[str, str], name: str,
+              values: list[float] | float | Callable[[dict[str, Any]], list[float] | float],
+              state: str = "COMPLETE", epochs: int = 3, owner: str = "test-worker") -> int:
+    """Drive one trial the way a worker does: claim → epoch reports → finish."""
+    c = leases.claim(db, storage, owner=owner, studies=[name])
+    assert c is not None, f"nothing to claim in {name}"
+    spec = StudySpec.model_validate(c.spec)
+    ostudy = leases.optuna_study(storage, c.optuna_study_name, spec)
+    trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
+    vals = values(c.params) if callable(values) else values
+    vals = vals if isinstance(vals, list) else [vals]
+    single = len(vals) == 1
     for e in range(epochs):
-        record_epoch(db, study_id=study_id, number=trial.number,
-                     record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e})
-        if len(vals) == 1:
-            trial.report(vals[0] + (epochs - e), e)
+        leases.report(db, c, trial if single else None, epoch=e,
+                      record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e},
+                      value=vals[0] + (epochs - e) if single else None)
     if state == "COMPLETE":
-        study.tell(trial, vals if len(vals) > 1 else vals[0])
-        close_trial(db, study_id=study_id, number=trial.number, state="COMPLETE", values=vals,
-                    reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
+        leases.finish(db, ostudy, c, state="COMPLETE", values=vals, reason="max_epochs",
+                      test_metrics={"test_rmse": vals[0] * 1.1})
     else:
-        study.tell(trial, state=optuna.trial.TrialState[state])
-        close_trial(db, study_id=study_id, number=trial.number, state=state,
-                    reason="pruned" if state == "PRUNED" else "error")
-    return trial.number
+        leases.finish(db, ostudy, c, state=state,
+                      reason="pruned" if state == "PRUNED" else "error")
+    return c.number
 
 
 def _study_id(db: Database, tenant: str, name: str) -> int:

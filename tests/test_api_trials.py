@@ -129,25 +129,11 @@ def test_importance_needs_trials_then_ranks_params(client: TestClient, auth: dic
     client.post("/v1/studies", json=study_body("imp", budget={"n_trials": 40}), headers=auth)
     r = client.get("/v1/studies/imp/importance", headers=auth)
     assert r.status_code == 409 and "need" in r.json()["error"]["message"]
-    import optuna
+    import math
 
-    from service.spec import StudySpec
-    from service.trials import close_trial, open_trial
-    from tests.conftest import _study_id
-
-    view = client.get("/v1/studies/imp", headers=auth).json()
-    study = optuna.load_study(study_name=view["optuna_study_name"], storage=_storage(client))
-    from service.optuna_bridge import distributions
-
-    dists = distributions(StudySpec.model_validate(view["spec"]))
-    sid = _study_id(db, "acme", "imp")
     for _ in range(30):  # the value depends on lr alone
-        t = study.ask(dists)
-        open_trial(db, study_id=sid, number=t.number, optuna_trial_id=t._trial_id,
-                   params=t.params, worker=None)
-        v = abs(__import__("math").log10(t.params["lr"]) + 2.5)
-        study.tell(t, v)
-        close_trial(db, study_id=sid, number=t.number, state="COMPLETE", values=[v])
+        run_trial(db, _storage(client), client, auth, "imp",
+                  lambda p: abs(math.log10(p["lr"]) + 2.5), epochs=1)
     imp = client.get("/v1/studies/imp/importance", headers=auth).json()
     assert set(imp["importances"]) == {"hidden_size", "lr", "optimizer"}
     assert max(imp["importances"], key=imp["importances"].get) == "lr"

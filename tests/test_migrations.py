@@ -47,7 +47,7 @@ def test_migrations_match_models_beside_optuna(empty_url: str, optuna_first: boo
     tables = set(inspect(engine).get_table_names())
     ours = {t for t in tables if t.startswith("seqtune_")}
     assert ours == {"seqtune_api_keys", "seqtune_datasets", "seqtune_studies", "seqtune_trials",
-                    "seqtune_alembic_version"}
+                    "seqtune_checkpoints", "seqtune_workers", "seqtune_alembic_version"}
     assert {"studies", "trials", "alembic_version"} <= tables  # Optuna's, untouched
     assert migrate.current_revision(engine) == migrate.head_revision()
     with engine.connect() as c:

@@ -83,7 +83,7 @@ class TrainConfig:
 
 @dataclass
 class TrialResult:
-    reason: str  # early_stopped | max_epochs | pruned | diverged | timeout
+    reason: str  # early_stopped | max_epochs | pruned | diverged | timeout | interrupted
     best_epoch: int | None
     epochs: int
     val: dict[str, float]  # validation metrics of the best epoch
@@ -247,10 +247,21 @@ class _Diverged(Exception):
 
 
 def train(cfg: TrainConfig, data: Prepared,
-          on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> TrialResult:
-    """Train one trial. ``on_epoch(epoch, record)`` runs after each epoch's validation and
-    returns True to prune (Optuna's should_prune). Never raises for a diverging trial: it
-    comes back with reason ``diverged``."""
+          on_epoch: Callable[[int, dict[str, float]], bool] | None = None, *,
+          resume: dict[str, Any] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          on_step: Callable[[], None] | None = None,
+          on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+          snapshot_every_s: float = 30.0) -> TrialResult:
+    """Train one trial.
+
+    ``on_epoch(epoch, record)`` runs after each epoch's validation and returns True to prune
+    (Optuna's should_prune); it may raise to abandon the trial. ``on_step()`` runs after every
+    batch (progress, for leases). ``on_snapshot(state)`` receives a resumable snapshot at an
+    epoch boundary at most every ``snapshot_every_s`` seconds, and always before an
+    interruption; ``train(..., resume=state)`` continues from it. When ``should_stop()`` turns
+    true the trial stops at the next epoch boundary with reason ``interrupted``.
+    Never raises for a diverging trial: it comes back with reason ``diverged``."""
     t_start = time.perf_counter()
     hp = cfg.hp
     device = cfg.device
@@ -282,8 +293,21 @@ def train(cfg: TrainConfig, data: Prepared,
     best_epoch: int | None = None
     stale, epoch, samples, train_s = 0, -1, 0, 0.0
     curve: list[dict[str, float]] = []
+    first_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        grad_scaler.load_state_dict(resume["grad_scaler"])
+        gen.set_state(resume["generator"])  # generator states are CPU byte tensors
+        best, best_epoch, stale = resume["best"], resume["best_epoch"], resume["stale"]
+        best_state = resume["best_state"]
+        curve, samples, train_s = list(resume["curve"]), resume["samples"], resume["train_s"]
+        first_epoch = resume["epoch"] + 1
+    last_snapshot = time.perf_counter()
     reason = "max_epochs"
-    for epoch in range(hp.max_epochs):
+    for epoch in range(first_epoch, hp.max_epochs):
         t_epoch = time.perf_counter()
         model.train()
         seq = curriculum_len(data.seq_len, epoch, hp.max_epochs) if hp.curriculum \
@@ -335,6 +359,8 @@ def train(cfg: TrainConfig, data: Prepared,
                 grad_scaler.update()
                 if sched_when == "step":
                     sched.step()
+                if on_step is not None:
+                    on_step()
             if on_cuda and bool(bad):
                 raise _Diverged
         except _Diverged:
@@ -372,11 +398,26 @@ def train(cfg: TrainConfig, data: Prepared,
         if cfg.timeout_s is not None and time.perf_counter() - t_start > cfg.timeout_s:
             reason = "timeout"
             break
+        stop = should_stop is not None and should_stop()
+        if on_snapshot is not None and (
+                stop or time.perf_counter() - last_snapshot >= snapshot_every_s):
+            on_snapshot({
+                "epoch": epoch, "model": _cpu(model.state_dict()), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "grad_scaler": grad_scaler.state_dict(), "generator": gen.get_state().cpu(),
+                "best": best, "best_epoch": best_epoch, "stale": stale,
+                "best_state": _cpu(best_state) if best_state is not None else None,
+                "curve": curve, "samples": samples, "train_s": train_s,
+            })
+            last_snapshot = time.perf_counter()
+        if stop:
+            reason = "interrupted"
+            break
 
     val_best: dict[str, float] = {}
     test: dict[str, float] = {}
     checkpoint = None
-    if best_state is not None and reason != "diverged":
+    if best_state is not None and reason not in ("diverged", "interrupted"):
         model.load_state_dict(best_state)  # the test split sees the best epoch's weights
         val_best = {k: v for k, v in curve[best_epoch or 0].items() if k.startswith("val_")}
         test = evaluate(model, data, "test", loss_fn, amp, baseline=True)
@@ -388,6 +429,10 @@ def train(cfg: TrainConfig, data: Prepared,
         wall_seconds=time.perf_counter() - t_start,
         samples_per_s=samples / train_s if train_s > 0 else 0.0, peak_gpu_mem_bytes=peak,
         precision=str(amp).replace("torch.", "") if amp else "fp32", checkpoint=checkpoint)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 # ---- checkpoints and prediction -------------------------------------------------------------
