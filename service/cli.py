@@ -81,6 +81,20 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker import fleet
+    from worker.slot import SlotConfig
+
+    studies = tuple(x.strip() for x in (args.studies or "").split(",") if x.strip())
+    base = SlotConfig(database_url=args.database_url, studies=studies,
+                      max_trials=args.max_trials, burst=args.burst, max_idle_s=args.max_idle)
+    try:
+        return fleet.run(base, gpus=args.gpus, slots_per_gpu=args.slots_per_gpu)
+    except ValueError as exc:
+        print(f"seqtune: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqtune", description="Hyperparameter search for LSTMs.")
     p.add_argument("--database-url", help="overrides SEQTUNE_DATABASE_URL")
@@ -95,8 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     s.set_defaults(fn=cmd_serve)
 
+    w = sub.add_parser("worker", help="run trials: one process per GPU slot (CPU if none)")
+    w.add_argument("--gpus", default="all", help="'all', 'none' or indices like 0,2")
+    w.add_argument("--slots-per-gpu", type=int, default=1, help="trials at once per GPU")
+    w.add_argument("--studies", help="only these studies (comma-separated names)")
+    w.add_argument("--max-trials", type=int, help="each slot exits after this many trials")
+    w.add_argument("--burst", action="store_true",
+                   help="exit once no running study has work left")
+    w.add_argument("--max-idle", type=float, help="exit after this many idle seconds")
+    w.set_defaults(fn=cmd_worker)
+
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply seqtune's migrations").set_defaults(fn=cmd_db_upgrade)
+    db_cmds = db
 
     k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     kc = k.add_parser("create", help="create a key; printed alone on the last line")
@@ -105,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     kr = k.add_parser("revoke", help="revoke a key")
     kr.add_argument("key")
     kr.set_defaults(fn=cmd_keys_revoke)
+    for sp in (s, w, kc, kr, *db_cmds.choices.values()):
+        sp.add_argument("--database-url", default=argparse.SUPPRESS,
+                        help="overrides SEQTUNE_DATABASE_URL")
     return p
 
 

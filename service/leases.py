@@ -200,7 +200,8 @@ def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
     def txn(s: Session) -> None:
         t = _locked(s, c)
         # A resumed attempt replays from its checkpoint: drop epochs after it first.
-        t.curve = [*[r for r in t.curve if r.get("epoch", -1) < epoch], record]
+        stamped = {**record, "attempt": c.attempt}
+        t.curve = [*[r for r in t.curve if r.get("epoch", -1) < epoch], stamped]
         t.epochs = len(t.curve)
         t.lease_renewed_at = utcnow()
         if trial is not None and value is not None:
@@ -284,6 +285,19 @@ def load_checkpoint(db: Database, *, trial_row_id: int, kind: str) -> tuple[int,
                         .where(Checkpoint.trial_id == trial_row_id,
                                Checkpoint.kind == kind)).first()
         return (row[0], row[1]) if row else None
+
+    return db.run(txn)
+
+
+def has_work(db: Database, *, studies: list[str] | None = None) -> bool:
+    """Whether a running study (of ``studies``) still has trials to start or finish."""
+
+    def txn(s: Session) -> bool:
+        q = select(Study.id).where(Study.status == "running", (
+            Study.n_claimed < Study.n_trials) | (Study.n_running > 0)).limit(1)
+        if studies:
+            q = q.where(Study.name.in_(studies))
+        return s.scalar(q) is not None
 
     return db.run(txn)
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     db_retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON bodies.")
+    reap_interval_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="How often the service recovers trials of dead workers; 0 turns it off.")
+    checkpoint_every_s: float = Field(
+        default=30.0, ge=0, le=86400,
+        description="Workers snapshot a running trial at most this often (and on SIGTERM).")
     log_level: str = "INFO"
 
     @field_validator("database_url")

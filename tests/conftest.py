@@ -50,7 +50,9 @@ def pg_template() -> Iterator[str]:
     eng.dispose()
     storage = optuna.storages.RDBStorage(url)  # creates Optuna's tables in the template
     storage.engine.dispose()
+    admin.dispose()
     yield name
+    admin = _admin()  # a fresh engine: a test may have restarted Postgres meanwhile
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,9 +12,9 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service import migrate
+from service import leases, migrate
 from service.api import errors as api_errors
-from service.api import routes_datasets, routes_studies
+from service.api import routes_datasets, routes_studies, routes_workers
 from service.api.deps import AppState, state
 from service.db import Database
 from service.optuna_bridge import make_storage
@@ -47,6 +48,34 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+class Reaper:
+    """Recovers trials of dead workers from the service too, so that recovery happens even
+    when every worker is gone (``SEQTUNE_REAP_INTERVAL_S``; 0 turns it off)."""
+
+    def __init__(self, db: Database, storage: Any, interval_s: float) -> None:
+        self.db, self.storage, self.interval = db, storage, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="seqtune-reaper", daemon=True)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                report = leases.reap(self.db, self.storage)
+                if report.freed or report.failed or report.orphans or report.timed_out:
+                    log.info("reaper: %s", report)
+            except Exception:  # noqa: BLE001 - the loop must survive a bad round; logged
+                log.exception("reaper round failed")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -57,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             migrate.upgrade(db.engine)
         storage = make_storage(settings)
         app.state.seqtune = AppState(settings=settings, db=db, storage=storage)
+        reaper = Reaper(db, storage, settings.reap_interval_s)
+        reaper.start()
         if not settings.auth_enabled:
             log.warning("authentication is OFF (SEQTUNE_AUTH_ENABLED=false): every caller "
                         "acts as tenant 'default'. Do not expose this service.")
@@ -65,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            reaper.stop()
             db.dispose()
 
     app = FastAPI(
@@ -82,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api_errors.install(app)
     app.include_router(routes_studies.router)
     app.include_router(routes_datasets.router)
+    app.include_router(routes_workers.router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

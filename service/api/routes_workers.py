@@ -1,0 +1,20 @@
+"""/v1/workers: the worker fleet, live and lost."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+
+from service import workers
+from service.api.deps import AppState, state, tenant
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+
+
+@router.get("", response_model=list[workers.WorkerView])
+async def list_workers(include_stopped: bool = False, st: AppState = Depends(state),
+                       who: str = Depends(tenant)) -> list[workers.WorkerView]:
+    """Worker slots seen in the last day: live, lost (no heartbeat for 30 s) or stopped, with
+    the trial each runs when it belongs to one of your studies."""
+    return await run_in_threadpool(workers.list_workers, st.db, tenant=who,
+                                   include_stopped=include_stopped)

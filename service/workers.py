@@ -1,0 +1,83 @@
+"""Worker slots: registration, heartbeats, and the fleet listing behind GET /v1/workers."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.models import Study, Trial, Worker, utcnow
+
+HEARTBEAT_S = 5.0
+LOST_AFTER_S = 30.0  # a live worker beats every HEARTBEAT_S; silence this long means lost
+
+
+class WorkerView(BaseModel):
+    id: str
+    host: str
+    slot: int
+    device: str
+    pid: int
+    status: str  # live | lost | stopped
+    versions: dict[str, Any]
+    started_at: Any
+    heartbeat_at: Any
+    trials_done: int
+    study: str | None = None  # the trial it runs, when the study is the caller's
+    trial: int | None = None
+
+
+def register(db: Database, *, worker_id: str, host: str, slot: int, device: str, pid: int,
+             versions: dict[str, Any]) -> None:
+    db.run(lambda s: s.add(Worker(id=worker_id, host=host, slot=slot, device=device, pid=pid,
+                                  versions=versions, trials_done=0)))
+
+
+def heartbeat(db: Database, *, worker_id: str, trial_row_id: int | None) -> None:
+    db.run(lambda s: s.execute(update(Worker).where(Worker.id == worker_id)
+                               .values(heartbeat_at=utcnow(), trial_id=trial_row_id)))
+
+
+def trial_done(db: Database, *, worker_id: str) -> None:
+    db.run(lambda s: s.execute(update(Worker).where(Worker.id == worker_id)
+                               .values(trials_done=Worker.trials_done + 1, trial_id=None)))
+
+
+def stopped(db: Database, *, worker_id: str) -> None:
+    db.run(lambda s: s.execute(update(Worker).where(Worker.id == worker_id)
+                               .values(stopped_at=utcnow(), trial_id=None)))
+
+
+def list_workers(db: Database, *, tenant: str, include_stopped: bool = False,
+                 limit: int = 200) -> list[WorkerView]:
+    """Workers seen in the last day, live first. A trial is named only for the caller's own
+    studies (workers are shared by every tenant)."""
+
+    def txn(s: Session) -> list[WorkerView]:
+        now = utcnow()
+        q = (select(Worker, Trial.number, Study.name, Study.tenant)
+             .outerjoin(Trial, Trial.id == Worker.trial_id)
+             .outerjoin(Study, Study.id == Trial.study_id)
+             .where(Worker.heartbeat_at > now - timedelta(days=1))
+             .order_by(Worker.heartbeat_at.desc()).limit(limit))
+        if not include_stopped:
+            q = q.where(Worker.stopped_at.is_(None))
+        out = []
+        for w, number, study, owner in s.execute(q):
+            beat = w.heartbeat_at if w.heartbeat_at.tzinfo else w.heartbeat_at.replace(
+                tzinfo=now.tzinfo)
+            status = "stopped" if w.stopped_at else (
+                "live" if beat > now - timedelta(seconds=LOST_AFTER_S) else "lost")
+            mine = owner == tenant
+            out.append(WorkerView(
+                id=w.id, host=w.host, slot=w.slot, device=w.device, pid=w.pid, status=status,
+                versions=w.versions, started_at=w.started_at, heartbeat_at=w.heartbeat_at,
+                trials_done=w.trials_done, study=study if mine else None,
+                trial=number if mine else None))
+        return out
+
+    return db.run(txn)
