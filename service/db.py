@@ -59,6 +59,19 @@ def make_engine(settings: Settings) -> Engine:
     return engine
 
 
+def _disconnect_in(exc: BaseException) -> DBAPIError | None:
+    """The lost-connection error behind ``exc``, following causes: Optuna wraps SQLAlchemy's
+    errors in its own StorageInternalError."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, DBAPIError) and _is_disconnect(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
@@ -113,13 +126,14 @@ class Database:
                 return once()
             except IntegrityError as exc:
                 raise AlreadyExists(_integrity_message(exc)) from exc
-            except DBAPIError as exc:
-                if not _is_disconnect(exc):
+            except Exception as exc:
+                lost = _disconnect_in(exc)
+                if lost is None:
                     raise
                 if attempt == attempts:
                     raise Unavailable(
                         "the database is unreachable; retry shortly "
-                        f"({type(exc.orig).__name__ if exc.orig else type(exc).__name__})"
+                        f"({type(lost.orig).__name__ if lost.orig else type(lost).__name__})"
                     ) from exc
                 log.warning("database connection lost (attempt %d/%d), retrying in %.1fs",
                             attempt, attempts, delay)

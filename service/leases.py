@@ -382,8 +382,8 @@ def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetim
                 continue
             if _aware(started) > now - grace:
                 continue
-            storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
             storage.set_trial_system_attr(ft._trial_id, "seqtune_orphan", True)
+            storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
             out.orphans += 1
             # An enqueued trial popped by the dead ask: queue its params again.
             waiting = s.scalar(select(Trial).where(Trial.study_id == study.id,

@@ -27,7 +27,8 @@ ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@12
 
 
 def _admin():  # type: ignore[no-untyped-def]
-    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1,
+                         pool_pre_ping=True)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +66,9 @@ def pg_url(pg_template: str) -> Iterator[str]:
     name = f"seqtune_t_{uuid.uuid4().hex[:12]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"'))
+    admin.dispose()
     yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    admin = _admin()  # fresh: the test may have restarted Postgres
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()

@@ -1,0 +1,188 @@
+"""The worker fleet as real processes on real Postgres: exact budgets with 8 workers, a
+kill -9 mid-trial, SIGTERM hand-over to another worker, and a Postgres restart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from sqlalchemy import select
+
+from service import studies
+from service.db import Database
+from service.models import Checkpoint, Study, Trial
+from service.optuna_bridge import make_storage
+from service.settings import Settings
+from service.spec import check_spec, parse_spec
+
+# Trials of a few seconds each (about 0.3 s an epoch on one core), long enough to interrupt.
+SLOW = {"dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 4000},
+        "objectives": [{"metric": "val_rmse"}],
+        "search_space": {"hidden_size": {"type": "int", "low": 6, "high": 10}},
+        "fixed": {"seq_len": 16, "batch_size": 8, "max_epochs": 10},
+        "early_stopping": {"patience": None}, "pruner": {"name": "none"}}
+FAST = {"dataset": {"kind": "builtin", "name": "sunspots"},
+        "objectives": [{"metric": "val_rmse"}],
+        "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 16},
+                         "lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True}},
+        "fixed": {"seq_len": 6, "max_epochs": 3}}
+
+
+def create(db: Database, settings: Settings, name: str, base: dict, **budget: Any) -> None:
+    spec = parse_spec({**base, "name": name, "budget": budget})
+    check_spec(spec)
+    studies.create_study(db, make_storage(settings), tenant="default", spec=spec)
+
+
+class Workers:
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.url, self.tmp, self.procs = url, tmp, []  # type: ignore[var-annotated]
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        exe = shutil.which("seqtune")
+        cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
+        env = {**os.environ, "SEQTUNE_DATABASE_URL": self.url, "SEQTUNE_DATA_DIR": str(self.tmp),
+               "SEQTUNE_CHECKPOINT_EVERY_S": "0", "PYTHONUNBUFFERED": "1"}
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen([*cmd, "worker", "--gpus", "none", *args], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def fleet(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(settings.url, tmp_path)
+    yield w
+    w.stop_all()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def study_row(db: Database, name: str) -> Study:
+    return db.run(lambda s: s.scalar(select(Study).where(Study.name == name)))
+
+
+def trials(db: Database, name: str) -> list[Trial]:
+    return db.run(lambda s: list(s.scalars(select(Trial).join(Study).where(
+        Study.name == name).order_by(Trial.number))))
+
+
+def assert_accounted(db: Database, settings: Settings, name: str, n: int) -> None:
+    """Exactly n trials finished, none running, in seqtune's records and in Optuna's."""
+    row = study_row(db, name)
+    assert row.status == "completed", row.status
+    assert row.n_complete + row.n_pruned + row.n_failed == n and row.n_running == 0
+    assert row.n_claimed == n
+    rows = trials(db, name)
+    assert len(rows) == n and all(t.state in ("COMPLETE", "PRUNED", "FAIL") for t in rows)
+    ours = {t.optuna_trial_id for t in rows}
+    ot = optuna.load_study(study_name=f"default/{name}", storage=settings.url).trials
+    assert not [t for t in ot if t.state == optuna.trial.TrialState.RUNNING]
+    assert {t._trial_id for t in ot if t.state.is_finished()} >= ours
+
+
+def test_budget_is_exact_with_8_concurrent_workers(db: Database, settings: Settings,
+                                                   fleet: Workers) -> None:
+    create(db, settings, "eight", FAST, n_trials=20)
+    procs = [fleet.start(f"w{i}", "--burst") for i in range(8)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0
+    assert_accounted(db, settings, "eight", 20)
+    assert len({t.worker for t in trials(db, "eight")}) > 1  # the work was shared
+
+
+def _running_after_epochs(db: Database, name: str, epochs: int) -> Trial | None:
+    return next((t for t in trials(db, name) if t.state == "RUNNING" and t.epochs >= epochs),
+                None)
+
+
+def _assert_resumed(t: Trial) -> None:
+    epochs = [r["epoch"] for r in t.curve]
+    assert epochs == list(range(10)), epochs  # every epoch once: no gap, no repeat
+    first = [r["epoch"] for r in t.curve if r["attempt"] == 1]
+    second = [r["epoch"] for r in t.curve if r["attempt"] == 2]
+    # Resumed from the checkpoint, not from scratch: attempt 1's epochs were kept.
+    assert first and second and max(first) < min(second)
+    assert t.attempts == 2
+
+
+def test_kill_9_mid_trial_is_retried_from_its_checkpoint(db: Database, settings: Settings,
+                                                        fleet: Workers) -> None:
+    create(db, settings, "killed", SLOW, n_trials=2, lease_timeout_s=5)
+    a = fleet.start("a")
+    victim = wait_for(lambda: _running_after_epochs(db, "killed", 2), 120, "a trial mid-way")
+    os.killpg(a.pid, signal.SIGKILL)  # the whole worker, slot process included
+    a.wait()
+    b = fleet.start("b", "--burst")
+    assert b.wait(timeout=240) == 0, fleet.log("b")
+    assert_accounted(db, settings, "killed", 2)
+    t = next(t for t in trials(db, "killed") if t.number == victim.number)
+    assert t.state == "COMPLETE"
+    _assert_resumed(t)
+    assert "resuming trial" in fleet.log("b")
+
+
+def test_sigterm_hands_the_trial_to_another_worker(db: Database, settings: Settings,
+                                                   fleet: Workers) -> None:
+    create(db, settings, "handover", SLOW, n_trials=1, lease_timeout_s=600)
+    a = fleet.start("a")
+    wait_for(lambda: _running_after_epochs(db, "handover", 2), 120, "a trial mid-way")
+    os.kill(a.pid, signal.SIGTERM)  # the fleet parent forwards it to its slot once
+    assert a.wait(timeout=60) == 0, fleet.log("a")
+    (t,) = trials(db, "handover")
+    assert t.state == "RUNNING" and t.lease_owner is None  # handed back, not failed
+    ck = db.run(lambda s: s.scalar(select(Checkpoint.epoch).where(
+        Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")))
+    assert ck is not None and ck == t.curve[-1]["epoch"]
+    # The lease timeout is 10 minutes: only the release lets b start at once.
+    b = fleet.start("b", "--burst")
+    assert b.wait(timeout=120) == 0, fleet.log("b")
+    assert_accounted(db, settings, "handover", 1)
+    _assert_resumed(trials(db, "handover")[0])
+
+
+def _restart_postgres() -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                   check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.skipif(not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
+                    reason="needs a local Postgres cluster this test may restart")
+def test_a_postgres_restart_mid_study_is_survived(db: Database, settings: Settings,
+                                                  fleet: Workers) -> None:
+    create(db, settings, "restart", SLOW, n_trials=3, lease_timeout_s=120)
+    a = fleet.start("a", "--burst")
+    wait_for(lambda: _running_after_epochs(db, "restart", 2), 120, "a trial mid-way")
+    _restart_postgres()
+    assert a.poll() is None, "the worker died with the database"
+    assert a.wait(timeout=300) == 0, fleet.log("a")
+    assert_accounted(db, settings, "restart", 3)
+    assert "retrying" in fleet.log("a")  # it did see the connection drop
