@@ -104,6 +104,15 @@ class Database:
         with self.engine.connect() as conn:
             return fn(conn)
 
+    def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)`` in a Core transaction (commit on return, rollback on error):
+        the cheap path for hot single-statement writes. Retried and translated like ``run``."""
+        return self._retrying(lambda: self._write_once(fn), retry=True)
+
+    def _write_once(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
     def run(self, fn: Callable[[Session], T], *, retry: bool = True) -> T:
         """Run ``fn(session)`` in one transaction and return its result.
 

@@ -19,7 +19,9 @@ The lifecycle (Postgres; SQLite gets the same guarantees from its single writer)
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +29,18 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import delete, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    Table,
+    bindparam,
+    cast,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -38,6 +51,7 @@ from service.spec import StudySpec
 from service.trials import count_move, update_front
 
 log = logging.getLogger(__name__)
+_T: Table = Trial.__table__  # type: ignore[assignment]  # Core table for the epoch hot path
 
 
 class Fenced(Conflict):
@@ -66,16 +80,29 @@ class Claim:
         return self.attempt > 1
 
 
+_STUDIES: dict[tuple[int, str], optuna.Study] = {}
+
+
 def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec,
                  seed_offset: int = 0) -> optuna.Study:
-    """The Optuna study with the spec's sampler (seeded per slot: samplers with one seed in
-    many processes would propose the same points) and pruner."""
+    """The Optuna study with the spec's sampler and pruner, cached per process (loading costs
+    queries; a study's name, directions and spec never change). The sampler is made afresh,
+    seeded per budget slot: samplers sharing one seed in many processes would propose the
+    same points, and a fresh one per slot keeps a seeded study reproducible."""
+    key = (id(storage), optuna_name)
+    study = _STUDIES.get(key)
+    if study is None:
+        study = optuna.load_study(study_name=optuna_name, storage=storage,
+                                  pruner=make_pruner(spec.pruner))
+        if len(_STUDIES) > 256:
+            _STUDIES.clear()
+        _STUDIES[key] = study
     sampler_spec = spec.sampler
     if sampler_spec.seed is not None:
         spec = spec.model_copy(update={"sampler": sampler_spec.model_copy(
             update={"seed": (sampler_spec.seed + seed_offset) % 2**32})})
-    return optuna.load_study(study_name=optuna_name, storage=storage,
-                             sampler=make_sampler(spec), pruner=make_pruner(spec.pruner))
+    study.sampler = make_sampler(spec)
+    return study
 
 
 def _claim_view(t: Trial, study: Study) -> Claim:
@@ -93,10 +120,10 @@ def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
-    resumed = db.run(lambda s: _claim_resume(s, owner, studies))
-    if resumed is not None:
-        return resumed
-    return db.run(lambda s: _claim_new(s, storage, owner, studies))
+    def txn(s: Session) -> Claim | None:
+        return _claim_resume(s, owner, studies) or _claim_new(s, storage, owner, studies)
+
+    return db.run(txn)
 
 
 def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | None:
@@ -119,6 +146,12 @@ def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | No
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return None
     s.refresh(t)
+    # The new attempt resumes after its checkpoint's epoch (or from scratch): the curve keeps
+    # exactly the epochs it will not replay.
+    ck = s.scalar(select(Checkpoint.epoch).where(Checkpoint.trial_id == t.id,
+                                                 Checkpoint.kind == "resume"))
+    t.curve = [r for r in t.curve if ck is not None and r.get("epoch", -1) <= ck]
+    t.epochs = len(t.curve)
     return _claim_view(t, study)
 
 
@@ -195,19 +228,43 @@ def renew(db: Database, c: Claim) -> None:
 def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
            record: dict[str, Any], value: float | None) -> None:
     """Append an epoch to the learning curve, renew the lease and report ``value`` to Optuna
-    (single-objective studies), all under the trial's row lock. Raises Fenced."""
+    (single-objective studies). Raises Fenced.
 
-    def txn(s: Session) -> None:
-        t = _locked(s, c)
-        # A resumed attempt replays from its checkpoint: drop epochs after it first.
-        stamped = {**record, "attempt": c.attempt}
-        t.curve = [*[r for r in t.curve if r.get("epoch", -1) < epoch], stamped]
-        t.epochs = len(t.curve)
-        t.lease_renewed_at = utcnow()
+    One fenced UPDATE appends the record in SQL and takes the row lock; Optuna's write happens
+    while that lock is held, so a reaper fencing this attempt off waits for it, and a fenced
+    attempt never reaches Optuna."""
+    stamped = json.dumps({k: _finite(v) for k, v in {**record, "attempt": c.attempt}.items()})
+
+    def txn(conn: Connection) -> None:
+        text_rec = bindparam("rec", stamped, type_=String)
+        curve: Any
+        if conn.dialect.name == "postgresql":
+            curve = _T.c.curve.op("||")(cast(text_rec, JSONB))
+        else:
+            curve = func.json_insert(_T.c.curve, "$[#]", func.json(text_rec))
+        res = conn.execute(update(_T)
+                           .where(_T.c.id == c.trial_row_id, _T.c.lease_owner == c.owner,
+                                  _T.c.fence == c.fence, _T.c.state == "RUNNING")
+                           .values(curve=curve, epochs=_T.c.epochs + 1,
+                                   lease_renewed_at=utcnow()))
+        if res.rowcount != 1:
+            raise Fenced(f"trial {c.number} of '{c.study_name}' is no longer held by this "
+                         "attempt")
         if trial is not None and value is not None:
             trial.report(value, epoch)
 
-    db.run(txn)
+    db.write(txn)
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN or infinity (Postgres' jsonb refuses them): they become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
 
 
 def finish(db: Database, ostudy: optuna.Study, c: Claim, *, state: str,
@@ -238,8 +295,8 @@ def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
     t.state, t.reason, t.error = state, reason, error
     t.values = list(values) if values is not None else None
     t.value = values[0] if values else None
-    t.test_metrics = test_metrics
-    t.info = info or t.info or {}
+    t.test_metrics = _finite(test_metrics)
+    t.info = _finite(info or t.info or {})
     t.lease_owner, t.fence = None, t.fence + 1
     t.finished_at = utcnow()
     if state == "COMPLETE" and values and len(study.directions) > 1:
