@@ -42,10 +42,13 @@ def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
     db, storage = Database(settings), make_storage(settings)
     owner = f"bench-{os.getpid()}"
     times, last = [], time.perf_counter()
-    for _ in range(n):
+    while len(times) < n:
         c = leases.claim(db, storage, owner=owner, studies=[name])
-        if c is None:
-            break
+        if c is None:  # as a slot does: wait while the study still has work
+            if not leases.has_work(db, studies=[name]):
+                break
+            time.sleep(0.01)
+            continue
         ostudy = leases.optuna_study(storage, c.optuna_study_name,
                                      StudySpec.model_validate(c.spec))
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)

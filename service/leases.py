@@ -162,10 +162,15 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
                    (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent))
             .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(),
                       Study.id)
-            .limit(1).with_for_update(skip_locked=True))
+            .limit(1))
     if names:
         pick = pick.where(Study.name.in_(names))
-    study_id = s.scalar(pick)
+    # First a study nobody is claiming from (fair across studies, no waiting); failing that,
+    # wait for the busy one: its lock is held for one ask(), and a worker that went idle
+    # instead would lose a whole poll interval.
+    study_id = s.scalar(pick.with_for_update(skip_locked=True))
+    if study_id is None:
+        study_id = s.scalar(pick.with_for_update())
     if study_id is None:
         return None
     # Re-checked on the locked row: exactly n_trials claims, whatever the concurrency.

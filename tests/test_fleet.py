@@ -186,3 +186,50 @@ def test_a_postgres_restart_mid_study_is_survived(db: Database, settings: Settin
     assert a.wait(timeout=300) == 0, fleet.log("a")
     assert_accounted(db, settings, "restart", 3)
     assert "retrying" in fleet.log("a")  # it did see the connection drop
+
+
+def test_second_sigterm_stops_at_once_and_hands_the_trial_back(
+        db: Database, settings: Settings, fleet: Workers) -> None:
+    create(db, settings, "twice", {**SLOW, "fixed": {**SLOW["fixed"], "max_epochs": 200}},
+           n_trials=1, lease_timeout_s=600)
+    a = fleet.start("a")
+    wait_for(lambda: _running_after_epochs(db, "twice", 1), 120, "a trial under way")
+    os.kill(a.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.kill(a.pid, signal.SIGTERM)
+    assert a.wait(timeout=60) == 0
+    assert "second signal" in fleet.log("a")
+    (t,) = trials(db, "twice")
+    assert t.state == "RUNNING" and t.lease_owner is None and t.epochs < 200
+
+
+def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
+        db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the engine raises the error CUDA raises, and the slot must survive it."""
+    import torch
+
+    from worker import slot as slot_mod
+
+    create(db, settings, "oom", FAST, n_trials=2)
+    calls = {"n": 0}
+    real_train = slot_mod.train
+
+    def flaky_train(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(slot_mod, "train", flaky_train)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        done = slot_mod.Slot(slot_mod.SlotConfig(burst=True), settings).run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert done == 2
+    rows = trials(db, "oom")
+    assert [t.reason for t in rows][0] == "oom" and rows[0].state == "FAIL"
+    assert "out of memory" in (rows[0].error or "")
+    assert rows[1].state in ("COMPLETE", "PRUNED")
+    assert study_row(db, "oom").status == "completed"
