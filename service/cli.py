@@ -49,6 +49,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """Service plus local workers in one command (the laptop default: SQLite, auth off)."""
+    import os
+    import subprocess
+
+    from service import migrate
+    from service.db import Database
+
+    settings = _settings(args)
+    db = Database(settings)
+    migrate.upgrade(db.engine)  # before the worker starts, so neither races the other
+    db.dispose()
+    env = dict(os.environ)
+    if settings.database_url:
+        env["SEQTUNE_DATABASE_URL"] = settings.database_url
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--gpus",
+                               args.gpus, "--slots-per-gpu", str(args.slots_per_gpu)], env=env)
+    args.no_auth = not args.auth
+    try:
+        return cmd_serve(args)
+    finally:
+        worker.terminate()  # the worker hands its trial back at the next epoch boundary
+        try:
+            worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from service import migrate
     from service.db import Database
@@ -109,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     s.set_defaults(fn=cmd_serve)
 
+    u = sub.add_parser("up", help="service + local workers in one command (auth off unless "
+                       "--auth)")
+    u.add_argument("--host")
+    u.add_argument("--port", type=int)
+    u.add_argument("--auth", action="store_true", help="keep API-key authentication on")
+    u.add_argument("--gpus", default="all")
+    u.add_argument("--slots-per-gpu", type=int, default=1)
+    u.add_argument("--access-log", action="store_true")
+    u.add_argument("--workers", type=int, default=1, help="server processes")
+    u.set_defaults(fn=cmd_up)
+
     w = sub.add_parser("worker", help="run trials: one process per GPU slot (CPU if none)")
     w.add_argument("--gpus", default="all", help="'all', 'none' or indices like 0,2")
     w.add_argument("--slots-per-gpu", type=int, default=1, help="trials at once per GPU")
@@ -130,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     kr = k.add_parser("revoke", help="revoke a key")
     kr.add_argument("key")
     kr.set_defaults(fn=cmd_keys_revoke)
-    for sp in (s, w, kc, kr, *db_cmds.choices.values()):
+    for sp in (s, u, w, kc, kr, *db_cmds.choices.values()):
         sp.add_argument("--database-url", default=argparse.SUPPRESS,
                         help="overrides SEQTUNE_DATABASE_URL")
     return p

@@ -134,7 +134,8 @@ class Trial(Base):
         Integer, ForeignKey("seqtune_studies.id", ondelete="CASCADE")
     )
     number: Mapped[int] = mapped_column(Integer)
-    optuna_trial_id: Mapped[int] = mapped_column(Integer)
+    # Optuna's trial ids are unique in its storage; claims look trials up by it after ask().
+    optuna_trial_id: Mapped[int] = mapped_column(Integer, unique=True)
     state: Mapped[str] = mapped_column(String(16))
     params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     value: Mapped[float | None] = mapped_column(Float, nullable=True)

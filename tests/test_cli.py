@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,30 +31,46 @@ def _seqtune() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "service.cli"]
 
 
-def test_serve_on_the_embedded_default_accepts_the_example(tmp_path: Path) -> None:
-    """The README's run command: no database configured → SQLite in the data folder."""
+def test_up_runs_the_example_to_completion_on_the_embedded_default(tmp_path: Path) -> None:
+    """The README's run command: `seqtune up` with no database configured serves the API and
+    runs a local worker on an SQLite file; the example study (a smaller budget) completes."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    proc = subprocess.Popen([*_seqtune(), "serve", "--no-auth", "--port", str(port)],
+    env["SEQTUNE_LOG_LEVEL"] = "WARNING"
+    proc = subprocess.Popen([*_seqtune(), "up", "--gpus", "none", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
+        for _ in range(300):
             try:
                 if httpx.get(base + "/readyz").status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         else:
             raise AssertionError("service did not become ready")
         example = yaml.safe_load((ROOT / "examples" / "sunspots.yaml").read_text())
+        example["budget"]["n_trials"] = 3
+        example["fixed"]["max_epochs"] = 4
         r = httpx.post(base + "/v1/studies", json=example)
         assert r.status_code == 201, r.text
-        assert httpx.get(base + "/v1/studies/sunspots-lstm").json()["status"] == "running"
+        for _ in range(600):
+            study = httpx.get(base + "/v1/studies/sunspots-lstm").json()
+            if study["status"] == "completed":
+                break
+            time.sleep(0.2)
+        assert study["status"] == "completed", study
+        assert study["trials"]["finished"] == 3 and study["trials"]["running"] == 0
+        best = httpx.get(base + "/v1/studies/sunspots-lstm/best")
+        complete = study["trials"]["complete"]
+        assert (best.status_code == 200) == (complete > 0)
+        workers = httpx.get(base + "/v1/workers").json()
+        assert workers and workers[0]["device"] == "cpu"
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=20)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
     assert (tmp_path / "seqtune-data" / "seqtune.db").exists()
     assert "authentication is OFF" in out
 
