@@ -94,6 +94,9 @@ def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: S
     if study is None:
         study = optuna.load_study(study_name=optuna_name, storage=storage,
                                   pruner=make_pruner(spec.pruner))
+        # Optuna's storage reads every trial of the study into this process the first time
+        # (seconds at 10^4 trials); do it now, not later inside ask() under the study lock.
+        study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if len(_STUDIES) > 256:
             _STUDIES.clear()
         _STUDIES[key] = study
@@ -120,10 +123,27 @@ def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
+    hint = db.run(lambda s: s.execute(_pick(studies).with_only_columns(
+        Study.optuna_study_name, Study.spec)).first())
+    if hint is not None:  # load (and warm) the likely study's Optuna object before locking
+        optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
+
     def txn(s: Session) -> Claim | None:
         return _claim_resume(s, owner, studies) or _claim_new(s, storage, owner, studies)
 
     return db.run(txn)
+
+
+def _pick(names: list[str] | None) -> Any:
+    """The study the next new slot comes from: running, budget left, under its concurrency
+    cap; highest priority, then least recently served."""
+    pick = (select(Study.id)
+            .where(Study.status == "running", Study.n_claimed < Study.n_trials,
+                   (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent))
+            .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(),
+                      Study.id)
+            .limit(1))
+    return pick.where(Study.name.in_(names)) if names else pick
 
 
 def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | None:
@@ -157,14 +177,7 @@ def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | No
 
 def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
                names: list[str] | None) -> Claim | None:
-    pick = (select(Study.id)
-            .where(Study.status == "running", Study.n_claimed < Study.n_trials,
-                   (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent))
-            .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(),
-                      Study.id)
-            .limit(1))
-    if names:
-        pick = pick.where(Study.name.in_(names))
+    pick = _pick(names)
     # Wait for the study's row rather than skip it: its lock is held for one ask(), and
     # claimers queue in order. (SKIP LOCKED first was measured to starve queued workers: newcomers
     # kept taking the row ahead of them, p99 43 s at 32 workers.) Studies still share the fleet:
@@ -290,12 +303,12 @@ def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
            values: list[float] | None, reason: str | None,
            test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
            error: str | None = None, tell: bool = True) -> None:
-    study = s.scalar(select(Study).where(Study.id == t.study_id).with_for_update())
-    assert study is not None
+    # Optuna first, under the trial's lock only: the study row is what claimers queue on while
+    # they ask(), so it is taken last and held just for the counters and the completion check.
     if tell and ostudy is not None:
         ostudy.tell(t.number, values=values if state == "COMPLETE" else None,
                     state=TrialState[state], skip_if_finished=True)
-    count_move(s, study.id, t.state, state)
+    old_state = t.state
     t.state, t.reason, t.error = state, reason, error
     t.values = list(values) if values is not None else None
     t.value = values[0] if values else None
@@ -303,9 +316,13 @@ def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
     t.info = _finite(info or t.info or {})
     t.lease_owner, t.fence = None, t.fence + 1
     t.finished_at = utcnow()
+    s.execute(update(Worker).where(Worker.trial_id == t.id).values(trial_id=None))
+    s.flush()
+    study = s.scalar(select(Study).where(Study.id == t.study_id).with_for_update())
+    assert study is not None
+    count_move(s, study.id, old_state, state)
     if state == "COMPLETE" and values and len(study.directions) > 1:
         update_front(s, study, t)
-    s.execute(update(Worker).where(Worker.trial_id == t.id).values(trial_id=None))
     s.flush()
     s.refresh(study)
     if study.status == "running" and study.n_claimed >= study.n_trials and study.n_running == 0:
