@@ -114,8 +114,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.slot import SlotConfig
 
     studies = tuple(x.strip() for x in (args.studies or "").split(",") if x.strip())
-    base = SlotConfig(database_url=args.database_url, studies=studies,
-                      max_trials=args.max_trials, burst=args.burst, max_idle_s=args.max_idle)
+    base = SlotConfig(database_url=getattr(args, "database_url", None), studies=studies,
+                      max_trials=args.max_trials, burst=args.burst, max_idle_s=args.max_idle,
+                      threads=args.threads)
     try:
         return fleet.run(base, gpus=args.gpus, slots_per_gpu=args.slots_per_gpu)
     except ValueError as exc:
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--burst", action="store_true",
                    help="exit once no running study has work left")
     w.add_argument("--max-idle", type=float, help="exit after this many idle seconds")
+    w.add_argument("--threads", type=int,
+                   help="torch CPU threads per CPU slot (default: the cores split among this "
+                   "worker's slots; set it when several workers share one machine)")
     w.set_defaults(fn=cmd_worker)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)

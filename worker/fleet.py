@@ -43,7 +43,7 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1) -> int:
     """Start the slots and supervise them until they all end. Returns an exit code."""
     slots = plan(gpus, slots_per_gpu)
     cpu_slots = sum(1 for d, _ in slots if d == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None
+    threads = base.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None)
     ctx = mp.get_context("spawn")
     configs = [replace(base, slot=i, device=dev, threads=threads if dev == "cpu" else None)
                for i, (dev, _) in enumerate(slots)]

@@ -178,3 +178,23 @@ def test_small_search_on_sunspots_beats_persistence() -> None:
         results[trial.number] = r
     best = results[study.best_trial.number]
     assert best.test["test_rmse"] < best.test["test_persistence_rmse"], best.test
+
+
+def test_stop_snapshot_resume_equals_one_uninterrupted_run(sun) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(hp=fast(max_epochs=6, noise_std=0.05, scheduler="cosine"), patience=None,
+                      seed=3)
+    straight = train(cfg, sun)
+    snaps: list[dict] = []
+    stop_after = {"epochs": 0}
+
+    def stop() -> bool:
+        stop_after["epochs"] += 1
+        return stop_after["epochs"] == 3  # asked at the end of the third epoch
+
+    first = train(cfg, sun, should_stop=stop, on_snapshot=snaps.append, snapshot_every_s=1e9)
+    assert first.reason == "interrupted" and first.epochs == 3 and first.checkpoint is None
+    assert len(snaps) == 1 and snaps[0]["epoch"] == 2
+    resumed = train(cfg, sun, resume=snaps[0])
+    assert [c["epoch"] for c in resumed.curve] == list(range(6))
+    assert [c["val_rmse"] for c in resumed.curve] == [c["val_rmse"] for c in straight.curve]
+    assert resumed.test == straight.test and resumed.reason == "max_epochs"
