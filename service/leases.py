@@ -182,26 +182,32 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
     # claimers queue in order. (SKIP LOCKED first was measured to starve queued workers: newcomers
     # kept taking the row ahead of them, p99 43 s at 32 workers.) Studies still share the fleet:
     # the least recently served one is picked first.
-    study_id = s.scalar(pick.with_for_update())
-    if study_id is None:
+    study = s.scalar(select(Study).where(Study.id == pick.scalar_subquery())
+                     .with_for_update())
+    if study is None:
         return None
-    # Re-checked on the locked row: exactly n_trials claims, whatever the concurrency.
-    res = s.execute(update(Study)
-                    .where(Study.id == study_id, Study.status == "running",
-                           Study.n_claimed < Study.n_trials)
-                    .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1,
-                            last_served_at=utcnow())
-                    .returning(Study.n_claimed))
-    slot = res.scalar()
-    if slot is None:
+    # The row we hold is the current one: re-check it before asking, or claimers queued behind
+    # the last slot would each leave an extra trial in Optuna.
+    if study.status != "running" or study.n_claimed >= study.n_trials or (
+            study.max_concurrent is not None and study.n_running >= study.max_concurrent):
         return None
-    study = s.get(Study, study_id)
-    assert study is not None
-    s.refresh(study)
     spec = StudySpec.model_validate(study.spec)
-    # Still holding the study row: asks on one study never interleave.
-    ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=slot)
+    # Optuna's write comes before ours: on SQLite (one writer for the whole file) Optuna's own
+    # connection could not write while this transaction held the write lock. On Postgres the
+    # study row is locked from the SELECT above, so asks on one study still never interleave.
+    ostudy = optuna_study(storage, study.optuna_study_name, spec,
+                          seed_offset=study.n_claimed + 1)
     trial = ostudy.ask(distributions(spec))
+    # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
+    slot = s.execute(update(Study)
+                     .where(Study.id == study.id, Study.status == "running",
+                            Study.n_claimed < Study.n_trials)
+                     .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1,
+                             last_served_at=utcnow())
+                     .returning(Study.n_claimed)).scalar()
+    if slot is None:  # lost a race (possible where FOR UPDATE is a no-op): give it back
+        ostudy.tell(trial, state=TrialState.FAIL)
+        return None
     now = utcnow()
     t = s.scalar(select(Trial).where(Trial.study_id == study.id,
                                      Trial.optuna_trial_id == trial._trial_id))
@@ -247,9 +253,9 @@ def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
     """Append an epoch to the learning curve, renew the lease and report ``value`` to Optuna
     (single-objective studies). Raises Fenced.
 
-    One fenced UPDATE appends the record in SQL and takes the row lock; Optuna's write happens
-    while that lock is held, so a reaper fencing this attempt off waits for it, and a fenced
-    attempt never reaches Optuna."""
+    The row is locked and the fence checked before Optuna's write and held until the append
+    commits, so a reaper fencing this attempt off waits for it, and a fenced attempt never
+    reaches Optuna (strictly on Postgres; SQLite has no row locks)."""
     stamped = json.dumps({k: _finite(v) for k, v in {**record, "attempt": c.attempt}.items()})
 
     def txn(conn: Connection) -> None:
@@ -259,16 +265,17 @@ def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
             curve = _T.c.curve.op("||")(cast(text_rec, JSONB))
         else:
             curve = func.json_insert(_T.c.curve, "$[#]", func.json(text_rec))
-        res = conn.execute(update(_T)
-                           .where(_T.c.id == c.trial_row_id, _T.c.lease_owner == c.owner,
-                                  _T.c.fence == c.fence, _T.c.state == "RUNNING")
-                           .values(curve=curve, epochs=_T.c.epochs + 1,
-                                   lease_renewed_at=utcnow()))
-        if res.rowcount != 1:
+        held = (_T.c.id == c.trial_row_id, _T.c.lease_owner == c.owner,
+                _T.c.fence == c.fence, _T.c.state == "RUNNING")
+        # Lock (Postgres) and check first, then Optuna, then our write: Optuna writes on its
+        # own connection, which SQLite's single writer would refuse while we held the lock.
+        if conn.execute(select(_T.c.id).where(*held).with_for_update()).first() is None:
             raise Fenced(f"trial {c.number} of '{c.study_name}' is no longer held by this "
                          "attempt")
         if trial is not None and value is not None:
             trial.report(value, epoch)
+        conn.execute(update(_T).where(*held).values(curve=curve, epochs=_T.c.epochs + 1,
+                                                    lease_renewed_at=utcnow()))
 
     db.write(txn)
 

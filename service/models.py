@@ -126,6 +126,8 @@ class Trial(Base):
         Index(None, "study_id", "state", "value"),
         # Serves the reaper and the resume claim: running trials by lease age.
         Index(None, "state", "lease_renewed_at"),
+        # Optuna's trial ids are unique in its storage; claims look rows up by it after ask().
+        Index(None, "optuna_trial_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
@@ -134,8 +136,7 @@ class Trial(Base):
         Integer, ForeignKey("seqtune_studies.id", ondelete="CASCADE")
     )
     number: Mapped[int] = mapped_column(Integer)
-    # Optuna's trial ids are unique in its storage; claims look trials up by it after ask().
-    optuna_trial_id: Mapped[int] = mapped_column(Integer, unique=True)
+    optuna_trial_id: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
     params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     value: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -202,10 +202,10 @@ def delete_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
         if row.status == "running" and row.n_running > 0 and not force:
             raise Conflict(f"study '{name}' has {row.n_running} running trial(s); stop it "
                            "first (PATCH status=stopped) or pass ?force=true")
-        s.delete(row)
-        s.flush()
+        # Optuna's side first: on SQLite it cannot write while this transaction holds the lock.
         with contextlib.suppress(KeyError):  # already gone from Optuna's side
             storage.delete_study(row.optuna_study_id)
+        s.delete(row)
 
     db.run(txn)
 

@@ -54,13 +54,14 @@ def upgrade() -> None:
     op.add_column('seqtune_trials', sa.Column('fence', sa.Integer(), nullable=False, server_default='0'))
     op.add_column('seqtune_trials', sa.Column('lease_renewed_at', sa.DateTime(timezone=True), nullable=True))
     op.create_index(op.f('ix_seqtune_trials_state_lease_renewed_at'), 'seqtune_trials', ['state', 'lease_renewed_at'], unique=False)
-    op.create_unique_constraint(op.f('uq_seqtune_trials_optuna_trial_id'), 'seqtune_trials', ['optuna_trial_id'])
+    # A unique index, not a constraint: SQLite cannot ALTER a constraint onto a table.
+    op.create_index(op.f('ix_seqtune_trials_optuna_trial_id'), 'seqtune_trials', ['optuna_trial_id'], unique=True)
     # Studies made before this revision: every trial seen so far took a budget slot.
     op.execute("UPDATE seqtune_studies SET n_claimed = n_running + n_complete + n_pruned + n_failed")
 
 
 def downgrade() -> None:
-    op.drop_constraint(op.f('uq_seqtune_trials_optuna_trial_id'), 'seqtune_trials', type_='unique')
+    op.drop_index(op.f('ix_seqtune_trials_optuna_trial_id'), table_name='seqtune_trials')
     op.drop_index(op.f('ix_seqtune_trials_state_lease_renewed_at'), table_name='seqtune_trials')
     op.drop_column('seqtune_trials', 'lease_renewed_at')
     op.drop_column('seqtune_trials', 'fence')
