@@ -94,10 +94,3 @@ def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
     if p.name == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(**opts)
     raise AssertionError(p.name)
-
-
-def load_study(storage: optuna.storages.BaseStorage, optuna_name: str,
-               spec: StudySpec) -> optuna.Study:
-    """The Optuna study behind a seqtune study, with the spec's sampler and pruner."""
-    return optuna.load_study(study_name=optuna_name, storage=storage,
-                             sampler=make_sampler(spec), pruner=make_pruner(spec.pruner))

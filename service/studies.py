@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import optuna
-from sqlalchemy import Connection, bindparam, case, select, update
+from sqlalchemy import Connection, bindparam, case, select
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -305,9 +305,3 @@ def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: st
     metric = view.spec["objectives"][objective]["metric"]
     return {"study": name, "metric": metric, "evaluator": "PedAnovaImportanceEvaluator",
             "n_trials": view.trials.complete, "importances": dict(imp)}
-
-
-def set_status(s: Session, study_id: int, status: str) -> None:
-    """Record a status the fleet decides (completed, timed_out)."""
-    s.execute(update(Study).where(Study.id == study_id)
-              .values(status=status, finished_at=utcnow(), updated_at=utcnow()))

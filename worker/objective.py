@@ -7,14 +7,12 @@ prepare the data, train with per-epoch reporting to Optuna's pruner, and return 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 
 from service.spec import StudySpec
-from worker import datasets
 from worker.engine import Hyper, TrainConfig, TrialResult, train
 from worker.preprocessing import Prepared, prepare
 
@@ -38,11 +36,6 @@ def prepare_for(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, device: str) ->
                    fractions=(spec.splits.train, spec.splits.val, spec.splits.test),
                    scaler=hp.scaler, target=spec.target, features=spec.features,
                    missing=spec.missing, device=device)
-
-
-def load_frame(spec: StudySpec, *, cache_dir: Path | None = None,
-               fetch: Callable[[str], tuple[str, bytes]] | None = None) -> pd.DataFrame:
-    return datasets.load(spec.dataset, cache_dir=cache_dir, fetch=fetch)
 
 
 def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: str = "cpu",
