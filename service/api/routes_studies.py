@@ -11,7 +11,7 @@ from service import datasets, studies, trials
 from service.api.deps import AppState, state, tenant
 from service.errors import Invalid, NotFound
 from service.spec import Scalar, StudySpec, UploadedData, check_spec
-from service.views import BestView, Page, StudyView, TrialView  # noqa: F401
+from service.views import BestView, Page, StudyView, TrialView
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
