@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from service.errors import SeqtuneError
@@ -125,9 +124,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqtune", description="Hyperparameter search for LSTMs.")
+    from service.commands import EXIT_CODES, add_client_commands
+
+    p = argparse.ArgumentParser(
+        prog="seqtune", description="Hyperparameter search for LSTMs.", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--database-url", help="overrides SEQTUNE_DATABASE_URL")
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the service (default $SEQTUNE_URL or "
+                        "http://127.0.0.1:8000)")
+    common.add_argument("--key", help="API key (default $SEQTUNE_API_KEY)")
+    common.add_argument("--json", action="store_true", help="JSON for scripts")
+    add_client_commands(sub, common)
 
     s = sub.add_parser("serve", help="run the REST service")
     s.add_argument("--host")
@@ -180,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.client import ApiError, ServiceUnreachable
+    from service.commands import exit_code_of
+    from service.logs import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()
     try:
         return int(args.fn(args))
     except SeqtuneError as exc:
@@ -189,6 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         for d in exc.details:
             print(f"  {d.get('field')}: {d.get('reason')}", file=sys.stderr)
         return 2
+    except ApiError as exc:
+        print(f"seqtune: {exc}", file=sys.stderr)
+        return exit_code_of(exc)
+    except ServiceUnreachable as exc:
+        print(f"seqtune: {exc}", file=sys.stderr)
+        return 6
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `seqtune … | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

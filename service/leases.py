@@ -437,6 +437,7 @@ def _reap_one(s: Session, storage: optuna.storages.BaseStorage, trial_id: int, o
                reason=t.reason or "recovered", tell=False)
         out.reconciled += 1
         return
+    study.n_reaped += 1
     if t.attempts > study.max_retries:
         spec = StudySpec.model_validate(study.spec)
         _close(s, optuna_study(storage, study.optuna_study_name, spec), t, state="FAIL",

@@ -102,6 +102,8 @@ class Study(Base):
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     # The budget: trials ever started. Exactly n_trials are claimed, whatever the workers.
     n_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases taken from dead attempts (each freed or failed-as-lost trial), for /metrics.
+    n_reaped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Copies of spec fields the claim and reap statements filter on.
     max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     lease_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)

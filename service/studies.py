@@ -40,7 +40,8 @@ def study_view(row: Any) -> StudyView:
     finished = row.n_complete + row.n_pruned + row.n_failed
     return StudyView(
         name=row.name, tenant=row.tenant, status=row.status, task=row.task,
-        optuna_study_name=row.optuna_study_name, directions=row.directions,
+        optuna_study_name=row.optuna_study_name,
+        optuna_study_id=getattr(row, "optuna_study_id", None), directions=row.directions,
         priority=row.priority, spec=row.spec, created_at=row.created_at,
         updated_at=row.updated_at, finished_at=row.finished_at,
         trials=TrialCounts(

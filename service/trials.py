@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, defer
 
 from service.db import Database
 from service.errors import Conflict, Invalid, NotFound
-from service.models import Study, Trial
+from service.models import Checkpoint, Study, Trial
 from service.optuna_bridge import distributions
 from service.spec import StudySpec
 from service.studies import study_row, trial_view
@@ -67,6 +67,41 @@ def get_trial(db: Database, *, tenant: str, name: str, number: int) -> TrialView
         if t is None:
             raise NotFound(f"study '{name}' has no trial {number}")
         return trial_view(t, with_curve=True)
+
+    return db.run(txn)
+
+
+def model_checkpoint(db: Database, *, tenant: str, name: str,
+                     number: int | None = None) -> tuple[int, bytes]:
+    """``(trial number, checkpoint bytes)`` of a trial's trained model: trial ``number``, or
+    the best trial when None. Raises NotFound (no such study/trial, or no model yet) and
+    Conflict for the best of a multi-objective study (the front has several)."""
+
+    def txn(s: Session) -> tuple[int, bytes]:
+        study = study_row(s, tenant, name)
+        if number is None:
+            if len(study.directions) > 1:
+                raise Conflict(f"study '{name}' has several objectives, so no single best "
+                               "model: pick a trial of GET /v1/studies/{name}/best and download"
+                               " /v1/studies/{name}/trials/{number}/model")
+            order = (Trial.value.desc() if study.directions[0] == "maximize"
+                     else Trial.value.asc())
+            t = s.scalar(select(Trial).where(Trial.study_id == study.id,
+                                             Trial.state == "COMPLETE", Trial.value.is_not(None))
+                         .order_by(order, Trial.number).limit(1))
+            if t is None:
+                raise NotFound(f"study '{name}' has no completed trial yet")
+        else:
+            t = s.scalar(select(Trial).where(Trial.study_id == study.id,
+                                             Trial.number == number))
+            if t is None:
+                raise NotFound(f"study '{name}' has no trial {number}")
+        data = s.scalar(select(Checkpoint.data).where(Checkpoint.trial_id == t.id,
+                                                      Checkpoint.kind == "best"))
+        if data is None:
+            raise NotFound(f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
+                           "models are kept for trials that trained at least one epoch)")
+        return t.number, bytes(data)
 
     return db.run(txn)
 

@@ -32,6 +32,7 @@ class StudyView(BaseModel):
     status: str
     task: str
     optuna_study_name: str
+    optuna_study_id: int | None = None  # the dashboard's /dashboard/studies/{id}
     directions: list[str]
     priority: int
     trials: TrialCounts

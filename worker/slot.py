@@ -25,6 +25,7 @@ import torch
 from service import datasets as service_datasets
 from service import leases, workers
 from service.db import Database
+from service.logs import log_context, setup_logging
 from service.optuna_bridge import make_storage
 from service.settings import Settings
 from service.spec import StudySpec
@@ -179,6 +180,11 @@ class Slot:
     def run_trial(self, c: leases.Claim) -> None:
         """Train one claimed trial and record its end. Never raises for the trial's own
         failures: they end the trial (FAIL with a reason) and the slot goes on."""
+        with log_context(study=c.study_name, trial=c.number, attempt=c.attempt,
+                         worker=self.worker_id):
+            self._run_trial(c)
+
+    def _run_trial(self, c: leases.Claim) -> None:
         spec = StudySpec.model_validate(c.spec)
         ostudy = leases.optuna_study(self.storage, c.optuna_study_name, spec)
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
@@ -287,8 +293,7 @@ class Slot:
 
 def slot_main(cfg: SlotConfig) -> None:
     """Entry point of a spawned slot process."""
-    logging.basicConfig(level=os.environ.get("SEQTUNE_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s %(levelname)s slot{cfg.slot} %(name)s %(message)s")
+    setup_logging(prefix=f"slot{cfg.slot} ")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     Slot(cfg).run()

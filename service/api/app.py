@@ -9,14 +9,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from service import leases, migrate
+from service.api import dashboard, routes_datasets, routes_studies, routes_workers
 from service.api import errors as api_errors
-from service.api import routes_datasets, routes_studies, routes_workers
 from service.api.deps import AppState, state
 from service.db import Database
+from service.metrics import LatencyMiddleware, Metrics
 from service.optuna_bridge import make_storage
 from service.settings import Settings, get_settings
 
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             migrate.upgrade(db.engine)
         storage = make_storage(settings)
         app.state.seqtune = AppState(settings=settings, db=db, storage=storage)
+        app.state.metrics = Metrics(db)
         reaper = Reaper(db, storage, settings.reap_interval_s)
         reaper.start()
         if not settings.auth_enabled:
@@ -115,6 +117,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_studies.router)
     app.include_router(routes_datasets.router)
     app.include_router(routes_workers.router)
+    app.include_router(dashboard.router)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics (``seqtune_*``): fleet-wide numbers from the database, API
+        latency and the connection pool of this process. No study or tenant names."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(app.state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -139,4 +151,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimit, json_cap=settings.max_body_bytes,
                        upload_cap=settings.max_upload_bytes)
+    app.add_middleware(dashboard.DashboardGate)
+    app.add_middleware(LatencyMiddleware)  # outermost: times everything, errors included
     return app

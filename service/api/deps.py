@@ -36,6 +36,11 @@ async def tenant(request: Request,
     st: AppState = request.app.state.seqtune
     if not st.settings.auth_enabled:
         return DEFAULT_TENANT
+    if creds is None and request.method in ("GET", "HEAD"):
+        # A browser page signed in at /login: its cookie stands for the key, for reads only.
+        cookie = request.cookies.get("seqtune_key")
+        if cookie:
+            creds = HTTPAuthorizationCredentials(scheme="Bearer", credentials=cookie)
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise Unauthorized("send 'Authorization: Bearer <key>'; create a key with "
                            "`seqtune keys create --tenant NAME`")

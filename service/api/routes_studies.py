@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import datasets, studies, trials
+from service import datasets, plots, studies, trials
 from service.api.deps import AppState, state, tenant
 from service.errors import Invalid, NotFound
 from service.spec import Scalar, StudySpec, UploadedData, check_spec
@@ -163,3 +163,48 @@ def importance(name: StudyName, objective: Annotated[int, Query(ge=0, le=3)] = 0
                st: AppState = Depends(state), who: str = Depends(tenant)) -> dict[str, Any]:
     """Hyperparameter importances (PED-ANOVA), once enough trials completed."""
     return studies.importance(st.db, st.storage, tenant=who, name=name, objective=objective)
+
+
+@router.get("/{name}/plots/{kind}", response_class=Response,
+            responses={200: {"content": {"image/png": {}, "text/html": {}},
+                             "description": "the plot"},
+                       409: {"description": "not enough completed trials for this plot yet"}})
+def plot(name: StudyName,
+         kind: Annotated[str, Path(max_length=32, description="history, importance, "
+                                   "intermediate, parallel or contour")],
+         format: Annotated[Literal["png", "html"], Query()] = "png",  # noqa: A002
+         objective: Annotated[int, Query(ge=0, le=3)] = 0,
+         st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
+    """A plot of the study, drawn by Optuna's visualisation: PNG, or interactive HTML."""
+    view = studies.get_study(st.db, tenant=who, name=name)
+    body, media = plots.render(st.storage, view, kind, fmt=format, objective=objective)
+    return Response(body, media_type=media)
+
+
+def _model_response(name: str, number: int, data: bytes) -> Response:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:100]
+    return Response(data, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{safe}-trial{number}.pt"',
+        "X-Seqtune-Trial": str(number)})
+
+
+_MODEL_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}},
+                    "description": "a torch checkpoint: weights, model config, scaler state, "
+                    "hyperparameters; load it with `seqtune predict` or worker.engine.Predictor"},
+              404: {"description": "no such study or trial, or no model saved yet"}}
+
+
+@router.get("/{name}/best/model", response_class=Response, responses=_MODEL_DOC)
+def best_model(name: StudyName, st: AppState = Depends(state),
+               who: str = Depends(tenant)) -> Response:
+    """Download the best trial's trained model (restored best-epoch weights)."""
+    number, data = trials.model_checkpoint(st.db, tenant=who, name=name)
+    return _model_response(name, number, data)
+
+
+@router.get("/{name}/trials/{number}/model", response_class=Response, responses=_MODEL_DOC)
+def trial_model(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
+                st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
+    """Download one trial's trained model."""
+    n, data = trials.model_checkpoint(st.db, tenant=who, name=name, number=number)
+    return _model_response(name, n, data)

@@ -1,0 +1,241 @@
+"""The Python client: typed methods mirroring the REST API. The ``seqtune`` CLI uses it.
+
+    from service.client import Client
+    c = Client("http://127.0.0.1:8000", key="...")     # or SEQTUNE_URL / SEQTUNE_API_KEY
+    c.submit("examples/sunspots.yaml")
+    c.wait("sunspots-lstm")
+    print(c.best("sunspots-lstm").best.params)
+    c.download_model("sunspots-lstm", "best.pt")
+
+Every error the service answers becomes an :class:`ApiError` carrying its status, code, message
+and field details; a service that cannot be reached becomes :class:`ServiceUnreachable`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import yaml
+from pydantic import BaseModel
+
+from service.views import BestView, DatasetView, Page, StudyView, TrialView
+from service.workers import WorkerView
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINAL_STATUSES = frozenset({"completed", "stopped", "failed", "timed_out"})
+PLOTS = ("history", "importance", "intermediate", "parallel", "contour")
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """The service answered with an error: ``status`` (HTTP), ``code``, ``message``, ``details``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []
+
+    def __str__(self) -> str:
+        extra = "; ".join(f"{d.get('field')}: {d.get('reason')}" for d in self.details)
+        return f"{self.message} ({extra})" if extra else self.message
+
+
+class ServiceUnreachable(Exception):
+    """No answer from the service (not running, wrong URL, network)."""
+
+
+class Client:
+    """A seqtune service at ``url``, called with API key ``key`` (None when auth is off)."""
+
+    def __init__(self, url: str | None = None, key: str | None = None, *,
+                 timeout_s: float = 60.0) -> None:
+        self.url = (url or os.environ.get("SEQTUNE_URL") or DEFAULT_URL).rstrip("/")
+        key = key if key is not None else os.environ.get("SEQTUNE_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"cannot reach the seqtune service at {self.url} ({exc}); "
+                                     "start it with `seqtune up` or set SEQTUNE_URL") from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ApiError(r.status_code, err.get("code", "error"), err["message"],
+                               err.get("details"))
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(r.status_code, "error",
+                               f"HTTP {r.status_code}: {r.text[:200]}") from None
+        return r
+
+    def _model(self, cls: type[M], method: str, path: str, **kw: Any) -> M:
+        return cls.model_validate(self._call(method, path, **kw).json())
+
+    @staticmethod
+    def _q(name: str) -> str:
+        return httpx.URL(f"/{name}").raw_path.decode()[1:]  # percent-encode a path segment
+
+    # -- health ---------------------------------------------------------------------------------
+    def health(self) -> bool:
+        return bool(self._call("GET", "/healthz").json().get("status") == "ok")
+
+    # -- studies --------------------------------------------------------------------------------
+    def submit(self, spec: dict[str, Any] | str | Path) -> StudyView:
+        """Submit a study: a dict, or the path of a YAML/JSON study file."""
+        if isinstance(spec, str | Path):
+            try:
+                spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+                raise ApiError(0, "invalid", f"cannot read study file {spec}: {exc}") from None
+        return self._model(StudyView, "POST", "/v1/studies", json=spec)
+
+    def studies(self, *, status: str | None = None, limit: int = 50,
+                offset: int = 0) -> Page[StudyView]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return self._model(Page[StudyView], "GET", "/v1/studies", params=params)
+
+    def study(self, name: str) -> StudyView:
+        return self._model(StudyView, "GET", f"/v1/studies/{self._q(name)}")
+
+    def update(self, name: str, *, status: str | None = None, n_trials: int | None = None,
+               priority: int | None = None) -> StudyView:
+        body = {k: v for k, v in (("status", status), ("n_trials", n_trials),
+                                  ("priority", priority)) if v is not None}
+        return self._model(StudyView, "PATCH", f"/v1/studies/{self._q(name)}", json=body)
+
+    def pause(self, name: str) -> StudyView:
+        return self.update(name, status="paused")
+
+    def resume(self, name: str) -> StudyView:
+        return self.update(name, status="running")
+
+    def stop(self, name: str) -> StudyView:
+        return self.update(name, status="stopped")
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        self._call("DELETE", f"/v1/studies/{self._q(name)}", params={"force": force})
+
+    def wait(self, name: str, *, poll_s: float = 2.0, timeout_s: float | None = None,
+             on_update: Callable[[StudyView], None] | None = None) -> StudyView:
+        """Poll until the study is completed, stopped, failed or timed out."""
+        t0 = time.monotonic()
+        while True:
+            view = self.study(name)
+            if on_update is not None:
+                on_update(view)
+            if view.status in FINAL_STATUSES:
+                return view
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"study {name} still {view.status} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    # -- trials ---------------------------------------------------------------------------------
+    def trials(self, name: str, *, state: str | None = None, sort: str = "number",
+               limit: int = 100, offset: int = 0) -> Page[TrialView]:
+        params: dict[str, Any] = {"sort": sort, "limit": limit, "offset": offset}
+        if state:
+            params["state"] = state
+        return self._model(Page[TrialView], "GET", f"/v1/studies/{self._q(name)}/trials",
+                           params=params)
+
+    def iter_trials(self, name: str, **kw: Any) -> Iterator[TrialView]:
+        """Every trial, page by page."""
+        offset: int | None = 0
+        while offset is not None:
+            page = self.trials(name, offset=offset, **kw)
+            yield from page.items
+            offset = page.next_offset
+
+    def trial(self, name: str, number: int) -> TrialView:
+        return self._model(TrialView, "GET", f"/v1/studies/{self._q(name)}/trials/{number}")
+
+    def enqueue(self, name: str, params: dict[str, Any]) -> TrialView:
+        return self._model(TrialView, "POST", f"/v1/studies/{self._q(name)}/trials",
+                           json={"params": params})
+
+    def best(self, name: str) -> BestView:
+        return self._model(BestView, "GET", f"/v1/studies/{self._q(name)}/best")
+
+    def importance(self, name: str, *, objective: int = 0) -> dict[str, Any]:
+        r = self._call("GET", f"/v1/studies/{self._q(name)}/importance",
+                       params={"objective": objective})
+        return dict(r.json())
+
+    def plot(self, name: str, kind: str, *, fmt: str = "png", objective: int = 0) -> bytes:
+        """A plot of the study as PNG bytes (``fmt='html'`` for an interactive page)."""
+        return self._call("GET", f"/v1/studies/{self._q(name)}/plots/{kind}",
+                          params={"format": fmt, "objective": objective}).content
+
+    # -- models ---------------------------------------------------------------------------------
+    def download_model(self, name: str, dest: str | Path, *, trial: int | None = None) -> Path:
+        """Save a trained model (the best trial's unless ``trial``) to ``dest``; returns it."""
+        path = (f"/v1/studies/{self._q(name)}/best/model" if trial is None
+                else f"/v1/studies/{self._q(name)}/trials/{trial}/model")
+        dest = Path(dest)
+        dest.write_bytes(self._call("GET", path).content)
+        return dest
+
+    def predict(self, name: str, data: Any, *, trial: int | None = None) -> Any:
+        """Download a study's model and predict on ``data`` (a DataFrame or a CSV path).
+
+        Forecast: an array (windows, horizon, targets) in original units; classify: labels."""
+        import tempfile
+
+        from worker.engine import Predictor
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.download_model(name, Path(tmp) / "model.pt", trial=trial)
+            predictor = Predictor.load(str(path))
+        return predictor.predict(read_frame(data))
+
+    # -- datasets -------------------------------------------------------------------------------
+    def upload_dataset(self, path: str | Path, *, name: str | None = None) -> DatasetView:
+        path = Path(path)
+        with path.open("rb") as fh:
+            return self._model(DatasetView, "POST", "/v1/datasets",
+                               files={"file": (path.name, fh, "text/csv")},
+                               data={"name": name} if name else None)
+
+    def datasets(self, *, limit: int = 50, offset: int = 0) -> Page[DatasetView]:
+        return self._model(Page[DatasetView], "GET", "/v1/datasets",
+                           params={"limit": limit, "offset": offset})
+
+    def dataset(self, dataset_id: str) -> DatasetView:
+        return self._model(DatasetView, "GET", f"/v1/datasets/{self._q(dataset_id)}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._call("DELETE", f"/v1/datasets/{self._q(dataset_id)}")
+
+    # -- fleet ----------------------------------------------------------------------------------
+    def workers(self, *, include_stopped: bool = False) -> list[WorkerView]:
+        r = self._call("GET", "/v1/workers", params={"include_stopped": include_stopped})
+        return [WorkerView.model_validate(w) for w in r.json()]
+
+
+def read_frame(data: Any) -> Any:
+    """A DataFrame from a DataFrame or a CSV path."""
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        return data
+    return pd.read_csv(data)

@@ -1,0 +1,438 @@
+"""The ``seqtune`` commands that talk to a running service through :class:`service.client.Client`.
+
+Each command prints a table for people, or JSON with ``--json``, and returns an exit code
+(see ``EXIT_CODES``). Errors are raised as ApiError/ServiceUnreachable and turned into one
+line by ``service.cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from pydantic import BaseModel
+
+from service.client import FINAL_STATUSES, PLOTS, ApiError, Client
+from service.views import StudyView, TrialView
+
+EXIT_CODES = """exit codes:
+  0  success (with --watch: the study completed its budget)
+  1  with --watch: the study ended stopped, failed or timed out
+  2  bad input: a wrong argument, file or study definition (the message names the field)
+  3  not found: no such study, trial, dataset or model
+  4  authentication: missing, unknown or revoked API key (set SEQTUNE_API_KEY)
+  5  conflict: the study's state does not allow it (the message says why)
+  6  the service cannot be reached or failed (start it with `seqtune up`; set SEQTUNE_URL)
+  130 interrupted (Ctrl-C); the study keeps running on the service"""
+
+
+def exit_code_of(exc: ApiError) -> int:
+    if exc.status in (401, 403):
+        return 4
+    if exc.status == 404:
+        return 3
+    if exc.status == 409:
+        return 5
+    if exc.status >= 500:
+        return 6
+    return 2
+
+
+def client_of(args: argparse.Namespace) -> Client:
+    return Client(getattr(args, "url", None), getattr(args, "key", None))
+
+
+def _dump(obj: Any) -> str:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2)
+    if isinstance(obj, list) and obj and isinstance(obj[0], BaseModel):
+        return "[" + ",\n".join(o.model_dump_json(indent=2) for o in obj) + "]"
+    return json.dumps(obj, indent=2, default=str)
+
+
+def table(rows: list[list[Any]], headers: list[str], out: TextIO | None = None) -> None:
+    """A plain left-aligned text table."""
+    out = out or sys.stdout
+    cells = [[_cell(c) for c in r] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+          file=out)
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_cell(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+# -- studies -------------------------------------------------------------------------------------
+def cmd_submit(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        view = c.submit(args.file)
+        if args.json and not args.watch:
+            print(_dump(view))
+            return 0
+        print(f"submitted study '{view.name}': {view.trials.budget} trials "
+              f"({view.optuna_study_name} in Optuna)", file=sys.stderr)
+        if not args.watch:
+            print(view.name)
+            return 0
+        return _watch(c, view.name, args)
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        page = c.studies(status=args.status, limit=args.limit)
+    if args.json:
+        print(_dump(page))
+        return 0
+    table([[s.name, s.status, s.task, f"{s.trials.finished}/{s.trials.budget}", s.trials.running,
+            s.trials.pruned, s.trials.failed, s.created_at] for s in page.items],
+          ["name", "status", "task", "done", "running", "pruned", "failed", "created"])
+    return 0
+
+
+def status_line(view: StudyView, best: tuple[str, float, int] | None,
+                now: datetime | None = None) -> str:
+    """One line of progress: bar, counts, best so far, elapsed and remaining time."""
+    t = view.trials
+    width = 24
+    filled = int(width * t.finished / t.budget) if t.budget else width
+    bar = "#" * filled + "-" * (width - filled)
+    end = _aware(view.finished_at or now or datetime.now(UTC))
+    elapsed = max((end - _aware(view.created_at)).total_seconds(), 0.0)
+    if view.status in FINAL_STATUSES:
+        left = "done"
+    elif t.finished:
+        left = "~" + _duration(elapsed / t.finished * max(t.budget - t.finished, 0)) + " left"
+    else:
+        left = "? left"
+    best_s = f"best {best[0]}={best[1]:.6g} (#{best[2]})" if best else "best -"
+    return (f"{view.name} {view.status} [{bar}] {t.finished}/{t.budget} | complete {t.complete} "
+            f"pruned {t.pruned} failed {t.failed} running {t.running} | {best_s} | "
+            f"{_duration(elapsed)} elapsed, {left}")
+
+
+def _best_of(c: Client, name: str) -> tuple[str, float, int] | None:
+    try:
+        b = c.best(name)
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    trial = b.best or (b.pareto_front[0] if b.pareto_front else None)
+    if trial is None or trial.value is None and not trial.values:
+        return None
+    value = trial.value if trial.value is not None else (trial.values or [float("nan")])[0]
+    return b.metrics[0], value, trial.number
+
+
+def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
+    tty = sys.stdout.isatty()
+    last = ""
+    final: StudyView | None = None
+    try:
+        while True:
+            view = c.study(name)
+            best = _best_of(c, name)
+            if args.json:
+                line = json.dumps({"name": view.name, "status": view.status,
+                                   "trials": view.trials.model_dump(),
+                                   "best": None if best is None else
+                                   {"metric": best[0], "value": best[1], "trial": best[2]}})
+            else:
+                line = status_line(view, best)
+            if tty and not args.json:
+                sys.stdout.write("\r\x1b[2K" + line)
+                sys.stdout.flush()
+            elif line != last:
+                print(line, flush=True)
+            last = line
+            if view.status in FINAL_STATUSES:
+                final = view
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; '{name}' keeps running (seqtune status {name} --watch)",
+              file=sys.stderr)
+        return 130
+    if tty and not args.json:
+        print()
+    return 0 if final.status == "completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        if args.watch:
+            return _watch(c, args.name, args)
+        view = c.study(args.name)
+        if args.json:
+            print(_dump(view))
+        else:
+            print(status_line(view, _best_of(c, args.name)))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        b = c.best(args.name)
+    if args.json:
+        print(_dump(b))
+        return 0
+    trials = [b.best] if b.best else list(b.pareto_front or [])
+    if b.pareto_front:
+        print(f"{args.name}: Pareto front of {len(trials)} trial(s) over "
+              f"{', '.join(b.metrics)}")
+    for t in trials:
+        _print_trial(t, b.metrics)
+    return 0
+
+
+def _print_trial(t: TrialView, metrics: list[str]) -> None:
+    values = t.values if t.values else [t.value]
+    shown = ", ".join(f"{m}={_cell(v)}" for m, v in zip(metrics, values, strict=False))
+    print(f"trial {t.number}: {shown}  ({t.epochs} epochs, {t.reason or t.state})")
+    table([[k, v] for k, v in sorted(t.params.items())], ["param", "value"])
+    if t.test_metrics:
+        tm = t.test_metrics
+        flat = {k: v for k, v in tm.items() if not isinstance(v, dict)}
+        print("test metrics: " + _cell(flat))
+        for k, v in tm.items():
+            if isinstance(v, dict):
+                print(f"  {k}: {_cell(v)}")
+    print()
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        page = c.trials(args.name, state=args.state, sort=args.sort, limit=args.limit)
+    if args.json:
+        print(_dump(page))
+        return 0
+    table([[t.number, t.state, t.value if t.values is None or len(t.values) < 2 else t.values,
+            t.epochs, t.reason, _duration(t.duration_s) if t.duration_s is not None else None,
+            t.attempts, t.params] for t in page.items],
+          ["#", "state", "value", "epochs", "reason", "time", "tries", "params"])
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    status = {"pause": "paused", "resume": "running", "stop": "stopped"}[args.command]
+    with client_of(args) as c:
+        view = c.update(args.name, status=status)
+    print(_dump(view) if args.json else f"{view.name}: {view.status}")
+    return 0
+
+
+# -- models --------------------------------------------------------------------------------------
+def cmd_model(args: argparse.Namespace) -> int:
+    out = args.output or f"{args.name}-{'best' if args.trial is None else args.trial}.pt"
+    with client_of(args) as c:
+        path = c.download_model(args.name, out, trial=args.trial)
+    print(str(path))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from service.client import read_frame
+    from worker.engine import Predictor
+
+    if bool(args.model) == bool(args.study):
+        raise ApiError(0, "invalid", "give a model file or --study NAME (one of them)")
+    try:
+        frame = read_frame(args.csv)
+    except (OSError, ValueError) as exc:
+        raise ApiError(0, "invalid", f"cannot read {args.csv}: {exc}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if args.study:
+            with client_of(args) as c:
+                model = str(c.download_model(args.study, Path(tmp) / "m.pt", trial=args.trial))
+        try:
+            predictor = Predictor.load(model)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise ApiError(0, "invalid", f"{model} is not a seqtune model: {exc}") from None
+    ck = predictor.ckpt
+    missing = [c for c in ck["features"] if c not in frame.columns]
+    if missing:
+        raise ApiError(0, "invalid", f"{args.csv} lacks the model's input column(s) "
+                       f"{', '.join(map(str, missing))}")
+    try:
+        pred = predictor.predict(frame)
+    except ValueError as exc:
+        raise ApiError(0, "invalid", str(exc)) from None
+    L = ck["seq_len"]
+    ends = list(range(L - 1, L - 1 + len(pred)))  # row index of each window's last input
+    if ck["task"] == "classify":
+        rows = [{"row": e, "label": p.item() if isinstance(p, np.generic) else p}
+                for e, p in zip(ends, pred, strict=True)]
+    else:
+        rows = []
+        for e, p in zip(ends, pred, strict=True):
+            row: dict[str, Any] = {"row": e}
+            for h in range(ck["horizon"]):
+                for j, tgt in enumerate(ck["targets"]):
+                    row[f"{tgt}_t+{h + 1}"] = float(p[h, j])
+            rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    import pandas as pd
+
+    out = pd.DataFrame(rows)
+    if args.output:
+        out.to_csv(args.output, index=False)
+        print(f"{len(out)} prediction(s) written to {args.output}", file=sys.stderr)
+    else:
+        out.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = args.output or f"{args.name}-{args.kind}.{args.format}"
+    with client_of(args) as c:
+        data = c.plot(args.name, args.kind, fmt=args.format, objective=args.objective)
+    with open(out, "wb") as fh:
+        fh.write(data)
+    print(out)
+    return 0
+
+
+# -- datasets and fleet --------------------------------------------------------------------------
+def cmd_datasets_upload(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        try:
+            d = c.upload_dataset(args.file, name=args.name)
+        except OSError as exc:
+            raise ApiError(0, "invalid", f"cannot read {args.file}: {exc}") from None
+    if args.json:
+        print(_dump(d))
+    else:
+        print(f"uploaded '{d.name}': {d.n_rows} rows, columns "
+              f"{', '.join(col['name'] for col in d.columns)}", file=sys.stderr)
+        print(d.id)
+    return 0
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        page = c.datasets(limit=args.limit)
+    if args.json:
+        print(_dump(page))
+        return 0
+    table([[d.id, d.name, d.n_rows, len(d.columns), d.size_bytes, d.created_at]
+           for d in page.items], ["id", "name", "rows", "columns", "bytes", "created"])
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        ws = c.workers(include_stopped=args.all)
+    if args.json:
+        print(_dump(ws))
+        return 0
+    table([[w.id, w.host, w.slot, w.device, w.status, w.trials_done,
+            f"{w.study}#{w.trial}" if w.study else None, w.heartbeat_at] for w in ws],
+          ["id", "host", "slot", "device", "status", "done", "running", "heartbeat"])
+    return 0
+
+
+def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register the client commands on ``sub``; ``common`` carries --url/--key/--json."""
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, parents=[common])
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("submit", cmd_submit, "submit a study file (YAML or JSON)")
+    p.add_argument("file")
+    p.add_argument("--watch", action="store_true", help="show live progress until it ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+
+    p = add("studies", cmd_studies, "list your studies")
+    p.add_argument("--status", help="only studies in this state (running, paused, completed…)")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = add("status", cmd_status, "a study's progress: trials, best so far, time left")
+    p.add_argument("name")
+    p.add_argument("--watch", action="store_true", help="refresh until the study ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+
+    p = add("best", cmd_best, "the best trial (or Pareto front): params and test metrics")
+    p.add_argument("name")
+
+    p = add("trials", cmd_trials, "a study's trials")
+    p.add_argument("name")
+    p.add_argument("--state", help="WAITING, RUNNING, COMPLETE, PRUNED or FAIL")
+    p.add_argument("--sort", default="number", help="number, value, started_at, finished_at; "
+                   "'-' prefix for descending")
+    p.add_argument("--limit", type=int, default=100)
+
+    for verb, what in (("pause", "hold new trials (running ones finish)"),
+                       ("resume", "hand out trials again"),
+                       ("stop", "end the study (running trials finish)")):
+        add(verb, cmd_steer, what).add_argument("name")
+
+    p = add("model", cmd_model, "download a trained model (the best trial's by default)")
+    p.add_argument("name")
+    p.add_argument("--trial", type=int, help="this trial's model instead of the best")
+    p.add_argument("-o", "--output", help="file to write (default NAME-best.pt)")
+
+    p = add("predict", cmd_predict, "forecast or classify a CSV with a trained model")
+    p.add_argument("model", nargs="?", help="a model file from `seqtune model`")
+    p.add_argument("--study", help="download this study's model instead of a file")
+    p.add_argument("--trial", type=int, help="with --study: this trial's model")
+    p.add_argument("--csv", required=True, help="input rows with the model's feature columns")
+    p.add_argument("-o", "--output", help="write predictions here (CSV) instead of stdout")
+
+    p = add("plot", cmd_plot, "save a plot of a study (PNG or HTML)")
+    p.add_argument("name")
+    p.add_argument("kind", choices=PLOTS)
+    p.add_argument("--format", choices=("png", "html"), default="png")
+    p.add_argument("--objective", type=int, default=0)
+    p.add_argument("-o", "--output")
+
+    d = sub.add_parser("datasets", help="uploaded CSV datasets").add_subparsers(
+        dest="datasets_cmd", required=True)
+    p = d.add_parser("upload", help="upload a CSV; prints its id", parents=[common])
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.set_defaults(fn=cmd_datasets_upload)
+    p = d.add_parser("list", help="your datasets", parents=[common])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(fn=cmd_datasets_list)
+
+    p = add("workers", cmd_workers, "the worker fleet: live, lost and (with --all) stopped")
+    p.add_argument("--all", action="store_true")

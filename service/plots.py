@@ -1,0 +1,90 @@
+"""Plots of a study drawn by Optuna's own visualisation: PNG (matplotlib) or HTML (plotly).
+
+Plots read the study's trials from Optuna's storage: meant for people, not for hot paths.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from service.errors import Conflict, Invalid
+from service.views import StudyView
+
+KINDS = ("history", "importance", "intermediate", "parallel", "contour")
+_PYPLOT = threading.Lock()  # pyplot keeps global state: one figure at a time per process
+
+
+def _functions(module: Any) -> dict[str, Callable[..., Any]]:
+    return {"history": module.plot_optimization_history,
+            "importance": module.plot_param_importances,
+            "intermediate": module.plot_intermediate_values,
+            "parallel": module.plot_parallel_coordinate,
+            "contour": module.plot_contour}
+
+
+def _check(view: StudyView, kind: str, objective: int) -> None:
+    if kind not in KINDS:
+        raise Invalid(f"unknown plot '{kind}'; choose one of {', '.join(KINDS)}")
+    if not 0 <= objective < len(view.directions):
+        raise Invalid(f"objective must be between 0 and {len(view.directions) - 1}")
+    n_params = len(view.spec.get("search_space") or {})
+    needs = {"history": (1, 0), "intermediate": (1, 0), "parallel": (1, 1),
+             "importance": (4, 1), "contour": (2, 2)}[kind]
+    if view.trials.complete < needs[0]:
+        raise Conflict(f"the {kind} plot needs {needs[0]} completed trial(s); "
+                       f"'{view.name}' has {view.trials.complete} so far")
+    if n_params < needs[1]:
+        raise Conflict(f"the {kind} plot needs {needs[1]} searched hyperparameter(s); "
+                       f"'{view.name}' searches {n_params}")
+
+
+def render(storage: optuna.storages.BaseStorage, view: StudyView, kind: str, *,
+           fmt: str = "png", objective: int = 0) -> tuple[bytes, str]:
+    """``(body, media type)`` of plot ``kind`` of the study. Raises Invalid or Conflict."""
+    if fmt not in ("png", "html"):
+        raise Invalid("format must be 'png' or 'html'")
+    _check(view, kind, objective)
+    study = optuna.load_study(study_name=view.optuna_study_name, storage=storage)
+    kw: dict[str, Any] = {}
+    if kind != "intermediate" and len(view.directions) > 1:
+        metric = view.spec["objectives"][objective]["metric"]
+        kw = {"target": lambda t: t.values[objective], "target_name": metric}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks the matplotlib backend experimental
+        if fmt == "html":
+            import optuna.visualization as pv
+
+            fig = _functions(pv)[kind](study, **kw)
+            return fig.to_html(include_plotlyjs=True, full_html=True).encode(), "text/html"
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as pm
+
+        with _PYPLOT:
+            ax = _functions(pm)[kind](study, **kw)
+            fig = _figure_of(ax)
+            buf = io.BytesIO()
+            try:
+                fig.set_size_inches(10, 6)
+                fig.tight_layout()
+                fig.savefig(buf, format="png", dpi=100)
+            finally:
+                plt.close(fig)
+    return buf.getvalue(), "image/png"
+
+
+def _figure_of(ax: Any) -> Any:
+    """Optuna returns an Axes, or an array of Axes (contour with several params)."""
+    import numpy as np
+
+    if isinstance(ax, np.ndarray):
+        return ax.flat[0].figure
+    return ax.figure
