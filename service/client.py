@@ -54,11 +54,16 @@ class Client:
     """A seqtune service at ``url``, called with API key ``key`` (None when auth is off)."""
 
     def __init__(self, url: str | None = None, key: str | None = None, *,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, http: httpx.Client | None = None) -> None:
+        """``http``: an httpx.Client to send through instead (FastAPI's TestClient, a proxy)."""
         self.url = (url or os.environ.get("SEQTUNE_URL") or DEFAULT_URL).rstrip("/")
         key = key if key is not None else os.environ.get("SEQTUNE_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        if http is not None:
+            http.headers.update(headers)
+            self._http = http
+        else:
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()

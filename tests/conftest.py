@@ -154,3 +154,57 @@ def _study_id(db: Database, tenant: str, name: str) -> int:
 
     return db.run(lambda s: s.scalar(select(Study.id).where(Study.tenant == tenant,
                                                              Study.name == name)))
+
+
+def seqtune_cmd() -> list[str]:
+    import shutil
+    import sys
+
+    exe = shutil.which("seqtune")
+    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live(settings: Settings, key: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
+    """`seqtune serve` in its own process on the test database, auth on: (base URL, key)."""
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
+    env.update(SEQTUNE_DATABASE_URL=settings.url, SEQTUNE_DATA_DIR=str(tmp_path),
+               SEQTUNE_LOG_LEVEL="WARNING")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "serve.log").read_text())
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the service did not become ready")
+        yield base, key
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
