@@ -49,6 +49,9 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=86400,
         description="Workers snapshot a running trial at most this often (and on SIGTERM).")
     log_level: str = "INFO"
+    tensorboard_dir: Path | None = Field(
+        default=None, description="Workers write TensorBoard event files per trial here "
+        "(needs the 'tensorboard' extra).")
 
     @field_validator("database_url")
     @classmethod

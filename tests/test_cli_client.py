@@ -54,7 +54,7 @@ def test_cli_from_submit_to_prediction(live: tuple[str, str], tmp_path: Path,
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(STUDY))
     wenv = {**env, "SEQTUNE_DATABASE_URL": settings.url, "SEQTUNE_DATA_DIR": str(tmp_path),
-            "SEQTUNE_LOG_LEVEL": "WARNING"}
+            "SEQTUNE_LOG_LEVEL": "WARNING", "SEQTUNE_TENSORBOARD_DIR": str(tmp_path / "tb")}
     worker = subprocess.Popen([*seqtune_cmd(), "worker", "--gpus", "none", "--studies",
                                "cli-sun", "--max-idle", "60", "--threads", "1"], env=wenv,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,6 +68,15 @@ def test_cli_from_submit_to_prediction(live: tuple[str, str], tmp_path: Path,
     assert "submitted study 'cli-sun'" in r.stderr
     assert len(lines) >= 1 and "completed" in lines[-1] and "3/3" in lines[-1], r.stdout
     assert "best val_rmse=" in lines[-1]
+
+    # TensorBoard event files: one run per trial, the validation metric at every epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((tmp_path / "tb" / "cli-sun").iterdir())
+    assert [r.name for r in runs] == ["trial-00000-a1", "trial-00001-a1", "trial-00002-a1"]
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_rmse")] == [0, 1, 2]
 
     # best: a table for people, the same trial as JSON for scripts
     r = st(env, "best", "cli-sun")

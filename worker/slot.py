@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -225,11 +226,18 @@ class Slot:
                 resume = torch.load(io.BytesIO(ck[1]), weights_only=False)
                 log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number, ck[0])
 
+        tb = tensorboard_writer(self.settings.tensorboard_dir, c)
+
         def on_epoch(epoch: int, record: dict[str, float]) -> bool:
             if self.hb.fenced:
                 raise leases.Fenced("the lease was taken from this attempt")
             leases.report(self.db, c, trial if single else None, epoch=epoch, record=record,
                           value=record[monitor] if single else None)
+            if tb is not None:
+                for k, v in record.items():
+                    if k != "epoch" and isinstance(v, int | float):
+                        tb.add_scalar(k, v, epoch)
+                tb.flush()
             return single and trial.should_prune()
 
         def on_snapshot(state: dict[str, Any]) -> None:
@@ -242,9 +250,13 @@ class Slot:
                           patience=spec.early_stopping.patience,
                           min_delta=spec.early_stopping.min_delta, seed=c.number,
                           device=self.cfg.device, timeout_s=spec.budget.trial_timeout_s)
-        return train(cfg, data, on_epoch, resume=resume, should_stop=self.signals.stop.is_set,
-                     on_step=self.hb.bump, on_snapshot=on_snapshot,
-                     snapshot_every_s=self.settings.checkpoint_every_s)
+        try:
+            return train(cfg, data, on_epoch, resume=resume, should_stop=self.signals.stop.is_set,
+                         on_step=self.hb.bump, on_snapshot=on_snapshot,
+                         snapshot_every_s=self.settings.checkpoint_every_s)
+        finally:
+            if tb is not None:
+                tb.close()
 
     def _record(self, ostudy: optuna.Study, c: leases.Claim, spec: StudySpec,
                 r: TrialResult) -> None:
@@ -289,6 +301,21 @@ class Slot:
             log.info("trial %s#%d handed back for another worker", c.study_name, c.number)
         except leases.Fenced:
             pass
+
+
+def tensorboard_writer(root: Path | None, c: leases.Claim) -> Any:
+    """A TensorBoard event writer for this attempt of the trial, when SEQTUNE_TENSORBOARD_DIR
+    is set: ``<dir>/<study>/trial-<number>-a<attempt>``, one scalar per curve field."""
+    if root is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("SEQTUNE_TENSORBOARD_DIR is set but the tensorboard package is missing: "
+                    "pip install 'seqtune[tensorboard]'")
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.study_name)
+    return SummaryWriter(log_dir=str(root / safe / f"trial-{c.number:05d}-a{c.attempt}"))
 
 
 def slot_main(cfg: SlotConfig) -> None:
