@@ -465,7 +465,8 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> Predictor:
-        return cls(torch.load(path, map_location=device, weights_only=False), device)
+        # weights_only: a downloaded file is plain data (tensors, dicts, lists), never code.
+        return cls(torch.load(path, map_location=device, weights_only=True), device)
 
     def predict(self, frame: Any) -> np.ndarray:
         """Predict from every full window of ``frame`` (a DataFrame with the feature columns).

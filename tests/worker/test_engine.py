@@ -198,3 +198,16 @@ def test_stop_snapshot_resume_equals_one_uninterrupted_run(sun) -> None:  # type
     assert [c["epoch"] for c in resumed.curve] == list(range(6))
     assert [c["val_rmse"] for c in resumed.curve] == [c["val_rmse"] for c in straight.curve]
     assert resumed.test == straight.test and resumed.reason == "max_epochs"
+
+
+def test_classifier_checkpoint_loads_as_plain_data(waves, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A downloaded model is loaded with weights_only=True: it must hold data only."""
+    r = train(TrainConfig(hp=fast(), monitor="val_accuracy", direction="maximize", seed=0),
+              waves)
+    path = tmp_path / "clf.pt"
+    torch.save(r.checkpoint, path)
+    frame = datasets.generate(SyntheticData(kind="synthetic", generator="waveforms",
+                                            n_points=200, seed=5, options={"segment": 40}))
+    labels = Predictor.load(str(path)).predict(frame)
+    assert len(labels) == 200 - 16 + 1
+    assert set(labels.tolist()) <= set(r.checkpoint["classes"])  # type: ignore[index]
