@@ -239,3 +239,22 @@ def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
     assert "out of memory" in (rows[0].error or "")
     assert rows[1].state in ("COMPLETE", "PRUNED")
     assert study_row(db, "oom").status == "completed"
+
+
+def test_a_signal_during_stop_wait_cannot_deadlock() -> None:
+    """The signal handler runs on the main thread, which may hold the stop event's lock
+    (inside stop.wait()); setting the event from the handler deadlocked a slot for good.
+    Here the lock is held on purpose while the handler runs."""
+    code = (
+        "import time\n"
+        "from worker.slot import _Signals\n"
+        "s = _Signals()\n"
+        "with s.stop._cond:\n"
+        "    s._handle(15, None)\n"
+        "t = time.monotonic()\n"
+        "assert s.stop.wait(10), 'stop never set'\n"
+        "print('ok', round(time.monotonic() - t, 3))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr

@@ -45,7 +45,8 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1) -> int:
     cpu_slots = sum(1 for d, _ in slots if d == "cpu")
     threads = base.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None)
     ctx = mp.get_context("spawn")
-    configs = [replace(base, slot=i, device=dev, threads=threads if dev == "cpu" else None)
+    configs = [replace(base, slot=i, device=dev, threads=threads if dev == "cpu" else None,
+                       slots_on_device=slots_per_gpu)
                for i, (dev, _) in enumerate(slots)]
     visible = [cuda for _, cuda in slots]
     procs: dict[int, mp.process.BaseProcess] = {}

@@ -15,6 +15,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -30,12 +32,16 @@ from service.logs import log_context, setup_logging
 from service.optuna_bridge import make_storage
 from service.settings import Settings
 from service.spec import StudySpec
-from worker import datasets
+from worker import datasets, gpu_memory
 from worker.engine import TrainConfig, TrialResult, train
 from worker.objective import monitor_of, objective_values, prepare_for, resolve
 from worker.preprocessing import DataError
 
 log = logging.getLogger("seqtune.worker")
+
+
+class TooBig(Exception):
+    """The trial's estimated GPU memory exceeds what one slot may ever use."""
 REAP_EVERY_S = 5.0
 
 
@@ -50,6 +56,7 @@ class SlotConfig:
     max_idle_s: float | None = None
     poll_s: float = 0.5
     threads: int | None = None  # torch CPU threads; the fleet splits the cores among slots
+    slots_on_device: int = 1  # slots sharing this slot's GPU (its memory ledger)
 
 
 class _Signals:
@@ -57,14 +64,23 @@ class _Signals:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self._signalled = False
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.stop.is_set():
-            log.warning("second signal %d: stopping now", signum)
+        if self._signalled:
             raise SystemExit(128 + signum)
-        log.info("signal %d: finishing the epoch, then handing the trial back", signum)
+        self._signalled = True
+        # Never Event.set() in the handler itself: the interrupted main thread may be inside
+        # stop.wait() holding the event's (non-reentrant) lock, and the set would deadlock.
+        # A helper thread sets it as soon as the main thread lets go of that lock.
+        threading.Thread(target=self._stop_soon, args=(signum,), name="seqtune-signal",
+                         daemon=True).start()
+
+    def _stop_soon(self, signum: int) -> None:
+        log.info("signal %d: finishing the epoch, then handing the trial back (a second "
+                 "signal stops at once)", signum)
         self.stop.set()
 
 
@@ -199,6 +215,9 @@ class Slot:
         except DataError as exc:
             self._finish(ostudy, c, state="FAIL", reason="data_error", error=str(exc))
             return
+        except TooBig as exc:
+            self._finish(ostudy, c, state="FAIL", reason="too_big", error=str(exc))
+            return
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             self._finish(ostudy, c, state="FAIL", reason="oom", error=leases.error_text(exc))
@@ -217,6 +236,39 @@ class Slot:
     def _train(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial) -> TrialResult:
         hp = resolve(spec, c.params)
         data = prepare_for(spec, hp, self._frame(c, spec), self.cfg.device)
+        self._estimate = gpu_memory.estimate_bytes(gpu_memory.shape_of(hp, data,
+                                                                       self.cfg.device))
+        with self._gpu_room(c, self._estimate):
+            return self._train_on(c, spec, trial, hp, data)
+
+    @contextmanager
+    def _gpu_room(self, c: leases.Claim, need: int) -> Iterator[None]:
+        """On a GPU shared by several slots: wait until the trial's estimate fits beside the
+        other slots' reservations; fail it at once if it could never fit."""
+        if not self.cfg.device.startswith("cuda") or self.cfg.slots_on_device <= 1:
+            yield
+            return
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"
+        ledger = gpu_memory.Ledger(self.settings.data_dir / "gpu" / f"{gpu}.json",
+                                   gpu_memory.gpu_capacity(self.cfg.slots_on_device))
+        if not ledger.fits_at_all(need):
+            raise TooBig(f"the trial needs about {need / 2**30:.2f} GiB of GPU memory and "
+                         f"a slot may use {ledger.capacity / 2**30:.2f} GiB; lower batch_size, "
+                         "hidden_size or seq_len, or run fewer slots per GPU")
+        owner = f"{os.getpid()}:{self.cfg.slot}"
+        while not ledger.reserve(owner, need):
+            self.hb.bump()  # waiting for room is progress, not a hang
+            if self.signals.stop.is_set():
+                self._release(c)  # hand the trial back untouched
+                raise leases.Fenced("stopping while waiting for GPU memory")
+            time.sleep(0.5)
+        try:
+            yield
+        finally:
+            ledger.release(owner)
+
+    def _train_on(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial, hp: Any,
+                  data: Any) -> TrialResult:
         monitor, direction = monitor_of(spec)
         single = len(spec.objectives) == 1
         resume = None
@@ -266,7 +318,8 @@ class Slot:
         info = {"best_epoch": r.best_epoch, "param_count": r.param_count,
                 "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
                 "samples_per_s": r.samples_per_s, "peak_gpu_mem_bytes": r.peak_gpu_mem_bytes,
-                "precision": r.precision, "device": self.cfg.device, "val": r.val}
+                "precision": r.precision, "device": self.cfg.device, "val": r.val,
+                "gpu_mem_estimate_bytes": getattr(self, "_estimate", None)}
         if r.reason in ("pruned", "diverged"):
             self._finish(ostudy, c, state="PRUNED", reason=r.reason, info=info)
             return
