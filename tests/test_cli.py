@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,28 +13,18 @@ import yaml
 from sqlalchemy import create_engine
 
 from service import migrate
+from tests.conftest import free_port, seqtune_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _seqtune() -> list[str]:
-    exe = shutil.which("seqtune")
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
 
 
 def test_up_runs_the_example_to_completion_on_the_embedded_default(tmp_path: Path) -> None:
     """The README's run command: `seqtune up` with no database configured serves the API and
     runs a local worker on an SQLite file; the example study (a smaller budget) completes."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
     env["SEQTUNE_LOG_LEVEL"] = "WARNING"
-    proc = subprocess.Popen([*_seqtune(), "up", "--gpus", "none", "--port", str(port)],
+    proc = subprocess.Popen([*seqtune_cmd(), "up", "--gpus", "none", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -79,7 +66,7 @@ def test_db_upgrade_migrates_an_empty_database(pg_url: str) -> None:
     engine = create_engine(pg_url)
     migrate.downgrade(engine, "base")
     assert migrate.current_revision(engine) is None
-    out = subprocess.run([*_seqtune(), "--database-url", pg_url, "db", "upgrade"],
+    out = subprocess.run([*seqtune_cmd(), "--database-url", pg_url, "db", "upgrade"],
                          capture_output=True, text=True, check=True)
     assert migrate.current_revision(engine) == migrate.head_revision()
     assert migrate.head_revision() in out.stdout
