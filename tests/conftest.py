@@ -172,13 +172,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(base: str, proc: Any, log_path: Any = None, tries: int = 300) -> None:
+    """Poll ``base``/readyz until it answers 200; fail early if ``proc`` exits."""
+    import time
+
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(base + "/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text() if log_path else "the service exited")
+        time.sleep(0.1)
+    raise AssertionError("the service did not become ready")
+
+
 @pytest.fixture
 def live(settings: Settings, key: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
     """`seqtune serve` in its own process on the test database, auth on: (base URL, key)."""
     import subprocess
-    import time
 
-    import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
@@ -189,17 +205,7 @@ def live(settings: Settings, key: str, tmp_path: Any) -> Iterator[tuple[str, str
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "serve.log").read_text())
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the service did not become ready")
+        wait_ready(base, proc, log_path=tmp_path / "serve.log")
         yield base, key
     finally:
         proc.terminate()

@@ -13,7 +13,7 @@ import yaml
 from sqlalchemy import create_engine
 
 from service import migrate
-from tests.conftest import free_port, seqtune_cmd
+from tests.conftest import free_port, seqtune_cmd, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,15 +29,7 @@ def test_up_runs_the_example_to_completion_on_the_embedded_default(tmp_path: Pat
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("service did not become ready")
+        wait_ready(base, proc)
         example = yaml.safe_load((ROOT / "examples" / "sunspots.yaml").read_text())
         example["budget"]["n_trials"] = 3
         example["fixed"]["max_epochs"] = 4
