@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -32,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import harness  # noqa: E402
 from service.client import ApiError, Client  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -43,6 +42,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "tpe+hyperband": {"sampler": {"name": "tpe"},
                       "pruner": {"name": "hyperband", "options": {"min_resource": 3,
                                                                   "reduction_factor": 3}}},
+    # Optuna's MedianPruner as it comes (5 startup trials, no warm-up): seqtune's old default
+    "tpe+median-w0": {"sampler": {"name": "tpe"}, "pruner": {"name": "median"}},
     "defaults": {},
 }
 
@@ -118,11 +119,6 @@ def epochs_to_reach(cur: dict[str, Any], target: float) -> int | None:
     return None
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", nargs="+", default=["sunspots"])
@@ -135,76 +131,63 @@ def main() -> None:
                     "seqtune_bench_search")
     ap.add_argument("--port", type=int, default=8977)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other runs already in search-<problem>.json (same budget)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.database_url.startswith("postgresql"):
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.engine import make_url
-
-        url = make_url(args.database_url.replace("postgresql://", "postgresql+psycopg2://"))
-        admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-        admin.dispose()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    env.update(SEQTUNE_DATABASE_URL=args.database_url, SEQTUNE_LOG_LEVEL="WARNING",
-               SEQTUNE_DATA_DIR=str(out / "data"))
-    exe = [sys.executable, "-m", "service.cli"]
-    serve = start([*exe, "serve", "--no-auth", "--port", str(args.port)], env,
-                  out / "serve.log")
-    time.sleep(1)
-    worker = start([*exe, "worker", "--gpus", "none", "--slots-per-gpu", str(args.slots)],
-                   env, out / "worker.log")
-    c = Client(f"http://127.0.0.1:{args.port}", key="")
-    for _ in range(300):
+    harness.fresh_database(args.database_url)
+    env = harness.service_env(args.database_url, out / "data")
+    with harness.service(env, args.port, out / "serve.log") as c:
+        worker = harness.start(["worker", "--gpus", "none", "--slots-per-gpu", str(args.slots)],
+                               env, out / "worker.log")
         try:
-            c.health()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.2)
-    try:
-        for prob in args.problems:
-            results: dict[str, Any] = {"problem": prob, "epochs": args.epochs,
-                                       "slots": args.slots, "machine": platform.node(),
-                                       "started": datetime.now().isoformat(), "runs": {}}
-            for strat in args.strategies:
-                for seed in args.seeds:
-                    body = {"name": f"{prob}-{strat.replace('+', '-')}-s{seed}",
-                            "task": "forecast", "objectives": [{"metric": "val_rmse"}],
-                            "early_stopping": {"patience": 10},
-                            "budget": {"n_trials": 100000, "max_concurrent_trials": args.slots},
-                            **problem(prob, args.mg_points), **STRATEGIES[strat]}
-                    if "sampler" in body:
-                        body["sampler"] = dict(body["sampler"], seed=seed)
-                    else:
-                        body["sampler"] = {"seed": seed}  # the default sampler, seeded
-                    t0 = time.perf_counter()
-                    trials = run_study(c, body["name"], body, args.epochs)
-                    cur = curve(trials, args.epochs)
-                    cur["wall_s"] = time.perf_counter() - t0
-                    results["runs"][f"{strat}/{seed}"] = cur
-                    print(f"{prob} {strat} seed {seed}: best val {cur['final_best']:.4g} "
-                          f"test {cur['final_test']} trials {cur['n_trials']} "
-                          f"pruned {cur['n_pruned']} ({cur['wall_s']:.0f} s)", flush=True)
-            (out / f"search-{prob}.json").write_text(json.dumps(results, indent=1))
-            report(results, out)
-    finally:
-        for p in (worker, serve):
-            p.terminate()
-        for p in (worker, serve):
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            run_all(c, args, out)
+        finally:
+            harness.stop(worker)
+
+
+def run_all(c: Client, args: argparse.Namespace, out: Path) -> None:
+    for prob in args.problems:
+        results: dict[str, Any] = {"problem": prob, "epochs": args.epochs,
+                                   "slots": args.slots, "machine": platform.node(),
+                                   "started": datetime.now().isoformat(), "runs": {}}
+        old = out / f"search-{prob}.json"
+        if args.merge and old.exists():
+            kept = json.loads(old.read_text())
+            if kept["epochs"] != args.epochs:
+                raise SystemExit(f"{old} has a budget of {kept['epochs']} epochs, not "
+                                 f"{args.epochs}; cannot merge")
+            results["runs"] = kept["runs"]
+        for strat in args.strategies:
+            for seed in args.seeds:
+                body = {"name": f"{prob}-{strat.replace('+', '-')}-s{seed}",
+                        "task": "forecast", "objectives": [{"metric": "val_rmse"}],
+                        "early_stopping": {"patience": 10},
+                        "budget": {"n_trials": 100000, "max_concurrent_trials": args.slots},
+                        **problem(prob, args.mg_points), **STRATEGIES[strat]}
+                if "sampler" in body:
+                    body["sampler"] = dict(body["sampler"], seed=seed)
+                else:
+                    body["sampler"] = {"seed": seed}  # the default sampler, seeded
+                t0 = time.perf_counter()
+                trials = run_study(c, body["name"], body, args.epochs)
+                cur = curve(trials, args.epochs)
+                cur["wall_s"] = time.perf_counter() - t0
+                results["runs"][f"{strat}/{seed}"] = cur
+                (out / f"search-{prob}.json").write_text(json.dumps(results, indent=1))
+                print(f"{prob} {strat} seed {seed}: best val {cur['final_best']:.4g} "
+                      f"test {cur['final_test']} trials {cur['n_trials']} "
+                      f"pruned {cur['n_pruned']} ({cur['wall_s']:.0f} s)", flush=True)
+        (out / f"search-{prob}.json").write_text(json.dumps(results, indent=1))
+        report(results, out)
 
 
 def report(results: dict[str, Any], out: Path) -> None:
     """A markdown table and a PNG: best-so-far validation RMSE against epochs consumed."""
     runs, E = results["runs"], results["epochs"]
-    strats = list(dict.fromkeys(k.split("/")[0] for k in runs))
+    strats = [s for s in STRATEGIES if any(k.startswith(s + "/") for k in runs)]
     seeds = sorted({int(k.split("/")[1]) for k in runs})
     print(f"\n### {results['problem']}: budget {E} epochs per study, {len(seeds)} seeds\n")
     print("| strategy | best val RMSE (mean ± sd) | its test RMSE | trials | pruned | "

@@ -134,7 +134,7 @@ class PrunerSpec(_Strict):
     name: Literal[
         "none", "median", "percentile", "successive_halving", "hyperband", "threshold",
         "patient", "wilcoxon",
-    ] = "median"
+    ] = "hyperband"
     options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
     wrapped: PrunerSpec | None = None  # the pruner that ``patient`` wraps
 
@@ -174,6 +174,36 @@ class StudySpec(_Strict):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     budget: Budget = Field(default_factory=Budget)
     priority: int = Field(default=0, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _resolve_pruner(self) -> StudySpec:
+        """Fill the pruner a study leaves out, so the stored spec says exactly what runs.
+
+        No pruner given: hyperband (the evidence in BENCHMARKS.md, "Search efficiency") with
+        ``min_resource`` = max_epochs / 20, ``max_resource`` = max_epochs and
+        ``reduction_factor`` 3; with several objectives, none (Optuna cannot prune them).
+        A hyperband pruner without ``max_resource`` gets max_epochs too: Optuna's 'auto' takes the
+        first finished trial's last epoch, which early stopping makes too small.
+        """
+        if "pruner" not in self.model_fields_set:
+            if len(self.objectives) > 1:
+                self.pruner = PrunerSpec(name="none")
+            else:
+                top = self.max_epochs_bound()
+                self.pruner = PrunerSpec(name="hyperband", options={
+                    "min_resource": max(1, top // 20), "max_resource": top,
+                    "reduction_factor": 3})
+        elif self.pruner.name == "hyperband" and "max_resource" not in self.pruner.options:
+            self.pruner.options["max_resource"] = self.max_epochs_bound()
+        return self
+
+    def max_epochs_bound(self) -> int:
+        """The most epochs a trial of this study can run (fixed, searched high, or default)."""
+        dist = self.search_space.get("max_epochs")
+        value: Any = dist.high if isinstance(dist, IntRange) else self.fixed.get(
+            "max_epochs", HPARAMS["max_epochs"].default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and \
+            1 <= value <= 1_000_000 else int(HPARAMS["max_epochs"].default)
 
     @property
     def directions(self) -> list[str]:

@@ -71,8 +71,8 @@ def test_search_space_errors_name_the_field(space: dict, field: str, words: str)
     ({"fixed": {"nonsense": 1}}, "fixed.nonsense", "unknown hyperparameter"),
     ({"objectives": [{"metric": "val_accuracy"}]}, "objectives[0].metric", "does not apply"),
     ({"objectives": [{"metric": "bleu"}]}, "objectives[0].metric", "unknown metric"),
-    ({"objectives": [{"metric": "val_rmse"}, {"metric": "param_count"}]}, "pruner.name",
-     "single objective"),
+    ({"objectives": [{"metric": "val_rmse"}, {"metric": "param_count"}],
+      "pruner": {"name": "median"}}, "pruner.name", "single objective"),
     ({"sampler": {"name": "tpe", "options": {"n_startup": 3}}}, "sampler.options.n_startup",
      "takes no option"),
     ({"sampler": {"name": "tpe", "options": {"n_startup_trials": -1}}},
@@ -115,6 +115,39 @@ def test_multi_objective_without_pruner_is_accepted() -> None:
                                  pruner={"name": "none"}, sampler={"name": "nsga2"}))
     check_spec(spec)
     assert spec.directions == ["minimize", "minimize"]
+
+
+def test_default_pruner_is_hyperband_sized_from_max_epochs() -> None:
+    spec = parse_spec(study_body(fixed={"max_epochs": 60}))
+    assert spec.pruner.name == "hyperband"
+    assert spec.pruner.options == {"min_resource": 3, "max_resource": 60, "reduction_factor": 3}
+    searched = parse_spec(study_body(search_space={
+        "max_epochs": {"type": "int", "low": 10, "high": 400}}))
+    assert searched.pruner.options["max_resource"] == 400
+    assert searched.pruner.options["min_resource"] == 20
+    unset = parse_spec(study_body())
+    assert unset.pruner.options["max_resource"] == HPARAMS["max_epochs"].default
+    # the resolved pruner is stored: re-reading the dump changes nothing
+    again = parse_spec(unset.model_dump(mode="json"))
+    assert again.pruner == unset.pruner
+
+
+def test_default_pruner_with_several_objectives_is_none() -> None:
+    spec = parse_spec(study_body(objectives=[{"metric": "val_rmse"},
+                                             {"metric": "param_count"}]))
+    check_spec(spec)
+    assert spec.pruner.name == "none"
+
+
+def test_explicit_pruner_is_kept_and_hyperband_gets_max_resource() -> None:
+    median = parse_spec(study_body(pruner={"name": "median"}, fixed={"max_epochs": 30}))
+    assert median.pruner.name == "median" and median.pruner.options == {}
+    hb = parse_spec(study_body(pruner={"name": "hyperband", "options": {"min_resource": 2}},
+                               fixed={"max_epochs": 30}))
+    assert hb.pruner.options == {"min_resource": 2, "max_resource": 30}
+    auto = parse_spec(study_body(pruner={"name": "hyperband",
+                                         "options": {"max_resource": "auto"}}))
+    assert auto.pruner.options == {"max_resource": "auto"}
 
 
 def test_catalog_metrics_have_valid_directions() -> None:
