@@ -8,7 +8,7 @@ against cumulative epochs. Strategies: random search and TPE without pruning, TP
 TPE + hyperband, and seqtune's defaults (a study that names no sampler and no pruner).
 
     python bench/search.py --problems sunspots --epochs 1500 --seeds 0 1 2
-    python bench/search.py --problems mackey_glass --mg-points 20000 --epochs 600
+    python bench/search.py --problems mackey_glass --mg-points 20000 --epochs 200
 
 Writes bench/results/search-<problem>.json, a markdown table on stdout and a PNG plot.
 """
@@ -65,11 +65,11 @@ def problem(name: str, mg_points: int) -> dict[str, Any]:
                 "fixed": {"max_epochs": 60, "clip_norm": 1.0}}
     if name == "mackey_glass":
         space = dict(SPACE, hidden_size={"type": "int", "low": 8, "high": 64, "log": True},
-                     batch_size={"type": "categorical", "choices": [64, 128, 256]},
+                     batch_size={"type": "categorical", "choices": [128, 256, 512]},
                      seq_len={"type": "int", "low": 8, "high": 48, "step": 8})
         return {"dataset": {"kind": "synthetic", "generator": "mackey_glass",
                             "n_points": mg_points, "seed": 0},
-                "search_space": space, "fixed": {"max_epochs": 40, "clip_norm": 1.0}}
+                "search_space": space, "fixed": {"max_epochs": 20, "clip_norm": 1.0}}
     raise SystemExit(f"unknown problem {name}")
 
 
@@ -132,7 +132,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8977)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other runs already in search-<problem>.json (same budget)")
+                    help="keep the runs already in search-<problem>.json (same budget) and "
+                    "run only the missing ones")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +161,10 @@ def run_all(c: Client, args: argparse.Namespace, out: Path) -> None:
                 raise SystemExit(f"{old} has a budget of {kept['epochs']} epochs, not "
                                  f"{args.epochs}; cannot merge")
             results["runs"] = kept["runs"]
-        for strat in args.strategies:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: a cut-short run still compares every strategy
+            for strat in args.strategies:
+                if f"{strat}/{seed}" in results["runs"] and args.merge:
+                    continue  # kept from the merged file
                 body = {"name": f"{prob}-{strat.replace('+', '-')}-s{seed}",
                         "task": "forecast", "objectives": [{"metric": "val_rmse"}],
                         "early_stopping": {"patience": 10},
