@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     """Service plus local workers in one command (the laptop default: SQLite, auth off)."""
     import os
+    import signal
     import subprocess
 
     from service import migrate
@@ -66,6 +67,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--gpus",
                                args.gpus, "--slots-per-gpu", str(args.slots_per_gpu)], env=env)
     args.no_auth = not args.auth
+    # uvicorn shuts down on SIGTERM and then re-raises it; with the default action that would
+    # kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return cmd_serve(args)
     finally:

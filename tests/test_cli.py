@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from sqlalchemy import create_engine
 
@@ -47,9 +49,17 @@ def test_up_runs_the_example_to_completion_on_the_embedded_default(tmp_path: Pat
         assert (best.status_code == 200) == (complete > 0)
         workers = httpx.get(base + "/v1/workers").json()
         assert workers and workers[0]["device"] == "cpu"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "up started no worker process"
+        proc.send_signal(signal.SIGTERM)  # `up` alone, as a supervisor or `kill` would
+        out, _ = proc.communicate(timeout=150)
+        assert proc.returncode == 0, out
+        for pid in map(int, children):  # the worker went with it, not left orphaned
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert (tmp_path / "seqtune-data" / "seqtune.db").exists()
     assert "authentication is OFF" in out
 
