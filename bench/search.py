@@ -42,6 +42,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "tpe+hyperband": {"sampler": {"name": "tpe"},
                       "pruner": {"name": "hyperband", "options": {"min_resource": 3,
                                                                   "reduction_factor": 3}}},
+    # hyperband from the first epoch (the defaults' first rule, max_epochs / 20 with no floor)
+    "tpe+hyperband-min1": {"sampler": {"name": "tpe"},
+                           "pruner": {"name": "hyperband", "options": {"min_resource": 1,
+                                                                       "reduction_factor": 3}}},
     # Optuna's MedianPruner as it comes (5 startup trials, no warm-up): seqtune's old default
     "tpe+median-w0": {"sampler": {"name": "tpe"}, "pruner": {"name": "median"}},
     "defaults": {},

@@ -125,6 +125,10 @@ def test_default_pruner_is_hyperband_sized_from_max_epochs() -> None:
         "max_epochs": {"type": "int", "low": 10, "high": 400}}))
     assert searched.pruner.options["max_resource"] == 400
     assert searched.pruner.options["min_resource"] == 20
+    short = parse_spec(study_body(fixed={"max_epochs": 20}))
+    assert short.pruner.options["min_resource"] == 3  # never rank after fewer than 3 epochs
+    tiny = parse_spec(study_body(fixed={"max_epochs": 2}))
+    assert tiny.pruner.options["min_resource"] == 2  # nor more than a trial can run
     unset = parse_spec(study_body())
     assert unset.pruner.options["max_resource"] == HPARAMS["max_epochs"].default
     # the resolved pruner is stored: re-reading the dump changes nothing
