@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -229,9 +230,12 @@ def report(results: dict[str, Any], out: Path) -> None:
                     y[grid >= x] = np.fmin(np.where(np.isnan(y[grid >= x]), b, y[grid >= x]),
                                            b)
             ys.append(y)
-        ax.plot(grid, np.nanmean(np.array(ys), axis=0), label=s)
+        with warnings.catch_warnings():  # before a strategy's first result: all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ax.plot(grid, np.nanmean(np.array(ys), axis=0), label=s)
+    ax.set_yscale("log")
     ax.set_xlabel("epochs consumed")
-    ax.set_ylabel("best validation RMSE so far (mean of seeds)")
+    ax.set_ylabel("best validation RMSE so far (mean of seeds, log scale)")
     ax.set_title(f"{results['problem']}: search efficiency")
     ax.legend()
     fig.tight_layout()
