@@ -180,8 +180,8 @@ class StudySpec(_Strict):
         """Fill the pruner a study leaves out, so the stored spec says exactly what runs.
 
         No pruner given: hyperband (the evidence in BENCHMARKS.md, "Search efficiency") with
-        ``min_resource`` = max_epochs / 20 but at least 3 epochs (rankings after one epoch
-        pruned the best trial in that evidence), ``max_resource`` = max_epochs and
+        ``min_resource`` = max_epochs / 20 but at least 3 epochs (pruning from epoch 1 did
+        worse there), ``max_resource`` = max_epochs and
         ``reduction_factor`` 3; with several objectives, none (Optuna cannot prune them).
         A hyperband pruner without ``max_resource`` gets max_epochs too: Optuna's 'auto' takes the
         first finished trial's last epoch, which early stopping makes too small.
