@@ -23,11 +23,12 @@ from pathlib import Path
 
 import httpx
 import optuna
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness  # noqa: E402
 from service import keys, migrate  # noqa: E402
 from service.db import Database  # noqa: E402
 from service.optuna_bridge import make_storage  # noqa: E402
@@ -40,12 +41,9 @@ DB_NAME = "seqtune_bench"
 
 
 def fresh_database() -> str:
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
-        c.execute(text(f'CREATE DATABASE "{DB_NAME}"'))
-    admin.dispose()
-    return make_url(ADMIN).set(database=DB_NAME).render_as_string(hide_password=False)
+    url = make_url(ADMIN).set(database=DB_NAME).render_as_string(hide_password=False)
+    harness.fresh_database(url)
+    return url
 
 
 def load_trials(db: Database, study_name: str, n: int) -> None:

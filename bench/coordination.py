@@ -117,9 +117,10 @@ def prefill(engine, optuna_study_id: int, seqtune_study_id: int | None, n: int) 
 
 def run_case(kind: str, workers: int, pre: int, per_worker: int) -> list[float]:
     import optuna
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
+    from bench import harness
     from service import migrate
     from service.db import Database
     from service.optuna_bridge import _cached_storage, make_storage
@@ -127,12 +128,8 @@ def run_case(kind: str, workers: int, pre: int, per_worker: int) -> list[float]:
     from service.spec import parse_spec
     from service.studies import create_study
 
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text("DROP DATABASE IF EXISTS seqtune_coord WITH (FORCE)"))
-        c.execute(text("CREATE DATABASE seqtune_coord"))
-    admin.dispose()
     url = make_url(ADMIN).set(database="seqtune_coord").render_as_string(hide_password=False)
+    harness.fresh_database(url)
     settings = Settings(database_url=url)
     db = Database(settings)
     migrate.upgrade(db.engine)
