@@ -20,16 +20,19 @@ class DatasetInfo:
     # generator options: name -> (low, high, default); empty for built-in series
     options: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     description: str = ""
+    n_points: int | None = None  # a built-in series' length (sizes the default seq_len range)
 
 
 BUILTIN: dict[str, DatasetInfo] = {
     "sunspots": DatasetInfo(
         "sunspots", ("forecast",), ("SUNACTIVITY",), ("SUNACTIVITY",),
         description="yearly sunspot numbers 1700-2008 (statsmodels), 309 points",
+        n_points=309,
     ),
     "co2": DatasetInfo(
         "co2", ("forecast",), ("co2",), ("co2",),
         description="weekly Mauna Loa CO2 1958-2001 (statsmodels), 2284 points, 59 missing",
+        n_points=2284,
     ),
 }
 

@@ -57,6 +57,10 @@ _PARAMS: tuple[HParam, ...] = (
     HParam("noise_std", "float", 0.0, 0.0, 10.0, help="Gaussian input noise (augmentation)"),
     HParam("curriculum", "bool", False, help="train on shorter windows in early epochs"),
     HParam("scaler", "categorical", "standard", choices=("standard", "minmax", "none")),
+    HParam("target_transform", "categorical", "none",
+           choices=("none", "diff", "window_norm", "residual"),
+           help="forecast targets as levels, first differences, relative to the window's last "
+                "value, or levels in and the change from the last value out"),
 )
 
 HPARAMS: dict[str, HParam] = {p.name: p for p in _PARAMS}

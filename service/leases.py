@@ -74,6 +74,7 @@ class Claim:
     tenant: str
     optuna_study_name: str
     spec: dict[str, Any] = field(repr=False)
+    final_of: int | None = None  # a final-phase re-train of this search trial (never pruned)
 
     @property
     def resumed(self) -> bool:
@@ -113,7 +114,8 @@ def _claim_view(t: Trial, study: Study) -> Claim:
     return Claim(owner=t.lease_owner, fence=t.fence, trial_row_id=t.id, number=t.number,
                  optuna_trial_id=t.optuna_trial_id, attempt=t.attempts, params=t.params,
                  study_id=study.id, study_name=study.name, tenant=study.tenant,
-                 optuna_study_name=study.optuna_study_name, spec=study.spec)
+                 optuna_study_name=study.optuna_study_name, spec=study.spec,
+                 final_of=t.final_of)
 
 
 def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
@@ -197,6 +199,7 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
     # study row is locked from the SELECT above, so asks on one study still never interleave.
     ostudy = optuna_study(storage, study.optuna_study_name, spec,
                           seed_offset=study.n_claimed + 1)
+    final_of = _enqueue_retrain(s, ostudy, study, spec) if study.phase == "final" else None
     trial = ostudy.ask(distributions(spec))
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
     slot = s.execute(update(Study)
@@ -220,11 +223,49 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
         t = Trial(study_id=study.id, number=trial.number, optuna_trial_id=trial._trial_id,
                   state="RUNNING", params=trial.params, curve=[], epochs=0, info={},
                   attempts=1, on_front=False, lease_owner=owner, worker=owner, fence=1,
-                  started_at=now,
-                  lease_renewed_at=now)
+                  started_at=now, lease_renewed_at=now, final_of=final_of)
         s.add(t)
     s.flush()
     return _claim_view(t, study)
+
+
+def top_trials(s: Session, study: Study, k: int) -> list[Trial]:
+    """The study's k best COMPLETE search trials (final re-trains excluded), best first."""
+    desc = study.directions[0] == "maximize"
+    return list(s.scalars(
+        select(Trial).where(Trial.study_id == study.id, Trial.state == "COMPLETE",
+                            Trial.final_of.is_(None), Trial.value.is_not(None))
+        .order_by(Trial.value.desc() if desc else Trial.value.asc(), Trial.number).limit(k)))
+
+
+def _enqueue_retrain(s: Session, ostudy: optuna.Study, study: Study, spec: StudySpec) -> int:
+    """Final phase: queue the next (configuration, seed) re-train in Optuna so that the
+    ask() that follows pops it. Re-trains go in order: each of the top-k configurations
+    ``seeds`` times; each gets its own trial number, and the trial number seeds training."""
+    assert spec.final is not None
+    done = s.scalar(select(func.count()).select_from(Trial).where(
+        Trial.study_id == study.id, Trial.final_of.is_not(None))) or 0
+    source = top_trials(s, study, spec.final.top_k)[done // spec.final.seeds]
+    ostudy.enqueue_trial(source.params, user_attrs={"seqtune_final_of": source.number},
+                         skip_if_exists=False)
+    return source.number
+
+
+def end_of_budget(s: Session, study: Study) -> bool:
+    """The budget is spent and nothing runs: start the final phase (the spec asks for one and
+    the search completed a trial: the budget grows by top_k x seeds re-trains), else
+    complete the study. Returns True when the study completed."""
+    final = (study.spec or {}).get("final")
+    if final and study.phase == "search" and len(study.directions) == 1:
+        n_top = len(top_trials(s, study, final["top_k"]))
+        if n_top:
+            study.phase = "final"
+            study.n_trials += n_top * final["seeds"]
+            log.info("study %s: search done; re-training its top %d with %d seeds",
+                     study.name, n_top, final["seeds"])
+            return False
+    study.status, study.finished_at = "completed", utcnow()
+    return True
 
 
 def _locked(s: Session, c: Claim) -> Trial:
@@ -333,7 +374,7 @@ def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
     s.flush()
     s.refresh(study)
     if study.status == "running" and study.n_claimed >= study.n_trials and study.n_running == 0:
-        study.status, study.finished_at = "completed", utcnow()
+        end_of_budget(s, study)
 
 
 def release(db: Database, c: Claim) -> None:
@@ -488,8 +529,8 @@ def _reap_studies(s: Session, now: datetime, out: ReapReport) -> None:
         if study.deadline is not None and _aware(study.deadline) < now:
             study.status, study.finished_at = "timed_out", utcnow()
             out.timed_out += 1
-        elif study.n_claimed >= study.n_trials and study.n_running == 0:
-            study.status, study.finished_at = "completed", utcnow()
+        elif study.n_claimed >= study.n_trials and study.n_running == 0 and \
+                end_of_budget(s, study):
             out.completed += 1
 
 

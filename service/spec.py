@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from service import catalog
 from service.errors import Invalid
@@ -153,6 +160,23 @@ class Budget(_Strict):
     lease_timeout_s: float = Field(default=300, ge=5, le=86400)
 
 
+class Validation(_Strict):
+    """How a trial is validated: one chronological hold-out split (the default), or
+    walk-forward folds over the validation region (see the README, "Validation")."""
+
+    scheme: Literal["holdout", "walk_forward"] = "holdout"
+    folds: int = Field(default=3, ge=2, le=20)
+    gap: int = Field(default=0, ge=0, le=100_000)  # points between training and each fold
+
+
+class Final(_Strict):
+    """Robust final selection: after the search, re-train the top-k configurations with
+    several seeds and pick the winner by its mean validation metric."""
+
+    top_k: int = Field(default=3, ge=1, le=20)
+    seeds: int = Field(default=5, ge=2, le=20)
+
+
 class StudySpec(_Strict):
     """A study, as submitted. See ``examples/*.yaml`` for complete examples."""
 
@@ -174,6 +198,38 @@ class StudySpec(_Strict):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     budget: Budget = Field(default_factory=Budget)
     priority: int = Field(default=0, ge=-100, le=100)
+    season: int | None = Field(default=None, ge=2, le=100_000,
+                               description="season length for the baselines; null: detected")
+    validation: Validation = Field(default_factory=Validation)
+    final: Final | None = None
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> StudySpec:
+        """Fill what a study leaves out, so the stored spec says exactly what runs: the
+        objective (forecast: val_rmse, in original units, comparable across scalers and
+        target transforms; classify: val_loss) and, with no search space, seqtune's default
+        space for the task (``default_search_space``)."""
+        if "objectives" not in self.model_fields_set and self.task == "forecast":
+            self.objectives = [Objective(metric="val_rmse")]
+        if "search_space" not in self.model_fields_set:
+            self.search_space = default_search_space(self)
+            self._space_defaulted = True
+        return self
+
+    _space_defaulted: bool = PrivateAttr(default=False)
+
+    @property
+    def space_defaulted(self) -> bool:
+        """True when ``search_space`` is seqtune's default (the study named none)."""
+        return self._space_defaulted
+
+    def n_points(self) -> int | None:
+        """The dataset's length where the spec alone tells it (built-in and synthetic)."""
+        if isinstance(self.dataset, SyntheticData):
+            return self.dataset.n_points
+        if isinstance(self.dataset, BuiltinData) and self.dataset.name in catalog.BUILTIN:
+            return catalog.BUILTIN[self.dataset.name].n_points
+        return None
 
     @model_validator(mode="after")
     def _resolve_pruner(self) -> StudySpec:
@@ -190,13 +246,19 @@ class StudySpec(_Strict):
             if len(self.objectives) > 1:
                 self.pruner = PrunerSpec(name="none")
             else:
-                top = self.max_epochs_bound()
+                top = self.max_epochs_bound() * self.n_folds
                 self.pruner = PrunerSpec(name="hyperband", options={
                     "min_resource": min(top, max(3, top // 20)), "max_resource": top,
                     "reduction_factor": 3})
         elif self.pruner.name == "hyperband" and "max_resource" not in self.pruner.options:
-            self.pruner.options["max_resource"] = self.max_epochs_bound()
+            self.pruner.options["max_resource"] = self.max_epochs_bound() * self.n_folds
         return self
+
+    @property
+    def n_folds(self) -> int:
+        """Validation folds a trial trains (1 for the hold-out split). Pruning steps run
+        ``fold * max_epochs + epoch``, so a pruner's resources span every fold."""
+        return self.validation.folds if self.validation.scheme == "walk_forward" else 1
 
     def max_epochs_bound(self) -> int:
         """The most epochs a trial of this study can run (fixed, searched high, or default)."""
@@ -217,6 +279,33 @@ class StudySpec(_Strict):
             if name not in self.search_space:
                 out[name] = self.fixed.get(name, value)
         return out
+
+
+# ---- the default search space ---------------------------------------------------------------
+
+
+def default_search_space(spec: StudySpec, n_points: int | None = None
+                         ) -> dict[str, Distribution]:
+    """seqtune's search space for a study that names none, from the ranges LSTM guides
+    recommend (units 16-256, 1-2 layers, dropout up to 0.5, Adam's lr 1e-4-1e-2, batch 32-128),
+    plus ``target_transform`` for forecasting. ``seq_len`` is sized from the data: up to a fifth
+    of the training split, at most 128; without a known length (an upload before its row count
+    is read), up to 64. Hyperparameters the study fixes are left out."""
+    n = n_points if n_points is not None else spec.n_points()
+    n_train = int(round(n * spec.splits.train)) if n is not None else None
+    high = 64 if n_train is None else max(4, min(128, (n_train - spec.horizon) // 5))
+    space: dict[str, Distribution] = {
+        "hidden_size": IntRange(type="int", low=16, high=256, log=True),
+        "num_layers": IntRange(type="int", low=1, high=2),
+        "dropout": FloatRange(type="float", low=0.0, high=0.5),
+        "lr": FloatRange(type="float", low=1e-4, high=1e-2, log=True),
+        "batch_size": Categorical(type="categorical", choices=[32, 64, 128]),
+        "seq_len": IntRange(type="int", low=min(4, high), high=high, log=True),
+    }
+    if spec.task == "forecast":
+        space["target_transform"] = Categorical(
+            type="categorical", choices=["none", "diff", "window_norm", "residual"])
+    return {k: v for k, v in space.items() if k not in spec.fixed}
 
 
 # ---- semantic checks ------------------------------------------------------------------------
@@ -388,6 +477,16 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
             if reason:
                 errors.append({"field": field, "reason": reason})
 
+    if spec.task == "classify":
+        tt = spec.search_space.get("target_transform")
+        if (isinstance(tt, Categorical) and tt.choices != ["none"]) or \
+                spec.fixed.get("target_transform", "none") != "none":
+            errors.append({"field": "search_space.target_transform" if tt is not None else
+                           "fixed.target_transform",
+                           "reason": "target transforms apply to forecasting only"})
+    if spec.final is not None and len(spec.objectives) > 1:
+        errors.append({"field": "final", "reason": "final re-training picks one winner, so it "
+                       "needs a single objective"})
     sampler = spec.sampler
     _check_options("sampler", sampler.name, sampler.options, _SAMPLER_OPTIONS[sampler.name],
                    "sampler", errors)

@@ -201,3 +201,38 @@ def test_workers_endpoint_lists_the_fleet(client: TestClient, auth: dict, db: Da
     db.run(lambda s: s.execute(
         update(workers.Worker).values(heartbeat_at=utcnow() - timedelta(seconds=60))))
     assert client.get("/v1/workers", headers=auth).json()[0]["status"] == "lost"
+
+
+def test_final_phase_retrains_the_top_k_with_seeds_then_completes(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, name="F", budget={"n_trials": 4}, final={"top_k": 2, "seeds": 3})
+    values = {}
+    for v in (5.0, 1.0, 3.0, 2.0):  # trial numbers 0..3; the two best are #1 (1.0), #3 (2.0)
+        c = leases.claim(db, storage, owner="w")
+        assert c is not None and c.final_of is None
+        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[v])
+        values[c.number] = (v, c.params)
+    st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "F")))
+    assert st.status == "running" and st.phase == "final" and st.n_trials == 4 + 2 * 3
+    retrains = []
+    while (c := leases.claim(db, storage, owner="w")) is not None:
+        assert c.final_of is not None and c.params == values[c.final_of][1]
+        retrains.append((c.final_of, c.number))
+        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[1.5])
+    assert [r[0] for r in retrains] == [1, 1, 1, 3, 3, 3]
+    assert len({r[1] for r in retrains}) == 6  # each re-train its own number, so its own seed
+    st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "F")))
+    assert st.status == "completed" and st.n_claimed == 10
+    # Optuna holds the re-trains as ordinary trials, marked with their source.
+    marks = [t.user_attrs.get("seqtune_final_of") for t in
+             optuna.load_study(study_name=st.optuna_study_name, storage=storage).trials]
+    assert marks == [None] * 4 + [1, 1, 1, 3, 3, 3]
+
+
+def test_no_final_phase_without_a_completed_trial(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, name="G", budget={"n_trials": 2}, final={"top_k": 2, "seeds": 2})
+    for _ in range(2):
+        c = leases.claim(db, storage, owner="w")
+        assert c is not None
+        leases.finish(db, ostudy(storage, c), c, state="PRUNED", reason="pruned")
+    st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "G")))
+    assert st.status == "completed" and st.phase == "search" and st.n_trials == 2

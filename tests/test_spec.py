@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from service import catalog
 from service.errors import Invalid
 from service.hparams import HPARAMS
-from service.spec import check_spec, load_spec_file, parse_spec
+from service.spec import IntRange, check_spec, load_spec_file, parse_spec
 from tests.conftest import study_body
 
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").glob("*.yaml"))
@@ -156,3 +157,48 @@ def test_explicit_pruner_is_kept_and_hyperband_gets_max_resource() -> None:
 
 def test_catalog_metrics_have_valid_directions() -> None:
     assert all(d in ("minimize", "maximize") for d, _ in catalog.METRICS.values())
+
+
+def test_a_study_naming_no_space_gets_the_default_space_sized_from_the_data() -> None:
+    co2 = parse_spec({"name": "c", "dataset": {"kind": "builtin", "name": "co2"}})
+    check_spec(co2)
+    assert co2.space_defaulted and co2.objectives[0].metric == "val_rmse"
+    space = co2.search_space
+    assert {"hidden_size", "num_layers", "dropout", "lr", "batch_size", "seq_len",
+            "target_transform"} <= set(space)
+    seq = space["seq_len"]
+    assert isinstance(seq, IntRange) and seq.high == 128  # min(128, 1599 // 5)
+    sun = parse_spec({"name": "s", "dataset": {"kind": "builtin", "name": "sunspots"}})
+    assert sun.search_space["seq_len"].high == (216 - 1) // 5  # type: ignore[union-attr]
+    # Stored, so the study view shows it; a re-read spec keeps it as given.
+    again = parse_spec(json.loads(co2.model_dump_json()))
+    assert again.search_space == co2.search_space and not again.space_defaulted
+    # Fixed hyperparameters are left out; an explicit empty space searches nothing.
+    fixed = parse_spec({"name": "f", "dataset": {"kind": "builtin", "name": "co2"},
+                        "fixed": {"seq_len": 52}})
+    assert "seq_len" not in fixed.search_space
+    none = parse_spec({"name": "n", "dataset": {"kind": "builtin", "name": "co2"},
+                       "search_space": {}})
+    assert none.search_space == {}
+    clf = parse_spec({"name": "k", "task": "classify",
+                      "dataset": {"kind": "synthetic", "generator": "parity"}})
+    assert "target_transform" not in clf.search_space
+    assert clf.objectives[0].metric == "val_loss"
+
+
+def test_walk_forward_sizes_the_pruner_over_every_fold_and_checks_are_named() -> None:
+    wf = parse_spec({"name": "w", "dataset": {"kind": "builtin", "name": "sunspots"},
+                     "fixed": {"max_epochs": 40},
+                     "validation": {"scheme": "walk_forward", "folds": 4}})
+    assert wf.n_folds == 4 and wf.pruner.options["max_resource"] == 160
+    with pytest.raises(Invalid) as exc:
+        check_spec(parse_spec({"name": "k", "task": "classify",
+                               "dataset": {"kind": "synthetic", "generator": "parity"},
+                               "fixed": {"target_transform": "diff"}}))
+    assert exc.value.details[0]["field"] == "fixed.target_transform"
+    with pytest.raises(Invalid) as exc:
+        check_spec(parse_spec({"name": "m", "dataset": {"kind": "builtin", "name": "sunspots"},
+                               "objectives": [{"metric": "val_rmse"},
+                                              {"metric": "param_count"}],
+                               "final": {"top_k": 2, "seeds": 3}}))
+    assert exc.value.details[0]["field"] == "final"

@@ -18,7 +18,7 @@ from torch import nn
 
 from service.hparams import HPARAMS
 from worker.model import LSTMModel, ModelArgs, param_count
-from worker.preprocessing import Prepared
+from worker.preprocessing import Prepared, Scaler, TargetTransform
 
 EVAL_BATCH = 4096
 DIVERGED_GRAD_NORM = 1e6
@@ -57,6 +57,7 @@ class Hyper:
     noise_std: float = 0.0
     curriculum: bool = False
     scaler: str = "standard"
+    target_transform: str = "none"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Hyper:
@@ -96,6 +97,7 @@ class TrialResult:
     peak_gpu_mem_bytes: int | None
     precision: str
     checkpoint: dict[str, Any] | None = field(default=None, repr=False)
+    folds: list[dict[str, Any]] | None = None  # walk-forward: each fold's summary
 
     def metric(self, name: str) -> float:
         """An objective's value: a validation metric, param_count or train_seconds."""
@@ -212,9 +214,11 @@ def _macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
 
 def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
              amp: torch.dtype | None, *, baseline: bool = False) -> dict[str, float]:
-    """Metrics of one split. Forecast: loss, RMSE, MAE and MAPE in original units, plus the
-    same in the scaled space (``*_scaled``); with ``baseline`` the persistence forecast's too.
-    Classify: loss (cross-entropy), accuracy, macro F1."""
+    """Metrics of one split. Forecast: loss, RMSE, MAE and MAPE in original units (after the
+    target transform is inverted), the same in the network's space (``*_scaled``), and how many
+    forecast origins were scored (``*_n_targets``); with ``baseline`` the persistence
+    forecast's metrics on the same targets. Classify: loss (cross-entropy), accuracy, macro F1.
+    """
     s = getattr(data, split)
     p = split[:4] if split != "train" else "train"
     out = predict(model, s.x, amp)
@@ -224,18 +228,17 @@ def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
         true = s.y.cpu().numpy()
         return {f"{p}_loss": ce, f"{p}_cross_entropy": ce,
                 f"{p}_accuracy": float(np.mean(pred == true)),
-                f"{p}_f1": _macro_f1(pred, true, len(data.classes))}
+                f"{p}_f1": _macro_f1(pred, true, len(data.classes)),
+                f"{p}_n_targets": float(len(true))}
     pred_t = out.reshape(s.y.shape)
     metrics = {f"{p}_loss": float(loss_fn(pred_t, s.y).item())}
     pred_s, true_s = pred_t.cpu().numpy(), s.y.float().cpu().numpy()
     scaled = _forecast_metrics(pred_s, true_s, p)
     metrics |= {k + "_scaled": v for k, v in scaled.items()}
-    inv = data.scaler.inverse
-    metrics |= _forecast_metrics(inv(pred_s, data.target_idx), inv(true_s, data.target_idx), p)
+    metrics |= _forecast_metrics(data.to_original(pred_s.astype(np.float64), s), s.truth, p)
+    metrics[f"{p}_n_targets"] = float(s.n_targets)
     if baseline and s.persistence is not None:
-        pers = s.persistence.float().cpu().numpy()
-        metrics |= _forecast_metrics(inv(pers, data.target_idx), inv(true_s, data.target_idx),
-                                     f"{p}_persistence")
+        metrics |= _forecast_metrics(s.persistence, s.truth, f"{p}_persistence")
     return metrics
 
 
@@ -420,7 +423,8 @@ def train(cfg: TrainConfig, data: Prepared,
     if best_state is not None and reason not in ("diverged", "interrupted"):
         model.load_state_dict(best_state)  # the test split sees the best epoch's weights
         val_best = {k: v for k, v in curve[best_epoch or 0].items() if k.startswith("val_")}
-        test = evaluate(model, data, "test", loss_fn, amp, baseline=True)
+        if data.test is not None:
+            test = evaluate(model, data, "test", loss_fn, amp, baseline=True)
         checkpoint = make_checkpoint(model, data, hp)
     peak = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
     return TrialResult(
@@ -441,11 +445,12 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def make_checkpoint(model: LSTMModel, data: Prepared, hp: Hyper) -> dict[str, Any]:
     """Everything needed to rebuild the model and predict on new data."""
     return {
-        "format": 1,
+        "format": 2,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": model.args.to_dict(), "task": data.task, "features": data.features,
         "targets": data.targets, "seq_len": data.seq_len, "horizon": data.horizon,
         "target_idx": data.target_idx, "scaler": data.scaler.state(), "classes": data.classes,
+        "target_transform": data.transform.state(),
         "hparams": {f.name: getattr(hp, f.name) for f in fields(hp)},
     }
 
@@ -454,13 +459,12 @@ class Predictor:
     """A trained model rebuilt from a checkpoint: forecasts or classifies new data."""
 
     def __init__(self, ckpt: dict[str, Any], device: str = "cpu") -> None:
-        from worker.preprocessing import Scaler
-
         self.ckpt = ckpt
         self.model = LSTMModel(ModelArgs(**ckpt["model"])).to(device)
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.eval()
         self.scaler = Scaler.from_state(ckpt["scaler"])
+        self.transform = TargetTransform.from_state(ckpt.get("target_transform"))
         self.device = device
 
     @classmethod
@@ -472,7 +476,8 @@ class Predictor:
         """Predict from every full window of ``frame`` (a DataFrame with the feature columns).
 
         Forecast: array (n_windows, horizon, n_targets) in original units, for the steps after
-        each window. Classify: the class of each window's last step.
+        each window (the same windows, transform and inverse as in training). Classify: the
+        class of each window's last step.
         """
         c = self.ckpt
         n_in, L = len(c["features"]), c["seq_len"]
@@ -481,11 +486,13 @@ class Predictor:
         values = frame[cols].to_numpy(dtype=np.float64)
         if len(values) < L:
             raise ValueError(f"need at least seq_len={L} rows, got {len(values)}")
-        scaled = self.scaler.transform(values)[:, :n_in]
-        idx = np.arange(len(values) - L + 1)[:, None] + np.arange(L)[None, :]
-        x = torch.as_tensor(scaled[idx], dtype=torch.float32, device=self.device)
-        out = predict(self.model, x, None).cpu().numpy()
+        z = self.scaler.transform(values)
+        origins = np.arange(L, len(values) + 1)  # after each full window
+        x = self.transform.inputs(z, origins, L, n_in, c["target_idx"])
+        out = predict(self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device),
+                      None).cpu().numpy()
         if c["task"] == "classify":
             return np.asarray(c["classes"])[out.argmax(axis=1)]
-        out = out.reshape(len(out), c["horizon"], len(c["targets"]))
-        return self.scaler.inverse(out, c["target_idx"])
+        out = out.reshape(len(out), c["horizon"], len(c["targets"])).astype(np.float64)
+        anchor = z[origins - 1][:, c["target_idx"]]
+        return self.scaler.inverse(self.transform.invert(out, anchor), c["target_idx"])

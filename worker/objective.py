@@ -2,19 +2,25 @@
 
 This is the objective every worker slot runs: resolve the hyperparameters (searched + fixed),
 prepare the data, train with per-epoch reporting to Optuna's pruner, and return the result.
+``fit`` holds the validation scheme: one hold-out split, or walk-forward folds trained one after
+another, each with its own scaler, reported to the pruner as one continuous run of steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 
 from service.spec import StudySpec
 from worker.engine import Hyper, TrainConfig, TrialResult, train
 from worker.preprocessing import Prepared, prepare
+
+OnEpoch = Callable[[int, dict[str, float]], bool]
 
 
 def monitor_of(spec: StudySpec) -> tuple[str, str]:
@@ -31,20 +37,84 @@ def resolve(spec: StudySpec, params: dict[str, Any]) -> Hyper:
     return Hyper.from_params({**spec.fixed_config(), **params})
 
 
-def prepare_for(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, device: str) -> Prepared:
+def prepare_for(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, device: str,
+                fold: int | None = None) -> Prepared:
+    """The trial's data: the hold-out split, or walk-forward fold ``fold`` (0-based)."""
     return prepare(frame, task=spec.task, seq_len=hp.seq_len, horizon=spec.horizon,
                    fractions=(spec.splits.train, spec.splits.val, spec.splits.test),
                    scaler=hp.scaler, target=spec.target, features=spec.features,
-                   missing=spec.missing, device=device)
+                   missing=spec.missing, device=device,
+                   target_transform=hp.target_transform if spec.task == "forecast" else "none",
+                   fold=None if fold is None else (fold, spec.n_folds),
+                   gap=spec.validation.gap if fold is not None else 0)
+
+
+def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
+        on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[], None] | None = None,
+        on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+        snapshot_every_s: float = 30.0) -> TrialResult:
+    """Train one trial under the study's validation scheme (arguments as ``engine.train``).
+
+    Walk-forward: fold k trains on everything before its validation block (less the gap) and
+    validates on the block. ``on_epoch`` sees step ``k * max_epochs + epoch`` and records with
+    ``fold`` and ``fold_epoch``, so a pruner compares trials fold by fold and a poor trial stops
+    in its first fold. The objective is the mean of the folds' best-epoch validation metrics;
+    the test metrics and the model are the last fold's (trained on the most data)."""
+    if spec.n_folds == 1:
+        data = prepare_for(spec, hp, frame, cfg.device)
+        return train(cfg, data, on_epoch, resume=resume, should_stop=should_stop,
+                     on_step=on_step, on_snapshot=on_snapshot,
+                     snapshot_every_s=snapshot_every_s)
+
+    folds: list[dict[str, Any]] = list(resume["folds_done"]) if resume else []
+    inner = resume["state"] if resume else None
+    curve: list[dict[str, Any]] = list(resume["curve"]) if resume else []
+    results: list[TrialResult] = []
+    for k in range(len(folds), spec.n_folds):
+        data = prepare_for(spec, hp, frame, cfg.device, fold=k)
+        base = k * hp.max_epochs
+
+        def step(epoch: int, record: dict[str, float], k: int = k, base: int = base) -> bool:
+            rec = {**record, "epoch": base + epoch, "fold": k, "fold_epoch": epoch}
+            curve.append(rec)
+            return on_epoch is not None and on_epoch(base + epoch, rec)
+
+        def snapshot(state: dict[str, Any], k: int = k, base: int = base) -> None:
+            if on_snapshot is not None:
+                on_snapshot({"epoch": base + state["epoch"], "fold": k, "folds_done": folds,
+                             "curve": curve, "state": state})
+
+        r = train(cfg, data, step, resume=inner, should_stop=should_stop, on_step=on_step,
+                  on_snapshot=snapshot, snapshot_every_s=snapshot_every_s)
+        inner = None
+        results.append(r)
+        folds.append({"fold": k, "reason": r.reason, "epochs": r.epochs, "val": r.val,
+                      "train_seconds": r.train_seconds, "n_train": int(len(data.train.x)),
+                      "val_origins": [int(data.val.origins[0]), int(data.val.origins[-1])]})
+        if r.reason not in ("early_stopped", "max_epochs"):
+            break
+    last = results[-1]
+    complete = [f for f in folds if f["val"]]
+    val = {key: float(np.mean([f["val"][key] for f in complete]))
+           for key in (complete[-1]["val"] if complete else {})}
+    if complete:
+        val["val_n_targets"] = float(sum(f["val"]["val_n_targets"] for f in complete))
+    return replace(
+        last, val=val, curve=curve, epochs=len(curve), folds=folds,
+        best_epoch=None if last.best_epoch is None else
+        (len(folds) - 1) * hp.max_epochs + last.best_epoch,
+        train_seconds=sum(f["train_seconds"] for f in folds),
+        wall_seconds=sum(r.wall_seconds for r in results))
 
 
 def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: str = "cpu",
         seed: int | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrialResult:
-    """Train the trial's hyperparameters on ``frame``; report each epoch's monitored metric to
+    """Train the trial's hyperparameters on ``frame``; report each step's monitored metric to
     Optuna (single objective) and stop when its pruner says so."""
     hp = resolve(spec, trial.params)
-    data = prepare_for(spec, hp, frame, device)
     monitor, direction = monitor_of(spec)
     single = len(spec.objectives) == 1
 
@@ -61,7 +131,7 @@ def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: st
                       min_delta=spec.early_stopping.min_delta,
                       seed=trial.number if seed is None else seed, device=device,
                       timeout_s=spec.budget.trial_timeout_s)
-    return train(cfg, data, on_epoch=report)
+    return fit(spec, hp, frame, cfg, on_epoch=report)
 
 
 def objective_values(spec: StudySpec, result: TrialResult) -> list[float]:

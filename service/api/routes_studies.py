@@ -10,7 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import datasets, plots, studies, trials
 from service.api.deps import AppState, state, tenant
 from service.errors import Invalid, NotFound
-from service.spec import Scalar, StudySpec, UploadedData, check_spec
+from service.spec import (
+    Scalar,
+    StudySpec,
+    UploadedData,
+    check_spec,
+    default_search_space,
+)
 from service.views import BestView, Page, StudyView, TrialView
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -55,11 +61,14 @@ def _check_with_dataset(st: AppState, who: str, spec: StudySpec) -> None:
     cols = None
     if isinstance(spec.dataset, UploadedData):
         try:
-            cols = datasets.dataset_columns(st.db, tenant=who, dataset_id=spec.dataset.id)
+            ds = datasets.get_dataset(st.db, tenant=who, dataset_id=spec.dataset.id)
         except NotFound:
             raise Invalid("the study names an unknown dataset", details=[
                 {"field": "dataset.id", "reason": "no such dataset; upload it with "
                  "POST /v1/datasets and use the id it returns"}]) from None
+        cols = [c["name"] for c in ds.columns]
+        if spec.space_defaulted:  # size the default seq_len range from the upload's length
+            spec.search_space = default_search_space(spec, ds.n_rows)
     check_spec(spec, uploaded_columns=cols)
 
 

@@ -94,9 +94,9 @@ def test_early_stopping_restores_the_best_epoch(sun) -> None:  # type: ignore[no
     pred = Predictor(r.checkpoint)  # type: ignore[arg-type]
     a, b, c, _ = sun.bounds
     frame = datasets.sunspots()
-    out = pred.predict(frame.iloc[b:c])
+    out = pred.predict(frame.iloc[b - 12:c])  # validation windows reach back into training
     n = len(sun.val.x)
-    truth = sun.scaler.inverse(sun.val.y.numpy(), sun.target_idx)
+    truth = sun.val.truth
     rmse = float(np.sqrt(np.mean((out[:n] - truth) ** 2)))
     assert rmse == pytest.approx(r.val["val_rmse"], rel=1e-4)
 
@@ -140,10 +140,52 @@ def test_checkpoint_round_trip_predicts_the_same(sun, tmp_path: Path) -> None:  
     assert a.shape == (40 - 12 + 1, 2, 1) and np.array_equal(a, b)
     # Test RMSE recomputed from the checkpoint on raw data equals the engine's.
     _, _, c, d = sun.bounds
-    out = Predictor.load(str(path)).predict(datasets.sunspots().iloc[c:d])[: len(sun.test.x)]
-    truth = sun.scaler.inverse(sun.test.y.numpy(), sun.target_idx)
-    assert float(np.sqrt(np.mean((out - truth) ** 2))) == pytest.approx(r.test["test_rmse"],
-                                                                        rel=1e-4)
+    out = Predictor.load(str(path)).predict(datasets.sunspots().iloc[c - 12:d])
+    out = out[: len(sun.test.x)]
+    assert float(np.sqrt(np.mean((out - sun.test.truth) ** 2))) == pytest.approx(
+        r.test["test_rmse"], rel=1e-4)
+    assert r.test["test_n_targets"] == d - c - 2 + 1  # every test origin, fixed by the study
+
+
+@pytest.mark.parametrize("transform", ["none", "diff", "window_norm", "residual"])
+def test_each_target_transform_round_trips_through_predict(transform: str,
+                                                           tmp_path: Path) -> None:
+    co2 = datasets.co2().interpolate()
+    data = prepare(co2, task="forecast", seq_len=16, horizon=3, fractions=F,
+                   target_transform=transform)
+    r = train(TrainConfig(hp=fast(max_epochs=2, target_transform=transform)), data)
+    path = tmp_path / "m.pt"
+    torch.save(r.checkpoint, path)
+    _, _, c, d = data.bounds
+    out = Predictor.load(str(path)).predict(co2.iloc[c - 16:d])[: data.test.n_targets]
+    assert data.test is not None and data.test.truth is not None
+    rmse = float(np.sqrt(np.mean((out - data.test.truth) ** 2)))
+    assert rmse == pytest.approx(r.test["test_rmse"], rel=1e-4)
+    assert r.checkpoint["target_transform"]["kind"] == transform  # type: ignore[index]
+
+
+def test_walk_forward_reports_fold_by_fold_and_averages_the_folds() -> None:
+    spec = parse_spec({"name": "wf", "dataset": {"kind": "builtin", "name": "sunspots"},
+                       "search_space": {},
+                       "fixed": {"max_epochs": 4, "hidden_size": 8, "seq_len": 8},
+                       "early_stopping": {"patience": None},
+                       "validation": {"scheme": "walk_forward", "folds": 3, "gap": 2},
+                       "pruner": {"name": "none"}})
+    steps: list[tuple[int, int]] = []
+    study = optuna.create_study()
+    r = run(spec, study.ask(), datasets.sunspots(),
+            on_epoch=lambda e, rec: steps.append((e, int(rec["fold"]))))
+    assert steps == [(k * 4 + e, k) for k in range(3) for e in range(4)]
+    assert r.folds is not None and [f["fold"] for f in r.folds] == [0, 1, 2]
+    mean = np.mean([f["val"]["val_rmse"] for f in r.folds])
+    assert r.val["val_rmse"] == pytest.approx(mean)
+    assert r.test["test_rmse"] > 0 and r.checkpoint is not None
+    # A pruner sees the steps: a poor trial stops inside its first fold.
+    pruned = parse_spec({**spec.model_dump(), "pruner": {"name": "threshold",
+                                                         "options": {"upper": 1.0}}})
+    study = optuna.create_study(pruner=make_pruner(pruned.pruner))
+    r = run(pruned, study.ask(), datasets.sunspots())
+    assert r.reason == "pruned" and r.folds is not None and len(r.folds) == 1
 
 
 def test_optuna_pruner_prunes_through_the_objective() -> None:
