@@ -34,6 +34,18 @@ BUILTIN: dict[str, DatasetInfo] = {
         description="weekly Mauna Loa CO2 1958-2001 (statsmodels), 2284 points, 59 missing",
         n_points=2284,
     ),
+    "elnino": DatasetInfo(
+        "elnino", ("forecast",), ("sst",), ("sst",),
+        description="monthly El Nino sea surface temperature 1950-2010 (statsmodels), 732 "
+                    "points, seasonal",
+        n_points=732,
+    ),
+    "realgdp": DatasetInfo(
+        "realgdp", ("forecast",), ("realgdp",), ("realgdp",),
+        description="quarterly US real GDP 1959-2009 (statsmodels macrodata), 203 points, "
+                    "trending",
+        n_points=203,
+    ),
 }
 
 SYNTHETIC: dict[str, DatasetInfo] = {

@@ -16,8 +16,9 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
+from service.baselines import label as baseline_label
 from service.client import FINAL_STATUSES, PLOTS, ApiError, Client
-from service.views import StudyView, TrialView
+from service.views import BestView, StudyView, TrialView
 
 EXIT_CODES = """exit codes:
   0  success (with --watch: the study completed its budget)
@@ -120,8 +121,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def status_line(view: StudyView, best: tuple[str, float, int] | None,
-                now: datetime | None = None) -> str:
-    """One line of progress: bar, counts, best so far, elapsed and remaining time."""
+                now: datetime | None = None, *, verdict: dict[str, Any] | None = None) -> str:
+    """One line of progress: bar, counts, best so far (against the best baseline when
+    ``verdict``, BestView.verdict, is given), elapsed and remaining time."""
     t = view.trials
     width = 24
     filled = int(width * t.finished / t.budget) if t.budget else width
@@ -135,23 +137,29 @@ def status_line(view: StudyView, best: tuple[str, float, int] | None,
     else:
         left = "? left"
     best_s = f"best {best[0]}={best[1]:.6g} (#{best[2]})" if best else "best -"
+    if best and verdict:
+        best_s += (f" vs {verdict['baseline']} {verdict['metric']}="
+                   f"{verdict['baseline_val']:.6g}"
+                   + ("" if verdict["beats_baseline"] else " NOT BEATEN"))
     return (f"{view.name} {view.status} [{bar}] {t.finished}/{t.budget} | complete {t.complete} "
             f"pruned {t.pruned} failed {t.failed} running {t.running} | {best_s} | "
             f"{_duration(elapsed)} elapsed, {left}")
 
 
-def _best_of(c: Client, name: str) -> tuple[str, float, int] | None:
+def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None,
+                                             dict[str, Any] | None]:
+    """(metric, value, trial number) of the best so far, or None; and BestView.verdict."""
     try:
         b = c.best(name)
     except ApiError as exc:
         if exc.status == 404:
-            return None
+            return None, None
         raise
     trial = b.best or (b.pareto_front[0] if b.pareto_front else None)
     if trial is None or trial.value is None and not trial.values:
-        return None
+        return None, None
     value = trial.value if trial.value is not None else (trial.values or [float("nan")])[0]
-    return b.metrics[0], value, trial.number
+    return (b.metrics[0], value, trial.number), b.verdict
 
 
 def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
@@ -161,14 +169,16 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
     try:
         while True:
             view = c.study(name)
-            best = _best_of(c, name)
+            best, verdict = _best_of(c, name)
             if args.json:
                 line = json.dumps({"name": view.name, "status": view.status,
                                    "trials": view.trials.model_dump(),
                                    "best": None if best is None else
-                                   {"metric": best[0], "value": best[1], "trial": best[2]}})
+                                   {"metric": best[0], "value": best[1], "trial": best[2]},
+                                   "beats_baseline": None if verdict is None else
+                                   verdict["beats_baseline"]})
             else:
-                line = status_line(view, best)
+                line = status_line(view, best, verdict=verdict)
             if tty and not args.json:
                 sys.stdout.write("\r\x1b[2K" + line)
                 sys.stdout.flush()
@@ -196,7 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(_dump(view))
         else:
-            print(status_line(view, _best_of(c, args.name)))
+            best, verdict = _best_of(c, args.name)
+            print(status_line(view, best, verdict=verdict))
     return 0
 
 
@@ -204,30 +215,130 @@ def cmd_best(args: argparse.Namespace) -> int:
     with client_of(args) as c:
         b = c.best(args.name)
     if args.json:
-        print(_dump(b))
+        print(_dump(b))  # everything: best/front, baselines, verdict, final
         return 0
-    trials = [b.best] if b.best else list(b.pareto_front or [])
-    if b.pareto_front:
-        print(f"{args.name}: Pareto front of {len(trials)} trial(s) over "
-              f"{', '.join(b.metrics)}")
-    for t in trials:
-        _print_trial(t, b.metrics)
+    print_best(b)
     return 0
 
 
-def _print_trial(t: TrialView, metrics: list[str]) -> None:
+def print_best(b: BestView, out: TextIO | None = None) -> None:
+    """``seqtune best`` for people: the best trial (or the front) with its params and test
+    metrics, the baselines table and the verdict, then the final phase's summary."""
+    out = out or sys.stdout
+    trials = [b.best] if b.best else list(b.pareto_front or [])
+    if b.pareto_front:
+        print(f"{b.study}: Pareto front of {len(trials)} trial(s) over "
+              f"{', '.join(b.metrics)}", file=out)
+    for t in trials:
+        _print_trial(t, b.metrics, out)
+    _print_baselines(b, out)
+    _print_final(b, out)
+
+
+# The baselines table's row order, simplest first (Postgres' JSONB does not keep key order).
+_BASELINE_ORDER = ("persistence", "seasonal_naive", "mean", "ets", "ar", "arima", "majority",
+                   "logistic")
+
+
+def _print_baselines(b: BestView, out: TextIO) -> None:
+    bl = b.baselines
+    if bl is None:
+        print("baselines: not computed yet (the first worker to claim a trial computes them)",
+              file=out)
+        return
+    status = bl.get("status")
+    if status == "computing":
+        print(f"baselines: still computing (by {bl.get('owner', '?')} since "
+              f"{bl.get('since', '?')})", file=out)
+        return
+    if status != "done":
+        print(f"baselines: failed: {bl.get('error') or status}", file=out)
+        return
+    models: dict[str, Any] = bl.get("models") or {}
+    best_name = bl.get("best")
+    classify = bl.get("task") == "classify"
+    # (column title, split, metric): the baseline's models[name][split][metric], the trial's
+    # info['val']['val_' + metric] or test_metrics['test_' + metric].
+    cols = ([("val accuracy", "val", "accuracy"), ("test accuracy", "test", "accuracy"),
+             ("test F1", "test", "f1")] if classify else
+            [("val RMSE", "val", "rmse"), ("test RMSE", "test", "rmse"),
+             ("test MASE", "test", "mase")])
+    rows: list[list[Any]] = []
+    order = {n: i for i, n in enumerate(_BASELINE_ORDER)}
+    for name, m in sorted(models.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+        mark = " *" if name == best_name else ""
+        rows.append([baseline_label(name, bl) + mark,
+                     *((m.get(split) or {}).get(k) for _, split, k in cols)])
+    t = b.best
+    if t is not None:  # the trial's own row, for the comparison at a glance
+        val, tm = (t.info.get("val") or {}), (t.test_metrics or {})
+        scale = bl.get("mase_scale")
+        cells: list[Any] = [val.get(f"val_{k}") if split == "val" else tm.get(f"test_{k}")
+                            for _, split, k in cols]
+        if not classify:
+            mae = tm.get("test_mae")
+            cells[2] = (mae / scale if isinstance(mae, int | float)
+                        and isinstance(scale, int | float) and scale > 0 else None)
+        rows.append([f"trial {t.number}", *cells])
+    what = [f"{bl.get('n_val_targets', '?')} val / {bl.get('n_test_targets', '?')} test targets"]
+    if not classify:
+        what.append(f"horizon {bl.get('horizon', '?')}")
+        if bl.get("season"):
+            what.append(f"season {bl['season']}")
+    print(f"baselines ({', '.join(what)}; * = best on validation):", file=out)
+    table(rows, ["model", *(c[0] for c in cols)], out)
+    for name, why in (bl.get("skipped") or {}).items():
+        print(f"  skipped {name}: {why}", file=out)
+    if b.verdict:
+        print(b.verdict["message"], file=out)
+    print(file=out)
+
+
+def _pm(stat: dict[str, Any] | None) -> str:
+    """'mean ± sd' of a {"mean", "sd"} summary."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    sd = stat.get("sd")
+    return f"{stat['mean']:.6g}" + (f" ± {sd:.3g}" if sd is not None else "")
+
+
+def _print_final(b: BestView, out: TextIO) -> None:
+    f = b.final
+    if not f:
+        return
+    groups = f.get("groups") or []
+    if not groups:
+        print("final phase: no re-train has completed yet", file=out)
+        return
+    metric = b.metrics[0] if b.metrics else "value"
+    winner = f.get("winner")
+    print(f"final phase: {len(groups)} configuration(s) re-trained with "
+          f"seeds; mean ± sd of {metric} over the re-trains", file=out)
+    table([[f"{g['trial']}{' *' if g['trial'] == winner else ''}", g["n"],
+            _pm({"mean": g.get("value_mean"), "sd": g.get("value_sd")})] for g in groups],
+          ["trial", "seeds", metric], out)
+    won = next((g for g in groups if g["trial"] == winner), None)
+    if won is not None:
+        tests = "  ".join(f"{k}={_pm(v)}" for k, v in (won.get("test") or {}).items())
+        print(f"winner: trial {winner} ({won['n']} re-trains); test metrics: {tests or '-'}",
+              file=out)
+    print(file=out)
+
+
+def _print_trial(t: TrialView, metrics: list[str], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     values = t.values if t.values else [t.value]
     shown = ", ".join(f"{m}={_cell(v)}" for m, v in zip(metrics, values, strict=False))
-    print(f"trial {t.number}: {shown}  ({t.epochs} epochs, {t.reason or t.state})")
-    table([[k, v] for k, v in sorted(t.params.items())], ["param", "value"])
+    print(f"trial {t.number}: {shown}  ({t.epochs} epochs, {t.reason or t.state})", file=out)
+    table([[k, v] for k, v in sorted(t.params.items())], ["param", "value"], out)
     if t.test_metrics:
         tm = t.test_metrics
         flat = {k: v for k, v in tm.items() if not isinstance(v, dict)}
-        print("test metrics: " + _cell(flat))
+        print("test metrics: " + _cell(flat), file=out)
         for k, v in tm.items():
             if isinstance(v, dict):
-                print(f"  {k}: {_cell(v)}")
-    print()
+                print(f"  {k}: {_cell(v)}", file=out)
+    print(file=out)
 
 
 def cmd_trials(args: argparse.Namespace) -> int:

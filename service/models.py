@@ -29,6 +29,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # JSONB on Postgres, JSON text elsewhere (SQLite).
 JsonType = JSON().with_variant(JSONB(), "postgresql")
+# The same, but Python None is SQL NULL rather than JSON 'null': for columns whose NULL means
+# "not yet" and is tested with IS NULL in compare-and-set statements (studies.baselines).
+NullableJsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -111,6 +114,12 @@ class Study(Base):
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                             nullable=True)
+    # Classical baselines, computed once per study by the first worker that claims one of its
+    # trials (service.baselines): NULL until claimed, then {"status": "computing" | "done" |
+    # "failed", ...}.
+    baselines: Mapped[dict[str, Any] | None] = mapped_column(NullableJsonType, nullable=True)
+    # 'search' while sampling; 'final' once the top configurations are re-trained with seeds.
+    phase: Mapped[str] = mapped_column(String(16), default="search", server_default="search")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -130,6 +139,8 @@ class Trial(Base):
         Index(None, "state", "lease_renewed_at"),
         # Optuna's trial ids are unique in its storage; claims look rows up by it after ask().
         Index(None, "optuna_trial_id", unique=True),
+        # Serves GET /best's final-phase summary: a study's re-train trials without a scan.
+        Index(None, "study_id", "final_of"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
@@ -152,6 +163,9 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Final phase: the number of the search trial whose hyperparameters this trial re-trains
+    # with another seed; NULL for search trials. Re-trains never count as the study's best.
+    final_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The lease: the attempt that owns a RUNNING trial, fenced by a number every steal bumps.
     # RUNNING with no owner = waiting for a worker to resume it (after a lost lease or SIGTERM).
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import statistics
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +18,7 @@ import optuna
 from sqlalchemy import Connection, bindparam, case, select
 from sqlalchemy.orm import Session
 
+from service.baselines import verdict
 from service.db import Database
 from service.errors import AlreadyExists, Conflict, Invalid, NotFound
 from service.models import Study, Trial, utcnow
@@ -44,6 +47,7 @@ def study_view(row: Any) -> StudyView:
         optuna_study_id=getattr(row, "optuna_study_id", None), directions=row.directions,
         priority=row.priority, spec=row.spec, created_at=row.created_at,
         updated_at=row.updated_at, finished_at=row.finished_at,
+        baselines=row.baselines, phase=row.phase or "search",
         trials=TrialCounts(
             waiting=row.n_waiting, running=row.n_running, complete=row.n_complete,
             pruned=row.n_pruned, failed=row.n_failed, finished=finished, budget=row.n_trials,
@@ -221,28 +225,41 @@ def trial_view(t: Any, *, with_curve: bool = False) -> TrialView:
         reason=t.reason, test_metrics=t.test_metrics, info=t.info or {},
         curve=t.curve if with_curve else None, epochs=t.epochs, worker=t.worker,
         attempts=t.attempts, error=t.error, created_at=t.created_at, started_at=t.started_at,
-        finished_at=t.finished_at, duration_s=duration,
+        finished_at=t.finished_at, duration_s=duration, final_of=t.final_of,
     )
 
 
-
-
 def _best_id(descending: bool) -> Any:
-    """Correlated subquery: the id of the study's best COMPLETE trial in one direction."""
+    """Correlated subquery: the id of the study's best COMPLETE search trial (final-phase
+    re-trains excluded) in one direction."""
     bt = _TRIALS.alias("bt")
     order = bt.c.value.desc() if descending else bt.c.value.asc()
     return (select(bt.c.id)
             .where(bt.c.study_id == _STUDIES.c.id, bt.c.state == "COMPLETE",
-                   bt.c.value.is_not(None))
+                   bt.c.value.is_not(None), bt.c.final_of.is_(None))
             .order_by(order, bt.c.number).limit(1)
             .correlate(_STUDIES).scalar_subquery())
 
 
+def _has_final() -> Any:
+    """Correlated EXISTS: the study has a COMPLETE final-phase re-train. Served by the
+    (study_id, final_of) index, so a study without re-trains costs one index probe."""
+    ft = _TRIALS.alias("ft")
+    return (select(ft.c.id)
+            .where(ft.c.study_id == _STUDIES.c.id, ft.c.final_of.is_not(None),
+                   ft.c.state == "COMPLETE")
+            .correlate(_STUDIES).exists())
+
+
 # One statement, two index lookups: the study by (tenant, name), then the first row of the
-# (study_id, state, value) index in the study's direction. Never reads the other trials.
+# (study_id, state, value) index in the study's direction (plus one probe of the
+# (study_id, final_of) index). Never reads the other trials.
 _BEST_STMT = (
     select(_STUDIES.c.id.label("study_pk"), _STUDIES.c.directions,
-           _STUDIES.c.spec["objectives"].label("objectives"), *_TRIAL_COLS)
+           _STUDIES.c.spec["objectives"].label("objectives"),
+           _STUDIES.c.task.label("study_task"), _STUDIES.c.phase.label("study_phase"),
+           _STUDIES.c.baselines.label("study_baselines"), _has_final().label("has_final"),
+           *_TRIAL_COLS)
     .select_from(_STUDIES.outerjoin(_TRIALS, _TRIALS.c.id == case(
         (_STUDIES.c.directions[0].as_string() == "maximize", _best_id(True)),
         else_=_best_id(False))))
@@ -250,10 +267,72 @@ _BEST_STMT = (
 )
 
 
-def best(db: Database, *, tenant: str, name: str) -> BestView:
-    """The best trial (one objective) or the Pareto front (several), read by index.
+def _mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); the SD is None below two values."""
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
-    Raises NotFound for an unknown study and until a trial has completed.
+
+def _finite_num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def final_summary(phase: str, directions: list[str],
+                  rows: list[tuple[int, float | None, dict[str, Any] | None]]) -> dict[str, Any]:
+    """The final phase's re-trains grouped by the search trial they re-train.
+
+    ``rows`` are ``(final_of, value, test_metrics)`` of COMPLETE re-trains. Returns::
+
+        {"phase": "search" | "final",
+         "groups": [{"trial": N, "n": count, "value_mean": float | None,
+                     "value_sd": float | None,
+                     "test": {"test_rmse": {"mean": float, "sd": float | None}, ...}}, ...],
+         "winner": N | None}
+
+    Groups come best first (by ``value_mean`` in the study's direction, then trial number);
+    ``value`` is the first objective's. SDs are sample SDs, None with one re-train. ``test``
+    holds the numeric test metrics (nested dicts skipped), each over the re-trains that report
+    it. ``winner`` is the best group's trial, single-objective studies only (else None).
+    """
+    by: dict[int, list[tuple[float | None, dict[str, Any]]]] = {}
+    for final_of, value, tm in rows:
+        by.setdefault(final_of, []).append((_finite_num(value), tm or {}))
+    groups: list[dict[str, Any]] = []
+    for trial, members in by.items():
+        mean, sd = _mean_sd([v for v, _ in members if v is not None])
+        test: dict[str, dict[str, float | None]] = {}
+        keys = sorted({k for _, tm in members for k in tm})
+        for k in keys:
+            xs = [x for _, tm in members if (x := _finite_num(tm.get(k))) is not None]
+            if xs:
+                km, ksd = _mean_sd(xs)
+                test[k] = {"mean": km, "sd": ksd}
+        groups.append({"trial": trial, "n": len(members), "value_mean": mean, "value_sd": sd,
+                       "test": test})
+    sign = -1.0 if directions and directions[0] == "maximize" else 1.0
+    groups.sort(key=lambda g: (g["value_mean"] is None,
+                               sign * g["value_mean"] if g["value_mean"] is not None else 0.0,
+                               g["trial"]))
+    winner = (groups[0]["trial"] if len(directions) == 1 and groups
+              and groups[0]["value_mean"] is not None else None)
+    return {"phase": phase, "groups": groups, "winner": winner}
+
+
+def best(db: Database, *, tenant: str, name: str) -> BestView:
+    """The best trial (one objective) or the Pareto front (several), read by index, with the
+    study's baselines, the verdict of the best trial against them, and the final phase.
+
+    Final-phase re-trains (``final_of`` set) are never the best trial nor on the front. When
+    re-trains completed, ``final`` groups them (see ``final_summary``), and with a winner
+    ``best`` is the search trial whose hyperparameters won on mean value over the seeds (its
+    own model is the one to download). ``final`` is None in the search phase without
+    re-trains; in the final phase before any re-train completed it has no groups yet.
+    ``verdict`` (single objective only) judges ``best`` (see ``service.baselines.verdict``).
+
+    Raises NotFound for an unknown study and until a search trial has completed.
     """
 
     def read(conn: Connection) -> BestView:
@@ -262,19 +341,41 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
             raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
         m = row._mapping
         directions, metrics = m["directions"], [o["metric"] for o in m["objectives"]]
+        baselines, phase = m["study_baselines"], m["study_phase"] or "search"
+        final = None
+        # Only studies with re-trains (or in their final phase) read them: a search-phase
+        # study stays at one statement.
+        if m["has_final"] or phase != "search":
+            rows = conn.execute(
+                select(_TRIALS.c.final_of, _TRIALS.c.value, _TRIALS.c.test_metrics)
+                .where(_TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == "COMPLETE",
+                       _TRIALS.c.final_of.is_not(None))
+                .order_by(_TRIALS.c.final_of, _TRIALS.c.number)).all()
+            final = final_summary(phase, directions, [(r[0], r[1], r[2]) for r in rows])
         if len(directions) == 1:
             if m["id"] is None:
                 raise NotFound(f"study '{name}' has no completed trial yet")
-            return BestView(study=name, directions=directions, metrics=metrics,
-                            best=trial_view(SimpleNamespace(**m, curve=None)))
+            best_t = trial_view(SimpleNamespace(**m, curve=None))
+            if final is not None and final["winner"] is not None \
+                    and final["winner"] != best_t.number:
+                won = conn.execute(select(*_TRIAL_COLS).where(
+                    _TRIALS.c.study_id == m["study_pk"],
+                    _TRIALS.c.number == final["winner"])).one_or_none()
+                if won is not None:  # else the search trial is gone: keep the index's best
+                    best_t = trial_view(SimpleNamespace(**won._mapping, curve=None))
+            return BestView(study=name, directions=directions, metrics=metrics, best=best_t,
+                            baselines=baselines, final=final,
+                            verdict=verdict(baselines, best_t, m["study_task"]))
         front = conn.execute(select(*_TRIAL_COLS).where(
             _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == "COMPLETE",
-            _TRIALS.c.on_front.is_(True)).order_by(_TRIALS.c.number)).all()
+            _TRIALS.c.on_front.is_(True), _TRIALS.c.final_of.is_(None))
+            .order_by(_TRIALS.c.number)).all()
         if not front:
             raise NotFound(f"study '{name}' has no completed trial yet")
         return BestView(study=name, directions=directions, metrics=metrics,
                         pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None))
-                                      for f in front])
+                                      for f in front],
+                        baselines=baselines, final=final)
 
     return db.read(read)
 

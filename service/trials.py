@@ -22,7 +22,7 @@ from service.errors import Conflict, Invalid, NotFound
 from service.models import Checkpoint, Study, Trial
 from service.optuna_bridge import distributions
 from service.spec import StudySpec
-from service.studies import study_row, trial_view
+from service.studies import best, study_row, trial_view
 from service.views import Page, TrialView
 
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
@@ -77,25 +77,21 @@ def model_checkpoint(db: Database, *, tenant: str, name: str,
     the best trial when None. Raises NotFound (no such study/trial, or no model yet) and
     Conflict for the best of a multi-objective study (the front has several)."""
 
+    if number is None:
+        # The trial GET /best shows (the final phase's winner included): one definition of
+        # "best" for the view and the model.
+        view = best(db, tenant=tenant, name=name)
+        if view.best is None:
+            raise Conflict(f"study '{name}' has several objectives, so no single best "
+                           "model: pick a trial of GET /v1/studies/{name}/best and download"
+                           " /v1/studies/{name}/trials/{number}/model")
+        number = view.best.number
+
     def txn(s: Session) -> tuple[int, bytes]:
         study = study_row(s, tenant, name)
-        if number is None:
-            if len(study.directions) > 1:
-                raise Conflict(f"study '{name}' has several objectives, so no single best "
-                               "model: pick a trial of GET /v1/studies/{name}/best and download"
-                               " /v1/studies/{name}/trials/{number}/model")
-            order = (Trial.value.desc() if study.directions[0] == "maximize"
-                     else Trial.value.asc())
-            t = s.scalar(select(Trial).where(Trial.study_id == study.id,
-                                             Trial.state == "COMPLETE", Trial.value.is_not(None))
-                         .order_by(order, Trial.number).limit(1))
-            if t is None:
-                raise NotFound(f"study '{name}' has no completed trial yet")
-        else:
-            t = s.scalar(select(Trial).where(Trial.study_id == study.id,
-                                             Trial.number == number))
-            if t is None:
-                raise NotFound(f"study '{name}' has no trial {number}")
+        t = s.scalar(select(Trial).where(Trial.study_id == study.id, Trial.number == number))
+        if t is None:
+            raise NotFound(f"study '{name}' has no trial {number}")
         data = s.scalar(select(Checkpoint.data).where(Checkpoint.trial_id == t.id,
                                                       Checkpoint.kind == "best"))
         if data is None:

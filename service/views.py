@@ -40,6 +40,10 @@ class StudyView(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
+    # Classical baselines (see service.baselines): None until a worker claims them, then
+    # {"status": "computing" | "done" | "failed", ...}.
+    baselines: dict[str, Any] | None = None
+    phase: str = "search"  # 'search', or 'final' while/after the top configs are re-trained
 
 
 class TrialView(BaseModel):
@@ -60,6 +64,7 @@ class TrialView(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_s: float | None = None
+    final_of: int | None = None  # a final-phase re-train of this search trial's params
 
 
 class BestView(BaseModel):
@@ -68,6 +73,13 @@ class BestView(BaseModel):
     metrics: list[str]
     best: TrialView | None = None  # single objective
     pareto_front: list[TrialView] | None = None  # several objectives
+    baselines: dict[str, Any] | None = None  # the study's baselines record, as stored
+    # The best trial against the best baseline on validation (service.baselines.verdict);
+    # None without finished baselines, with several objectives, or without the metric.
+    verdict: dict[str, Any] | None = None
+    # The final phase's re-trains grouped by search trial (service.studies.final_summary);
+    # None while the study is in its search phase and has no finished re-train.
+    final: dict[str, Any] | None = None
 
 
 class DatasetView(BaseModel):

@@ -33,6 +33,22 @@ def co2() -> pd.DataFrame:
     return sm.datasets.co2.load_pandas().data[["co2"]].reset_index(drop=True).astype("float64")
 
 
+def elnino() -> pd.DataFrame:
+    """Monthly El Nino sea surface temperatures 1950-2010 (statsmodels), one row per month."""
+    import statsmodels.api as sm
+
+    wide = sm.datasets.elnino.load_pandas().data.drop(columns="YEAR")
+    return pd.DataFrame({"sst": wide.to_numpy(dtype=np.float64).ravel()})
+
+
+def realgdp() -> pd.DataFrame:
+    """Quarterly US real GDP 1959-2009 (statsmodels macrodata): a trending series."""
+    import statsmodels.api as sm
+
+    data = sm.datasets.macrodata.load_pandas().data
+    return data[["realgdp"]].reset_index(drop=True).astype("float64")
+
+
 def sine(n: int, rng: np.random.Generator, n_components: float = 3, noise: float = 0.1
          ) -> pd.DataFrame:
     t = np.arange(n, dtype=np.float64)
@@ -107,7 +123,9 @@ def waveforms(n: int, rng: np.random.Generator, n_classes: float = 4, noise: flo
     return pd.DataFrame({"signal": signal, "label": label})
 
 
-BUILTIN: dict[str, Callable[[], pd.DataFrame]] = {"sunspots": sunspots, "co2": co2}
+BUILTIN: dict[str, Callable[[], pd.DataFrame]] = {
+    "sunspots": sunspots, "co2": co2, "elnino": elnino, "realgdp": realgdp,
+}
 GENERATORS: dict[str, Callable[..., pd.DataFrame]] = {
     "sine": sine, "mackey_glass": mackey_glass, "ar": ar, "parity": parity,
     "waveforms": waveforms,

@@ -8,6 +8,7 @@ another, each with its own scaler, reported to the pruner as one continuous run 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,9 +17,10 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from service.spec import StudySpec
+from service.spec import Categorical, IntRange, StudySpec
+from worker import baselines
 from worker.engine import Hyper, TrainConfig, TrialResult, train
-from worker.preprocessing import Prepared, prepare
+from worker.preprocessing import Prepared, fill_missing, prepare, split_bounds
 
 OnEpoch = Callable[[int, dict[str, float]], bool]
 
@@ -132,6 +134,34 @@ def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: st
                       seed=trial.number if seed is None else seed, device=device,
                       timeout_s=spec.budget.trial_timeout_s)
     return fit(spec, hp, frame, cfg, on_epoch=report)
+
+
+def study_baselines(spec: StudySpec, frame: pd.DataFrame) -> dict[str, Any]:
+    """The study's classical baselines (``worker.baselines``), scored on the targets its
+    trials are scored on: the same columns, missing-value handling, splits and horizon.
+    Classification windows take the study's fixed ``seq_len``, or the searched range's
+    geometric middle (the baselines are computed once, not per trial)."""
+    fractions = (spec.splits.train, spec.splits.val, spec.splits.test)
+    if spec.task == "forecast":
+        numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        targets = spec.target or numeric[:1]
+        filled = fill_missing(frame, spec.missing, targets, fractions)
+        values = filled[targets].to_numpy(dtype=np.float64)
+        return baselines.forecast_baselines(values, split_bounds(len(values), fractions),
+                                            spec.horizon, season=spec.season)
+    dist = spec.search_space.get("seq_len")
+    seq_len = int(spec.fixed_config().get("seq_len", 24))  # type: ignore[arg-type]
+    if isinstance(dist, IntRange):
+        seq_len = int(round(math.sqrt(max(dist.low, 1) * dist.high)))
+    elif isinstance(dist, Categorical):
+        seq_len = int(dist.choices[0])  # type: ignore[arg-type]
+    data = prepare(frame, task="classify", seq_len=seq_len, horizon=1, fractions=fractions,
+                   target=spec.target, features=spec.features, missing=spec.missing)
+    assert data.test is not None
+    parts = [(s.x.numpy().astype(np.float64), s.y.numpy()) for s in
+             (data.train, data.val, data.test)]
+    out = baselines.classify_baselines(parts[0], parts[1], parts[2], len(data.classes))
+    return {**out, "seq_len": seq_len}
 
 
 def objective_values(spec: StudySpec, result: TrialResult) -> list[float]:

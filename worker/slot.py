@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 import torch
 
+from service import baselines as service_baselines
 from service import datasets as service_datasets
 from service import leases, workers
 from service.db import Database
@@ -33,8 +34,15 @@ from service.optuna_bridge import make_storage
 from service.settings import Settings
 from service.spec import StudySpec
 from worker import datasets, gpu_memory
-from worker.engine import TrainConfig, TrialResult, train
-from worker.objective import monitor_of, objective_values, prepare_for, resolve
+from worker.engine import TrainConfig, TrialResult
+from worker.objective import (
+    fit,
+    monitor_of,
+    objective_values,
+    prepare_for,
+    resolve,
+    study_baselines,
+)
 from worker.preprocessing import DataError
 
 log = logging.getLogger("seqtune.worker")
@@ -235,11 +243,32 @@ class Slot:
 
     def _train(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial) -> TrialResult:
         hp = resolve(spec, c.params)
-        data = prepare_for(spec, hp, self._frame(c, spec), self.cfg.device)
+        frame = self._frame(c, spec)
+        self._baselines(c, spec, frame)
+        # The hold-out split sizes the memory estimate (walk-forward folds train on less).
+        data = prepare_for(spec, hp, frame, self.cfg.device)
         self._estimate = gpu_memory.estimate_bytes(gpu_memory.shape_of(hp, data,
                                                                        self.cfg.device))
         with self._gpu_room(c, self._estimate):
-            return self._train_on(c, spec, trial, hp, data)
+            return self._train_on(c, spec, trial, hp, frame)
+
+    def _baselines(self, c: leases.Claim, spec: StudySpec, frame: Any) -> None:
+        """Compute the study's classical baselines once, before its first trial trains: the
+        first slot to claim them does the work, the others go on training. A failure is
+        recorded on the study (the view says why) and never fails the trial."""
+        if not service_baselines.claim(self.db, study_id=c.study_id, owner=self.worker_id):
+            return
+        try:
+            result = study_baselines(spec, frame)
+        except Exception as exc:  # noqa: BLE001 - the trial goes on without baselines
+            log.exception("baselines of %s failed", c.study_name)
+            service_baselines.fail(self.db, study_id=c.study_id, owner=self.worker_id,
+                                   error=leases.error_text(exc))
+            return
+        service_baselines.store(self.db, study_id=c.study_id, owner=self.worker_id,
+                                result=result)
+        log.info("baselines of %s: best %s (%.1fs)", c.study_name, result.get("best"),
+                 result.get("seconds", 0.0))
 
     @contextmanager
     def _gpu_room(self, c: leases.Claim, need: int) -> Iterator[None]:
@@ -268,7 +297,7 @@ class Slot:
             ledger.release(owner)
 
     def _train_on(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial, hp: Any,
-                  data: Any) -> TrialResult:
+                  frame: Any) -> TrialResult:
         monitor, direction = monitor_of(spec)
         single = len(spec.objectives) == 1
         resume = None
@@ -290,7 +319,8 @@ class Slot:
                     if k != "epoch" and isinstance(v, int | float):
                         tb.add_scalar(k, v, epoch)
                 tb.flush()
-            return single and trial.should_prune()
+            # A final-phase re-train measures a configuration's spread: it runs to the end.
+            return single and c.final_of is None and trial.should_prune()
 
         def on_snapshot(state: dict[str, Any]) -> None:
             buf = io.BytesIO()
@@ -303,9 +333,10 @@ class Slot:
                           min_delta=spec.early_stopping.min_delta, seed=c.number,
                           device=self.cfg.device, timeout_s=spec.budget.trial_timeout_s)
         try:
-            return train(cfg, data, on_epoch, resume=resume, should_stop=self.signals.stop.is_set,
-                         on_step=self.hb.bump, on_snapshot=on_snapshot,
-                         snapshot_every_s=self.settings.checkpoint_every_s)
+            return fit(spec, hp, frame, cfg, on_epoch=on_epoch, resume=resume,
+                       should_stop=self.signals.stop.is_set, on_step=self.hb.bump,
+                       on_snapshot=on_snapshot,
+                       snapshot_every_s=self.settings.checkpoint_every_s)
         finally:
             if tb is not None:
                 tb.close()
@@ -320,6 +351,8 @@ class Slot:
                 "samples_per_s": r.samples_per_s, "peak_gpu_mem_bytes": r.peak_gpu_mem_bytes,
                 "precision": r.precision, "device": self.cfg.device, "val": r.val,
                 "gpu_mem_estimate_bytes": getattr(self, "_estimate", None)}
+        if r.folds is not None:
+            info["folds"] = r.folds
         if r.reason in ("pruned", "diverged"):
             self._finish(ostudy, c, state="PRUNED", reason=r.reason, info=info)
             return

@@ -25,8 +25,10 @@ def test_registry_matches_the_catalog() -> None:
         assert tuple(numeric) == catalog.synthetic_columns(name, {}), name
         assert ("label" in frame.columns) == ("classify" in info.tasks)
         assert len(frame) == 300
-    assert list(datasets.sunspots().columns) == list(catalog.BUILTIN["sunspots"].columns)
-    assert list(datasets.co2().columns) == list(catalog.BUILTIN["co2"].columns)
+    for name, load in datasets.BUILTIN.items():
+        frame = load()
+        assert list(frame.columns) == list(catalog.BUILTIN[name].columns), name
+        assert len(frame) == catalog.BUILTIN[name].n_points, name
 
 
 def test_generators_are_seeded() -> None:
