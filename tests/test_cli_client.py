@@ -85,6 +85,14 @@ def test_cli_from_submit_to_prediction(live: tuple[str, str], tmp_path: Path,
     trials = json.loads(st(env, "trials", "cli-sun", "--json").stdout)["items"]
     assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
     assert best["best"]["value"] == min(t["value"] for t in trials)
+    # The worker computed the study's classical baselines once; best shows them beside the
+    # trial, with a verdict on validation, in the table and as JSON.
+    base = best["baselines"]
+    assert base["status"] == "done" and base["best"] in base["models"]
+    assert {"persistence", "ar", "arima", "ets", "mean"} <= set(base["models"])
+    assert base["n_test_targets"] == best["best"]["test_metrics"]["test_n_targets"]
+    assert best["verdict"]["baseline"] == base["best"] and best["verdict"]["message"]
+    assert "persistence" in r.stdout and best["verdict"]["message"] in r.stdout
     status = json.loads(st(env, "status", "cli-sun", "--json").stdout)  # the study view
     assert status["status"] == "completed" and status["trials"]["complete"] == 3
     r = st(env, "studies")
