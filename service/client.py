@@ -8,11 +8,14 @@
     c.download_model("sunspots-lstm", "best.pt")
 
 Every error the service answers becomes an :class:`ApiError` carrying its status, code, message
-and field details; a service that cannot be reached becomes :class:`ServiceUnreachable`.
+and field details; a service that cannot be reached becomes :class:`ServiceUnreachable`, and one
+that does not answer within the timeout (``timeout_s``, default ``SEQTUNE_TIMEOUT`` or 60 s)
+:class:`ServiceTimeout`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +26,12 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
+from service.spec import load_yaml
 from service.views import BestView, DatasetView, Page, StudyView, TrialView
 from service.workers import WorkerView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 60.0
 FINAL_STATUSES = frozenset({"completed", "stopped", "failed", "timed_out"})
 PLOTS = ("history", "importance", "intermediate", "parallel", "contour")
 M = TypeVar("M", bound=BaseModel)
@@ -50,20 +55,49 @@ class ServiceUnreachable(Exception):
     """No answer from the service (not running, wrong URL, network)."""
 
 
+class ServiceTimeout(Exception):
+    """The service was reached but did not answer within the client's timeout; the request may
+    still be running there (a contour plot of a large study can take minutes). Deliberately not
+    a ServiceUnreachable: the service is up, and the fix is a longer timeout, not starting it."""
+
+
+def timeout_from_env(value: float | None = None) -> float:
+    """The timeout in seconds: ``value``, else ``SEQTUNE_TIMEOUT``, else 60. Raises ValueError
+    naming the source for anything but a positive finite number."""
+    source = "timeout"
+    if value is None:
+        raw = os.environ.get("SEQTUNE_TIMEOUT", "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        source = "SEQTUNE_TIMEOUT"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"SEQTUNE_TIMEOUT must be a number of seconds, not {raw!r}") \
+                from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{source} must be a positive number of seconds, not {value!r}")
+    return value
+
+
 class Client:
     """A seqtune service at ``url``, called with API key ``key`` (None when auth is off)."""
 
     def __init__(self, url: str | None = None, key: str | None = None, *,
-                 timeout_s: float = 60.0, http: httpx.Client | None = None) -> None:
-        """``http``: an httpx.Client to send through instead (FastAPI's TestClient, a proxy)."""
+                 timeout_s: float | None = None, http: httpx.Client | None = None) -> None:
+        """``timeout_s``: how long to wait for each answer (default ``SEQTUNE_TIMEOUT``, else
+        60; ValueError when not a positive number). ``http``: an httpx.Client to send through
+        instead (FastAPI's TestClient, a proxy), with its own timeouts."""
         self.url = (url or os.environ.get("SEQTUNE_URL") or DEFAULT_URL).rstrip("/")
+        self.timeout_s = timeout_from_env(timeout_s)
         key = key if key is not None else os.environ.get("SEQTUNE_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if http is not None:
             http.headers.update(headers)
             self._http = http
         else:
-            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+            self._http = httpx.Client(base_url=self.url, headers=headers,
+                                      timeout=self.timeout_s)
 
     def close(self) -> None:
         self._http.close()
@@ -78,7 +112,13 @@ class Client:
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self._http.request(method, path, **kw)
-        except httpx.TransportError as exc:
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+            # Connected, then no answer in time: the service is up but slow (or busy).
+            raise ServiceTimeout(
+                f"the seqtune service at {self.url} did not answer {method} {path} within "
+                f"{self.timeout_s:g} s; it may still be working on it: retry with a longer "
+                "--timeout (or SEQTUNE_TIMEOUT)") from None
+        except httpx.TransportError as exc:  # refused, DNS, connect timeout: not reached
             raise ServiceUnreachable(f"cannot reach the seqtune service at {self.url} ({exc}); "
                                      "start it with `seqtune up` or set SEQTUNE_URL") from None
         if r.status_code >= 400:
@@ -107,7 +147,7 @@ class Client:
         """Submit a study: a dict, or the path of a YAML/JSON study file."""
         if isinstance(spec, str | Path):
             try:
-                spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+                spec = load_yaml(Path(spec).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
                 raise ApiError(0, "invalid", f"cannot read study file {spec}: {exc}") from None
         return self._model(StudyView, "POST", "/v1/studies", json=spec)

@@ -23,11 +23,15 @@ from service.views import BestView, StudyView, TrialView
 EXIT_CODES = """exit codes:
   0  success (with --watch: the study completed its budget)
   1  with --watch: the study ended stopped, failed or timed out
-  2  bad input: a wrong argument, file or study definition (the message names the field)
-  3  not found: no such study, trial, dataset or model
+  2  bad input: a wrong argument, file or study definition (the message names the field),
+     or a database URL naming a database that does not exist or a login Postgres refuses
+  3  not found: no such study, trial or dataset
   4  authentication: missing, unknown or revoked API key (set SEQTUNE_API_KEY)
-  5  conflict: the study's state does not allow it (the message says why)
-  6  the service cannot be reached or failed (start it with `seqtune up`; set SEQTUNE_URL)
+  5  conflict: the study's state does not allow it, e.g. no completed trial or saved
+     model yet (the message says why)
+  6  the service cannot be reached, failed, or did not answer within --timeout (start it
+     with `seqtune up`; set SEQTUNE_URL); `seqtune up`/`serve` could not start (port in use);
+     the database cannot be reached (db and keys commands)
   130 interrupted (Ctrl-C); the study keeps running on the service"""
 
 
@@ -44,7 +48,13 @@ def exit_code_of(exc: ApiError) -> int:
 
 
 def client_of(args: argparse.Namespace) -> Client:
-    return Client(getattr(args, "url", None), getattr(args, "key", None))
+    """The Client for a command's ``--url``, ``--key`` and ``--timeout`` (each falling back to
+    its SEQTUNE_* variable). A bad SEQTUNE_TIMEOUT is bad input (exit 2)."""
+    try:
+        return Client(getattr(args, "url", None), getattr(args, "key", None),
+                      timeout_s=getattr(args, "timeout", None))
+    except ValueError as exc:
+        raise ApiError(0, "invalid", str(exc)) from None
 
 
 def _dump(obj: Any) -> str:
@@ -152,7 +162,7 @@ def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None,
     try:
         b = c.best(name)
     except ApiError as exc:
-        if exc.status == 404:
+        if exc.status == 409:  # no completed trial yet
             return None, None
         raise
     trial = b.best or (b.pareto_front[0] if b.pareto_front else None)
@@ -493,7 +503,8 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
     p = add("studies", cmd_studies, "list your studies")
-    p.add_argument("--status", help="only studies in this state (running, paused, completed…)")
+    p.add_argument("--status", type=str.lower,
+                   help="only studies in this state (running, paused, completed…)")
     p.add_argument("--limit", type=int, default=50)
 
     p = add("status", cmd_status, "a study's progress: trials, best so far, time left")
@@ -506,7 +517,7 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = add("trials", cmd_trials, "a study's trials")
     p.add_argument("name")
-    p.add_argument("--state", help="WAITING, RUNNING, COMPLETE, PRUNED or FAIL")
+    p.add_argument("--state", type=str.upper, help="WAITING, RUNNING, COMPLETE, PRUNED or FAIL")
     p.add_argument("--sort", default="number", help="number, value, started_at, finished_at; "
                    "'-' prefix for descending")
     p.add_argument("--limit", type=int, default=100)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +25,10 @@ T = TypeVar("T")
 
 
 def engine_kwargs(settings: Settings) -> dict[str, Any]:
-    """Engine options shared by our engine and Optuna's RDBStorage on the same database."""
+    """Engine options shared by our engine and Optuna's RDBStorage on the same database.
+
+    On Postgres every connection carries the session limits of ``session_limits``: the
+    reaper skips locked trials, so both engines must let the server end a frozen session."""
     if settings.is_sqlite:
         return {"connect_args": {"check_same_thread": False, "timeout": 30}}
     return {
@@ -35,8 +38,73 @@ def engine_kwargs(settings: Settings) -> dict[str, Any]:
         "max_overflow": settings.max_overflow,
         "pool_recycle": settings.pool_recycle_s,
         "pool_timeout": 30,
-        "connect_args": {"connect_timeout": 10, "application_name": "seqtune"},
+        "connect_args": {"connect_timeout": 10, "application_name": "seqtune",
+                         **session_limits(settings)},
     }
+
+
+def _ms(seconds: float) -> int:
+    """A positive duration in whole milliseconds (Postgres' unit), never rounded down to 0,
+    which would mean "no limit"."""
+    return max(1, round(seconds * 1000))
+
+
+def session_limits(settings: Settings) -> dict[str, Any]:
+    """libpq connection parameters that bound how long a Postgres session can hold on.
+
+    - Server side, sent as ``options`` in the startup packet (so they hold from the first
+      statement, on our pool and Optuna's alike, with no extra round trip):
+      ``idle_in_transaction_session_timeout`` ends a session frozen inside a transaction and
+      frees its row locks; ``statement_timeout`` and ``lock_timeout`` bound statements;
+      ``tcp_keepalives_*`` and ``tcp_user_timeout`` drop a partitioned client.
+    - Client side: libpq's ``keepalives*`` and ``tcp_user_timeout``, so a worker waiting on a
+      partitioned server gets an error (a disconnect, retried) instead of waiting forever.
+
+    Settings of 0 send nothing (behind PgBouncer, which refuses startup ``options``, set them
+    to 0 and configure the role instead: ``ALTER ROLE ... SET idle_in_transaction_session_
+    timeout = '30s'``). An ``options`` value in the database URL is kept, ours appended.
+    """
+    gucs: dict[str, int] = {}
+    if settings.db_idle_in_transaction_timeout_s:
+        gucs["idle_in_transaction_session_timeout"] = _ms(settings.db_idle_in_transaction_timeout_s)
+    if settings.db_statement_timeout_s:
+        gucs["statement_timeout"] = _ms(settings.db_statement_timeout_s)
+    if settings.db_lock_timeout_s:
+        gucs["lock_timeout"] = _ms(settings.db_lock_timeout_s)
+    out: dict[str, Any] = {}
+    if settings.db_keepalives_idle_s:
+        idle, every = settings.db_keepalives_idle_s, settings.db_keepalives_interval_s
+        count = settings.db_keepalives_count
+        # Keepalives probe only an idle connection; with unacknowledged data in flight the
+        # kernel retransmits for about 15 minutes instead. The user timeout bounds that too.
+        user_timeout = (idle + every * count) * 1000
+        gucs.update(tcp_keepalives_idle=idle, tcp_keepalives_interval=every,
+                    tcp_keepalives_count=count, tcp_user_timeout=user_timeout)
+        out.update(keepalives=1, keepalives_idle=idle, keepalives_interval=every,
+                   keepalives_count=count)
+        if _libpq_version(settings.url) >= 120000:  # older libpq refuses the parameter
+            out["tcp_user_timeout"] = user_timeout
+    if gucs:
+        mine = " ".join(f"-c {k}={v}" for k, v in gucs.items())
+        theirs = make_url(settings.url).query.get("options")
+        if isinstance(theirs, tuple):
+            theirs = " ".join(theirs)
+        out["options"] = f"{theirs} {mine}" if theirs else mine
+    return out
+
+
+def _libpq_version(url: str) -> int:
+    """The libpq version the URL's driver links (e.g. 170011), 0 when unknown."""
+    try:
+        if make_url(url).get_driver_name() == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        import psycopg2.extensions
+
+        return int(psycopg2.extensions.libpq_version())
+    except Exception:  # noqa: BLE001 - unknown driver: leave the optional parameter out
+        return 0
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -68,6 +136,24 @@ def _disconnect_in(exc: BaseException) -> DBAPIError | None:
             return None
         if isinstance(seen, DBAPIError) and _is_disconnect(seen):
             return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _timeout_in(exc: BaseException) -> str | None:
+    """``"statement"`` or ``"lock"`` when Postgres cancelled a statement for running or
+    waiting too long (``db_statement_timeout_s`` / ``db_lock_timeout_s``), else None.
+    Follows causes like ``_disconnect_in``."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, DBAPIError) and seen.orig is not None:
+            code = getattr(seen.orig, "pgcode", None) or getattr(seen.orig, "sqlstate", None)
+            if code == "55P03":  # lock_not_available
+                return "lock"
+            if code == "57014" and "statement timeout" in str(seen.orig):  # query_canceled
+                return "statement"
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -131,14 +217,39 @@ class Database:
         attempts = self.settings.db_retries + 1 if retry else 1
         delay = self.settings.db_retry_backoff_s
         for attempt in range(1, attempts + 1):
+            started = time.monotonic()
             try:
                 return once()
             except IntegrityError as exc:
                 raise AlreadyExists(_integrity_message(exc)) from exc
             except Exception as exc:
                 lost = _disconnect_in(exc)
-                if lost is None:
+                timeout = _timeout_in(exc) if lost is None else None
+                if timeout == "statement":
+                    # The same statement would run as long again: report, do not retry.
+                    raise Unavailable("the database did not answer within "
+                                      "SEQTUNE_DB_STATEMENT_TIMEOUT_S; retry later") from exc
+                if lost is None and timeout is None:
                     raise
+                if lost is None:  # a lock wait timed out: contention is transient, retry
+                    if attempt == attempts:
+                        raise Unavailable("the database is busy (a lock wait timed out); "
+                                          "retry shortly") from exc
+                    log.warning("lock wait timed out (attempt %d/%d), retrying in %.1fs",
+                                attempt, attempts, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                idle_limit = self.settings.db_idle_in_transaction_timeout_s
+                if idle_limit and time.monotonic() - started >= idle_limit:
+                    # libpq reports only "server closed the connection", not why; an attempt
+                    # that outlived the limit was most likely ended for idling in its
+                    # transaction (this process was frozen, or paused inside one too long).
+                    # The work was rolled back and is retried; if this repeats without a
+                    # freeze, something legitimately pauses longer than the limit.
+                    log.warning("the database ended a transaction after %.0fs, likely for "
+                                "idling longer than SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S="
+                                "%s", time.monotonic() - started, idle_limit)
                 if attempt == attempts:
                     raise Unavailable(
                         "the database is unreachable; retry shortly "

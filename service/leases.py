@@ -10,11 +10,22 @@ The lifecycle (Postgres; SQLite gets the same guarantees from its single writer)
    and TPE's constant liar sees every running trial.
 2. The claim holds a lease: ``lease_owner`` plus a ``fence`` number. Every epoch's report and
    every heartbeat that follows progress renews it (``lease_renewed_at``).
-3. ``report`` and ``finish`` lock the trial row, check owner and fence, and only then write to
-   Optuna, inside the same transaction: a fenced-off attempt is refused and changes nothing.
+3. Every write of an attempt (``report``, ``save_checkpoint``, ``finish`` with the trial's
+   model, ``release``) locks the trial row, checks owner and fence, and only then writes, to
+   Optuna too, inside the same transaction: a fenced-off attempt is refused and changes nothing.
+   ``finish`` stores the model in the transaction that records the value, so a trial's model
+   and its value always come from the same attempt.
 4. ``reap`` (any worker, and the service) finds leases with no progress for the study's lease
    timeout, bumps the fence and frees the trial for another worker (same hyperparameters; the
    resume checkpoint if any), or fails it once ``max_retries`` is spent.
+
+Other Optuna clients may work on the same study (``study.optimize``, ``enqueue_trial``). The
+reaper touches only trials seqtune asked: ``claim`` marks each Optuna trial it asks with the
+system attribute ``ASKED_BY`` before sampling it, and only a marked RUNNING trial without a
+seqtune record is a claim that died (an orphan). A seqtune-enqueued trial that an outside
+client popped is followed instead: RUNNING under the owner ``OUTSIDE`` while that client runs
+it, then recorded with Optuna's state and values (reason ``outside_client``), counted in the
+budget once, never run again by seqtune.
 """
 
 from __future__ import annotations
@@ -28,7 +39,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import (
     Connection,
     String,
@@ -52,6 +69,16 @@ from service.trials import count_move, update_front
 
 log = logging.getLogger(__name__)
 _T: Table = Trial.__table__  # type: ignore[assignment]  # Core table for the epoch hot path
+
+# Optuna system attribute on every trial seqtune's claim asks: the owner that asked it.
+ASKED_BY = "seqtune_asked_by"
+# Lease owner, worker and reason of a seqtune trial that an outside Optuna client runs.
+OUTSIDE = "optuna-client"
+OUTSIDE_REASON = "outside_client"
+# How long an unmarked RUNNING Optuna trial popped from seqtune's queue must have run before it
+# is taken for an outside client's. On Postgres the study row lock already keeps a claim that
+# is between its pop and its mark out of sight; the grace covers SQLite (no row locks).
+OUTSIDE_GRACE_S = 10.0
 
 
 class Fenced(Conflict):
@@ -126,9 +153,14 @@ def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
     hint = db.run(lambda s: s.execute(_pick(studies).with_only_columns(
-        Study.optuna_study_name, Study.spec)).first())
+        Study.optuna_study_name, Study.spec, Study.id, Study.n_waiting)).first())
     if hint is not None:  # load (and warm) the likely study's Optuna object before locking
         optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
+        if hint[3] > 0:
+            # Queued trials that an outside Optuna client took are settled first, in a
+            # transaction of their own: the claim's transaction must not write before its ask
+            # (SQLite's single writer), and settling counts them as started.
+            db.run(lambda s: settle_outside(s, storage, hint[2], utcnow()))
 
     def txn(s: Session) -> Claim | None:
         return _claim_resume(s, owner, studies) or _claim_new(s, storage, owner, studies)
@@ -190,8 +222,15 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
         return None
     # The row we hold is the current one: re-check it before asking, or claimers queued behind
     # the last slot would each leave an extra trial in Optuna.
-    if study.status != "running" or study.n_claimed >= study.n_trials or (
-            study.max_concurrent is not None and study.n_running >= study.max_concurrent):
+    if not _has_room(study):
+        return None
+    if study.n_waiting > 0 and study.n_claimed + study.n_waiting >= study.n_trials and \
+            _poppable(s, storage, study) == 0:
+        # Every slot left is reserved by a queued trial that cannot be popped now (an outside
+        # Optuna client took it moments ago, or a claim that died did): a fresh ask would
+        # spend its slot a second time. Step back in the serving order meanwhile, so that the
+        # other studies are served; the reaper settles the queued trial.
+        study.last_served_at = utcnow()
         return None
     spec = StudySpec.model_validate(study.spec)
     # Optuna's write comes before ours: on SQLite (one writer for the whole file) Optuna's own
@@ -200,7 +239,7 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
     ostudy = optuna_study(storage, study.optuna_study_name, spec,
                           seed_offset=study.n_claimed + 1)
     final_of = _enqueue_retrain(s, ostudy, study, spec) if study.phase == "final" else None
-    trial = ostudy.ask(distributions(spec))
+    trial = _ask(storage, ostudy, distributions(spec), owner)
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
     slot = s.execute(update(Study)
                      .where(Study.id == study.id, Study.status == "running",
@@ -227,6 +266,31 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
         s.add(t)
     s.flush()
     return _claim_view(t, study)
+
+
+def _has_room(study: Study) -> bool:
+    """The study (row locked) may start a trial: running, budget left, under its cap."""
+    return study.status == "running" and study.n_claimed < study.n_trials and (
+        study.max_concurrent is None or study.n_running < study.max_concurrent)
+
+
+def _ask(storage: optuna.storages.BaseStorage, ostudy: optuna.Study,
+         dists: dict[str, BaseDistribution], owner: str) -> optuna.Trial:
+    """``ostudy.ask(dists)``, with the trial marked as seqtune's (``ASKED_BY``) right after
+    Optuna creates or pops it and before the sampler runs, so that the window in which a dying
+    claim leaves an unmarked trial is one write wide. The parameters are then suggested
+    exactly as ask() suggests fixed distributions (enqueued values honoured)."""
+    trial = ostudy.ask()
+    storage.set_trial_system_attr(trial._trial_id, ASKED_BY, owner)
+    for name, dist in dists.items():
+        if isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            assert isinstance(dist, CategoricalDistribution)
+            trial.suggest_categorical(name, dist.choices)
+    return trial
 
 
 def top_trials(s: Session, study: Study, k: int) -> list[Trial]:
@@ -292,7 +356,8 @@ def renew(db: Database, c: Claim) -> None:
 def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
            record: dict[str, Any], value: float | None) -> None:
     """Append an epoch to the learning curve, renew the lease and report ``value`` to Optuna
-    (single-objective studies). Raises Fenced.
+    (single-objective studies) as the intermediate value of step ``epoch``, replacing the
+    value an earlier attempt reported for that step (see ``report_value``). Raises Fenced.
 
     The row is locked and the fence checked before Optuna's write and held until the append
     commits, so a reaper fencing this attempt off waits for it, and a fenced attempt never
@@ -314,11 +379,28 @@ def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
             raise Fenced(f"trial {c.number} of '{c.study_name}' is no longer held by this "
                          "attempt")
         if trial is not None and value is not None:
-            trial.report(value, epoch)
+            report_value(trial, epoch, value)
         conn.execute(update(_T).where(*held).values(curve=curve, epochs=_T.c.epochs + 1,
                                                     lease_renewed_at=utcnow()))
 
     db.write(txn)
+
+
+def report_value(trial: optuna.Trial, step: int, value: float) -> None:
+    """Set the intermediate value of ``step`` in Optuna, overwriting any earlier one.
+
+    An attempt resumed after a lost lease (kill -9, a frozen worker) redoes the epochs after
+    its checkpoint, and seqtune's curve keeps the new attempt's records for them. Optuna's
+    ``Trial.report()`` keeps the first value of a step (it warns "already reported" and drops
+    the new one), so pruners, plots and the dashboard would go on seeing the lost attempt's
+    curve. ``BaseStorage.set_trial_intermediate_value`` is documented to overwrite the value
+    of an existing step (RDBStorage updates the row) and is what ``report()`` itself calls.
+    The Trial's own copy of its values, which ``should_prune()`` reads, is kept in step the
+    way ``report()`` keeps it."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    trial.storage.set_trial_intermediate_value(trial._trial_id, int(step), float(value))
+    trial._cached_frozen_trial.intermediate_values[int(step)] = float(value)
 
 
 def _finite(v: Any) -> Any:
@@ -335,14 +417,23 @@ def _finite(v: Any) -> Any:
 def finish(db: Database, ostudy: optuna.Study, c: Claim, *, state: str,
            values: list[float] | None = None, reason: str | None = None,
            test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-           error: str | None = None) -> None:
+           error: str | None = None, model: bytes | None = None,
+           model_epoch: int | None = None) -> None:
     """Tell Optuna the trial's end and record it, if this attempt still holds the lease.
-    Completes the study when its budget is spent and nothing runs. Raises Fenced."""
+    ``model`` (a torch checkpoint of the restored best weights, trained at ``model_epoch``)
+    becomes the trial's 'best' checkpoint in the same transaction, under the same fence check:
+    a trial's model and its value always come from the one attempt that finished it, and a
+    refused finish stores nothing. Completes the study when its budget is spent and nothing
+    runs. Raises Fenced."""
 
     def txn(s: Session) -> None:
         t = _locked(s, c)
+        # Optuna's tell (inside _close) writes first, on its own connection: SQLite's single
+        # writer would block it behind this transaction had the checkpoint been written before.
         _close(s, ostudy, t, state=state, values=values, reason=reason,
                test_metrics=test_metrics, info=info, error=error)
+        if model is not None:
+            _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
 
     db.run(txn)
 
@@ -389,18 +480,26 @@ def release(db: Database, c: Claim) -> None:
 
 
 def save_checkpoint(db: Database, c: Claim, *, kind: str, epoch: int, data: bytes) -> None:
-    """Store the trial's 'resume' snapshot or 'best' model (fenced: a stale attempt's
-    snapshot never overwrites the live one)."""
+    """Store the trial's 'resume' snapshot or 'best' model, if this attempt still holds the
+    lease: the trial row is locked and owner and fence checked first, as ``report`` and
+    ``finish`` do, so a stale attempt never overwrites the live attempt's snapshot nor the
+    model of a trial another attempt finished (a finished trial is held by no attempt).
+    Workers store the model with ``finish(model=...)``. Raises Fenced."""
 
     def txn(s: Session) -> None:
-        if kind == "resume":
-            _locked(s, c)
-        s.execute(delete(Checkpoint).where(Checkpoint.trial_id == c.trial_row_id,
-                                           Checkpoint.kind == kind))
-        s.add(Checkpoint(trial_id=c.trial_row_id, kind=kind, epoch=epoch,
-                         size_bytes=len(data), data=data))
+        _locked(s, c)  # held until commit: a reaper fencing this attempt off waits for it
+        _put_checkpoint(s, c.trial_row_id, kind=kind, epoch=epoch, data=data)
 
     db.run(txn)
+
+
+def _put_checkpoint(s: Session, trial_row_id: int, *, kind: str, epoch: int,
+                    data: bytes) -> None:
+    """Replace the trial's checkpoint of ``kind`` (the caller holds the trial's row lock)."""
+    s.execute(delete(Checkpoint).where(Checkpoint.trial_id == trial_row_id,
+                                       Checkpoint.kind == kind))
+    s.add(Checkpoint(trial_id=trial_row_id, kind=kind, epoch=epoch, size_bytes=len(data),
+                     data=data))
 
 
 def load_checkpoint(db: Database, *, trial_row_id: int, kind: str) -> tuple[int, bytes] | None:
@@ -434,6 +533,7 @@ class ReapReport:
     failed: int = 0  # trials failed after max_retries lost leases
     reconciled: int = 0  # trials Optuna had finished but seqtune had not recorded
     orphans: int = 0  # Optuna trials left RUNNING by a crash inside claim
+    outside: int = 0  # queued seqtune trials an outside Optuna client took or finished
     timed_out: int = 0  # studies past their deadline
     completed: int = 0
 
@@ -443,10 +543,12 @@ def reap(db: Database, storage: optuna.storages.BaseStorage,
     """Recover from dead workers. Safe to run from every worker and the service at once."""
     now = now or utcnow()
     out = ReapReport()
+    # An outside client's run of a queued trial has no lease to expire: it ends in Optuna.
     stale = db.run(lambda s: [
         (t.id, str(t.lease_owner), t.fence) for t, study in s.execute(
             select(Trial, Study).join(Study, Study.id == Trial.study_id)
-            .where(Trial.state == "RUNNING", Trial.lease_owner.is_not(None)))
+            .where(Trial.state == "RUNNING", Trial.lease_owner.is_not(None),
+                   Trial.lease_owner != OUTSIDE))
         if t.lease_renewed_at is not None
         and _aware(t.lease_renewed_at) < now - timedelta(seconds=study.lease_timeout_s)])
     for trial_id, owner, fence in stale:
@@ -456,6 +558,17 @@ def reap(db: Database, storage: optuna.storages.BaseStorage,
 
         db.run(one)
     db.run(lambda s: _reap_orphans(s, storage, now, out))
+    # Studies where an outside client may hold a seqtune trial: queued ones, or ones it runs.
+    outside_runs = select(Trial.id).where(Trial.study_id == Study.id, Trial.state == "RUNNING",
+                                          Trial.lease_owner == OUTSIDE).exists()
+    ids = db.run(lambda s: list(s.scalars(select(Study.id).where(
+        (Study.n_waiting > 0) | outside_runs).order_by(Study.id))))
+    for study_id in ids:
+
+        def outside(s: Session, i: int = study_id) -> None:
+            out.outside += settle_outside(s, storage, i, now)
+
+        db.run(outside)
     db.run(lambda s: _reap_studies(s, now, out))
     return out
 
@@ -494,33 +607,166 @@ def _reap_one(s: Session, storage: optuna.storages.BaseStorage, trial_id: int, o
 
 def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetime,
                   out: ReapReport) -> None:
-    """Optuna trials a worker asked for but died before recording (a crash inside claim)."""
+    """Fail the RUNNING Optuna trials that seqtune asked (``ASKED_BY``) and has no running
+    record of, once older than the lease timeout: a claim died between its ask and its
+    commit (its claim would have committed within the timeout). Each is marked
+    ``seqtune_orphan``; a queued trial it had popped is queued again. A RUNNING trial seqtune
+    did not ask belongs to an outside Optuna client, alive or not, and is left alone (a
+    queued seqtune trial among them: ``settle_outside``). All of Optuna's writes come before
+    ours (SQLite's single writer)."""
+    requeued: list[tuple[Trial, int]] = []
     for study in s.scalars(select(Study).where(Study.status.in_(("running", "paused")))):
-        grace = timedelta(seconds=study.lease_timeout_s)
         running = storage.get_all_trials(study.optuna_study_id, deepcopy=False,
                                          states=(TrialState.RUNNING,))
         if not running:
             continue
+        grace = timedelta(seconds=study.lease_timeout_s)
         known = set(s.scalars(select(Trial.optuna_trial_id).where(
             Trial.study_id == study.id, Trial.state == "RUNNING")))
         for ft in running:
             started = ft.datetime_start
-            if ft._trial_id in known or started is None:
+            if ft._trial_id in known or started is None or ASKED_BY not in ft.system_attrs:
                 continue
             if _aware(started) > now - grace:
                 continue
             storage.set_trial_system_attr(ft._trial_id, "seqtune_orphan", True)
-            storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+            try:
+                storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # finished meanwhile
             out.orphans += 1
             # An enqueued trial popped by the dead ask: queue its params again.
             waiting = s.scalar(select(Trial).where(Trial.study_id == study.id,
-                                                   Trial.optuna_trial_id == ft._trial_id))
-            if waiting is not None and waiting.state == "WAITING":
-                template = optuna.trial.create_trial(
-                    state=TrialState.WAITING, system_attrs={"fixed_params": waiting.params})
-                new_id = storage.create_new_trial(study.optuna_study_id, template_trial=template)
-                waiting.optuna_trial_id = new_id
-                waiting.number = storage.get_trial_number_from_id(new_id)
+                                                   Trial.optuna_trial_id == ft._trial_id,
+                                                   Trial.state == "WAITING"))
+            if waiting is not None:
+                requeued.append((waiting, _queue_again(storage, study, waiting.params)))
+    for t, new_id in requeued:
+        _point_at(storage, t, new_id)
+
+
+def settle_outside(s: Session, storage: optuna.storages.BaseStorage, study_id: int,
+                   now: datetime) -> int:
+    """Settle one study's seqtune trials that an outside Optuna client took (see
+    ``_settle_waiting``) and record those it ran that ended in Optuna. Returns how many trials
+    it moved. Locks the study row (SKIP LOCKED: a study whose claim is asking right now, and
+    so may be between its pop and its mark, waits for the next round)."""
+    study = s.scalar(select(Study).where(Study.id == study_id)
+                     .with_for_update(skip_locked=True))
+    if study is None:
+        return 0
+    moved = _settle_waiting(s, storage, study, now) if study.n_waiting > 0 else 0
+    for t in s.scalars(select(Trial).where(Trial.study_id == study.id,
+                                           Trial.state == "RUNNING",
+                                           Trial.lease_owner == OUTSIDE).with_for_update()):
+        frozen = storage.get_trial(t.optuna_trial_id)
+        if frozen.state.is_finished():
+            _record_outside(s, t, frozen)
+            moved += 1
+    return moved
+
+
+def _poppable(s: Session, storage: optuna.storages.BaseStorage, study: Study) -> int:
+    """How many of the study's queued seqtune trials are still in Optuna's queue (what the
+    next ask() can pop). Reads only."""
+    queued = {ft._trial_id for ft in storage.get_all_trials(
+        study.optuna_study_id, deepcopy=False, states=(TrialState.WAITING,))}
+    ids = s.scalars(select(Trial.optuna_trial_id).where(Trial.study_id == study.id,
+                                                        Trial.state == "WAITING"))
+    return sum(1 for i in ids if i in queued)
+
+
+def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Study,
+                    now: datetime) -> int:
+    """Settle the study's queued (WAITING) seqtune trials whose Optuna trial left Optuna's
+    queue without a seqtune claim taking it. The caller holds the study's row lock.
+
+    - popped and RUNNING, not asked by seqtune, for ``OUTSIDE_GRACE_S``: an outside client
+      runs it. It becomes RUNNING under the owner ``OUTSIDE`` and counts as started (one
+      budget slot, the one its enqueue reserved); no lease expires it.
+    - finished, not asked by seqtune: an outside client ran it to the end: recorded with
+      Optuna's state and values, counted as started, never run again.
+    - finished after seqtune asked it: a claim gave it back unrun (it lost its slot): queued
+      again. (RUNNING after seqtune asked it: an orphan, see ``_reap_orphans``.)
+
+    Optuna's writes come before ours (SQLite's single writer). Returns how many trials it
+    moved out of WAITING."""
+    rows = s.scalars(select(Trial).where(Trial.study_id == study.id, Trial.state == "WAITING")
+                     .order_by(Trial.id).with_for_update()).all()
+    # One read for the usual case (every queued trial still queued); the others one by one.
+    queued = {ft._trial_id for ft in storage.get_all_trials(
+        study.optuna_study_id, deepcopy=False, states=(TrialState.WAITING,))}
+    adopt: list[tuple[Trial, FrozenTrial]] = []
+    ended: list[tuple[Trial, FrozenTrial]] = []
+    requeued: list[tuple[Trial, int]] = []
+    for t in rows:
+        if t.optuna_trial_id in queued:
+            continue
+        try:
+            ft = storage.get_trial(t.optuna_trial_id)
+        except KeyError:  # gone from Optuna (deleted by hand): queue the params again
+            requeued.append((t, _queue_again(storage, study, t.params)))
+            continue
+        asked = ASKED_BY in ft.system_attrs
+        if ft.state == TrialState.RUNNING:
+            started = ft.datetime_start
+            if not asked and started is not None and \
+                    _aware(started) <= now - timedelta(seconds=OUTSIDE_GRACE_S):
+                adopt.append((t, ft))
+        elif ft.state.is_finished():
+            if asked:
+                requeued.append((t, _queue_again(storage, study, t.params)))
+            else:
+                ended.append((t, ft))
+    # Optuna's writes are done: ours follow.
+    for t, new_id in requeued:
+        _point_at(storage, t, new_id)
+    for t, ft in adopt:
+        count_move(s, study.id, "WAITING", "RUNNING")
+        s.execute(update(Study).where(Study.id == study.id)
+                  .values(n_claimed=Study.n_claimed + 1))
+        t.state, t.params = "RUNNING", dict(ft.params) or t.params
+        t.lease_owner, t.worker, t.fence, t.attempts = OUTSIDE, OUTSIDE, t.fence + 1, 1
+        t.started_at, t.lease_renewed_at = ft.datetime_start, now
+        log.info("study %s: trial %d is run by an outside Optuna client", study.name,
+                 t.number)
+    for t, ft in ended:
+        _record_outside(s, t, ft)
+    s.flush()
+    return len(adopt) + len(ended)
+
+
+def _record_outside(s: Session, t: Trial, frozen: FrozenTrial) -> None:
+    """Record the end of a seqtune trial that an outside Optuna client ran: Optuna's state,
+    values and parameters, reason ``OUTSIDE_REASON``. A trial still WAITING here (popped and
+    finished between two looks) counts as started now. Optuna is not told anything: it is
+    where the result came from. The caller holds the trial's row lock."""
+    if t.state == "WAITING":
+        s.execute(update(Study).where(Study.id == t.study_id)
+                  .values(n_claimed=Study.n_claimed + 1))
+        t.attempts, t.started_at = 1, frozen.datetime_start
+    t.params, t.worker = dict(frozen.params) or t.params, OUTSIDE
+    _close(s, None, t, state=frozen.state.name, values=frozen.values,
+           reason=OUTSIDE_REASON, tell=False)
+    if frozen.datetime_complete is not None:
+        t.finished_at = frozen.datetime_complete
+    log.info("trial %d (study id %d) ended %s in an outside Optuna client", t.number,
+             t.study_id, frozen.state.name)
+
+
+def _queue_again(storage: optuna.storages.BaseStorage, study: Study,
+                 params: dict[str, Any]) -> int:
+    """A new WAITING Optuna trial with a seqtune-enqueued trial's parameters (the one it
+    pointed at was popped by a claim that died or gave it back). Returns its id."""
+    template = optuna.trial.create_trial(state=TrialState.WAITING,
+                                         system_attrs={"fixed_params": params})
+    return storage.create_new_trial(study.optuna_study_id, template_trial=template)
+
+
+def _point_at(storage: optuna.storages.BaseStorage, t: Trial, optuna_trial_id: int) -> None:
+    """Point a queued seqtune trial at a new Optuna trial: it takes that trial's number."""
+    t.optuna_trial_id = optuna_trial_id
+    t.number = storage.get_trial_number_from_id(optuna_trial_id)
 
 
 def _reap_studies(s: Session, now: datetime, out: ReapReport) -> None:

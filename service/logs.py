@@ -11,6 +11,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,6 +42,51 @@ class ContextFilter(logging.Filter):
             if not hasattr(record, k):
                 setattr(record, k, ctx.get(k))
         return True
+
+
+# API keys are "st_" + 43 URL-safe characters (service.keys). From 24 on, so a cut or
+# mistyped key is caught too; not inside a word, so "first_..." names stay readable.
+_KEY = re.compile(r"(?<![A-Za-z0-9_-])st(?:_|%5[fF])[A-Za-z0-9_-]{24,}")
+# Query parameters whose names say they hold a secret: the value goes, the name stays.
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;][a-z0-9_.%-]*(?:key|token|secret|passw|auth|session|signature)[a-z0-9_.%-]*=)"
+    r"[^&;#\s\"]*")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` with every API key and the value of every secret-named query parameter
+    (``key``, ``api_key``, ``token``, ``password``...) replaced by ``[redacted]``."""
+    if "=" in text:
+        text = _SECRET_PARAM.sub(lambda m: m.group(1) + REDACTED, text)
+    if "st" in text:
+        text = _KEY.sub("st_" + REDACTED, text)
+    return text
+
+
+class RedactFilter(logging.Filter):
+    """Redacts (``redact``) a record's message and each of its string arguments in place.
+    Arguments one by one, not the formatted line, because uvicorn's access formatter unpacks
+    them (client, method, path with query, version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v
+                           for k, v in record.args.items()}
+        return True
+
+
+def redact_access_log() -> None:
+    """Put a RedactFilter on uvicorn's loggers. Safe to call more than once. A filter on the
+    logger (not a handler) because uvicorn installs its own handlers, and keeps filters."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactFilter) for f in logger.filters):
+            logger.addFilter(RedactFilter())
 
 
 class JsonFormatter(logging.Formatter):
@@ -77,6 +123,7 @@ def setup_logging(prefix: str = "") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(prefix))
     handler.addFilter(ContextFilter())
+    handler.addFilter(RedactFilter())  # no record of any logger prints an API key
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_seqtune", False):
@@ -85,3 +132,4 @@ def setup_logging(prefix: str = "") -> None:
     root.addHandler(handler)
     root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    redact_access_log()

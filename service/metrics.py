@@ -137,9 +137,51 @@ class Metrics:
         self.registry.register(PoolCollector(db))
 
 
+# Label values come from closed sets, whatever callers send: the endpoint is unauthenticated,
+# and every new label value is a new series that Prometheus keeps (and this process holds).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED = "unmatched"
+# Set by inner middleware that answers paths outside the routers (the mounted dashboard).
+ROUTE_LABEL = "seqtune.route_label"
+
+
+def route_label(scope: dict) -> str:
+    """The route template of a request (``/v1/studies/{name}``), never the raw path: the
+    router's match, else a label an inner middleware set, else the template the path would
+    match (a request refused before routing, by the key check or the body cap), else
+    ``unmatched``."""
+    route = scope.get("route")
+    if isinstance(getattr(route, "path", None), str):
+        return str(route.path)  # type: ignore[union-attr]
+    label = scope.get(ROUTE_LABEL)
+    if isinstance(label, str):
+        return label
+    from starlette.routing import Match
+
+    for candidate in _leaf_routes(getattr(getattr(scope.get("app"), "router", None),
+                                          "routes", ())):
+        match, _ = candidate.matches(scope)
+        if match is Match.FULL:
+            return str(candidate.path)
+    return UNMATCHED
+
+
+def _leaf_routes(routes: Any, depth: int = 0) -> Iterator[Any]:
+    """The routes with a path template, looking inside included routers (FastAPI keeps an
+    included router as one route that holds the original router)."""
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None and depth < 8:
+            yield from _leaf_routes(inner, depth + 1)
+        elif isinstance(getattr(route, "path", None), str) and hasattr(route, "matches"):
+            yield route
+
+
 class LatencyMiddleware:
-    """Times every HTTP request into ``seqtune_api_request_duration_seconds``, labelled by the
-    matched route's template (``/v1/studies/{name}``), never the raw path."""
+    """Times every HTTP request into ``seqtune_api_request_duration_seconds``. Labels: the
+    method (one of METHODS, else ``other``), the route template (``route_label``) and the
+    status the app answered; so the number of series is bounded by the app's routes."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -162,7 +204,6 @@ class LatencyMiddleware:
             metrics: Metrics | None = getattr(scope["app"].state, "metrics", None) \
                 if "app" in scope else None
             if metrics is not None:
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                metrics.latency.labels(scope["method"], template, str(status[0])).observe(
+                method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
+                metrics.latency.labels(method, route_label(scope), str(status[0])).observe(
                     time.perf_counter() - t0)

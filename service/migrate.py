@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 VERSION_TABLE = "seqtune_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -46,14 +46,25 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     cfg = _config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            _unbounded(conn)
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 
 
+def _unbounded(conn: Connection) -> None:
+    """Lift the session's statement and lock timeouts (SEQTUNE_DB_STATEMENT_TIMEOUT_S,
+    SEQTUNE_DB_LOCK_TIMEOUT_S) for this migration transaction only: rewriting a large table,
+    or waiting for another process's upgrade behind the advisory lock, may take minutes."""
+    conn.execute(text("SET LOCAL statement_timeout = 0"))
+    conn.execute(text("SET LOCAL lock_timeout = 0"))
+
+
 def downgrade(engine: Engine, revision: str) -> None:
     cfg = _config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            _unbounded(conn)
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
 

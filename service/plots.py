@@ -13,7 +13,9 @@ from typing import Any
 
 import optuna
 
-from service.errors import Conflict, Invalid
+from service.db import Database
+from service.errors import Conflict, Invalid, NotFound
+from service.studies import seqtune_study
 from service.views import StudyView
 
 KINDS = ("history", "importance", "intermediate", "parallel", "contour")
@@ -32,7 +34,8 @@ def _check(view: StudyView, kind: str, objective: int) -> None:
     if kind not in KINDS:
         raise Invalid(f"unknown plot '{kind}'; choose one of {', '.join(KINDS)}")
     if not 0 <= objective < len(view.directions):
-        raise Invalid(f"objective must be between 0 and {len(view.directions) - 1}")
+        raise NotFound(f"study '{view.name}' has no objective {objective}: its objectives are "
+                       f"0 to {len(view.directions) - 1}")
     n_params = len(view.spec.get("search_space") or {})
     needs = {"history": (1, 0), "intermediate": (1, 0), "parallel": (1, 1),
              "importance": (4, 1), "contour": (2, 2)}[kind]
@@ -45,12 +48,14 @@ def _check(view: StudyView, kind: str, objective: int) -> None:
 
 
 def render(storage: optuna.storages.BaseStorage, view: StudyView, kind: str, *,
-           fmt: str = "png", objective: int = 0) -> tuple[bytes, str]:
-    """``(body, media type)`` of plot ``kind`` of the study. Raises Invalid or Conflict."""
+           db: Database, fmt: str = "png", objective: int = 0) -> tuple[bytes, str]:
+    """``(body, media type)`` of plot ``kind`` of the study, drawn from seqtune's trials (those
+    ``/trials`` lists; see ``service.studies.seqtune_study``). Raises Invalid, NotFound (no
+    such objective) or Conflict (not enough trials or hyperparameters yet)."""
     if fmt not in ("png", "html"):
         raise Invalid("format must be 'png' or 'html'")
     _check(view, kind, objective)
-    study = optuna.load_study(study_name=view.optuna_study_name, storage=storage)
+    study = seqtune_study(db, storage, view)  # seqtune's trials, as /trials and /best
     kw: dict[str, Any] = {}
     if kind != "intermediate" and len(view.directions) > 1:
         metric = view.spec["objectives"][objective]["metric"]

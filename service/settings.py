@@ -40,6 +40,37 @@ class Settings(BaseSettings):
     pool_recycle_s: int = Field(default=1800, ge=30)
     db_retries: int = Field(default=5, ge=0, le=50, description="Retries on a lost connection.")
     db_retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
+    # Server-side limits on every Postgres session seqtune opens (ours and Optuna's); 0 turns
+    # one off. They exist so that a frozen client (SIGSTOP, hung driver, network partition)
+    # cannot keep row locks forever: the reaper skips locked trials, so a lock that is never
+    # released is a trial that is never recovered.
+    db_idle_in_transaction_timeout_s: float = Field(
+        default=30.0, ge=0, le=86400,
+        description="Postgres ends a session idle inside a transaction this long, releasing its "
+        "locks; a frozen worker's trial is then recovered after max(lease_timeout_s, this) plus "
+        "the reap interval. It must exceed the longest pause seqtune makes inside a "
+        "transaction: one sampler ask() under the study's lock (raise it for GP samplers on "
+        "large studies).")
+    db_statement_timeout_s: float = Field(
+        default=600.0, ge=0, le=86400,
+        description="Postgres cancels a statement (lock waits included) running this long. A "
+        "last-resort bound: far above any legitimate seqtune statement (uploads, study loads); "
+        "migrations are exempt.")
+    db_lock_timeout_s: float = Field(
+        default=0.0, ge=0, le=86400,
+        description="Postgres cancels a statement waiting this long for a lock (retried). Off "
+        "by default: workers queue on a study's row for every ask() ahead of them, and a "
+        "frozen holder is already ended by the idle-in-transaction timeout.")
+    db_keepalives_idle_s: int = Field(
+        default=10, ge=0, le=7200,
+        description="TCP keepalives on both ends of each connection: the first probe after "
+        "this many idle seconds; 0 turns keepalives (and the TCP user timeout) off.")
+    db_keepalives_interval_s: int = Field(default=5, ge=1, le=600)
+    db_keepalives_count: int = Field(
+        default=3, ge=1, le=100,
+        description="Probes lost before a peer is dead: a partitioned peer is dropped after "
+        "idle + interval x count seconds (25 by default), also with data in flight (TCP user "
+        "timeout).")
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON bodies.")
     reap_interval_s: float = Field(

@@ -8,12 +8,14 @@ objectives that fit the task). Both report problems as ``{field, reason}`` pairs
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -29,8 +31,23 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Scalar = bool | int | float | str
 
 
+def integral(v: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema says); true and "3" are
+    not integers (strict mode rejects them)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# Optional integers spell it out as Annotated[int, Field(bounds), BeforeValidator(integral)]:
+# pydantic keeps the bounds out of the JSON schema when they wrap a validated alias.
+Int = Annotated[int, BeforeValidator(integral)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: a value has the type the schema names (no "5" or true for an integer, no 1 for a
+    # boolean), so what the OpenAPI document promises is what the API accepts.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ---- search space ---------------------------------------------------------------------------
@@ -38,9 +55,9 @@ class _Strict(BaseModel):
 
 class IntRange(_Strict):
     type: Literal["int"]
-    low: int = Field(ge=-(10**9), le=10**9)
-    high: int = Field(ge=-(10**9), le=10**9)
-    step: int = Field(default=1, ge=1, le=10**9)
+    low: Int = Field(ge=-(10**9), le=10**9)
+    high: Int = Field(ge=-(10**9), le=10**9)
+    step: Int = Field(default=1, ge=1, le=10**9)
     log: bool = False
 
     @model_validator(mode="after")
@@ -89,16 +106,22 @@ Distribution = Annotated[IntRange | FloatRange | Categorical, Field(discriminato
 # ---- data -----------------------------------------------------------------------------------
 
 
+# Names the schema lists as enumerations; check_spec rejects others with a message that lists
+# them (422), so the document and the service agree.
+def _one_of(names: Any) -> dict[str, Any]:
+    return {"enum": sorted(names)}
+
+
 class BuiltinData(_Strict):
     kind: Literal["builtin"]
-    name: str = Field(max_length=64)
+    name: str = Field(max_length=64, json_schema_extra=_one_of(catalog.BUILTIN))
 
 
 class SyntheticData(_Strict):
     kind: Literal["synthetic"]
-    generator: str = Field(max_length=64)
-    n_points: int = Field(default=2000, ge=50, le=5_000_000)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    generator: str = Field(max_length=64, json_schema_extra=_one_of(catalog.SYNTHETIC))
+    n_points: Int = Field(default=2000, ge=50, le=5_000_000)
+    seed: Int = Field(default=0, ge=0, le=2**31 - 1)
     options: dict[str, float] = Field(default_factory=dict, max_length=16)
 
 
@@ -127,13 +150,13 @@ class Splits(_Strict):
 
 
 class Objective(_Strict):
-    metric: str = Field(max_length=64)
+    metric: str = Field(max_length=64, json_schema_extra=_one_of(catalog.METRICS))
     direction: Literal["minimize", "maximize"] | None = None  # default: the metric's natural one
 
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(integral)] | None = None
     options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
 
 
@@ -147,16 +170,18 @@ class PrunerSpec(_Strict):
 
 
 class EarlyStopping(_Strict):
-    patience: int | None = Field(default=10, ge=1, le=100_000)  # null turns it off
+    # null turns it off
+    patience: Annotated[int, Field(ge=1, le=100_000), BeforeValidator(integral)] | None = 10
     min_delta: float = Field(default=0.0, ge=0, le=1e9)
 
 
 class Budget(_Strict):
-    n_trials: int = Field(default=50, ge=1, le=1_000_000)
-    max_concurrent_trials: int | None = Field(default=None, ge=1, le=100_000)
+    n_trials: Int = Field(default=50, ge=1, le=1_000_000)
+    max_concurrent_trials: Annotated[int, Field(ge=1, le=100_000),
+                                     BeforeValidator(integral)] | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400)
     trial_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
-    max_retries: int = Field(default=2, ge=0, le=100)
+    max_retries: Int = Field(default=2, ge=0, le=100)
     lease_timeout_s: float = Field(default=300, ge=5, le=86400)
 
 
@@ -165,16 +190,16 @@ class Validation(_Strict):
     walk-forward folds over the validation region (see the README, "Validation")."""
 
     scheme: Literal["holdout", "walk_forward"] = "holdout"
-    folds: int = Field(default=3, ge=2, le=20)
-    gap: int = Field(default=0, ge=0, le=100_000)  # points between training and each fold
+    folds: Int = Field(default=3, ge=2, le=20)
+    gap: Int = Field(default=0, ge=0, le=100_000)  # points between training and each fold
 
 
 class Final(_Strict):
     """Robust final selection: after the search, re-train the top-k configurations with
     several seeds and pick the winner by its mean validation metric."""
 
-    top_k: int = Field(default=3, ge=1, le=20)
-    seeds: int = Field(default=5, ge=2, le=20)
+    top_k: Int = Field(default=3, ge=1, le=20)
+    seeds: Int = Field(default=5, ge=2, le=20)
 
 
 class StudySpec(_Strict):
@@ -185,21 +210,24 @@ class StudySpec(_Strict):
     dataset: DataRef
     target: list[str] | None = Field(default=None, max_length=256)
     features: list[str] | None = Field(default=None, max_length=4096)
-    horizon: int = Field(default=1, ge=1, le=10_000)
+    horizon: Int = Field(default=1, ge=1, le=10_000)
     splits: Splits = Field(default_factory=Splits)
     missing: Literal["interpolate", "drop"] = "interpolate"
     objectives: list[Objective] = Field(
         default_factory=lambda: [Objective(metric="val_loss")], min_length=1, max_length=4
     )
-    search_space: dict[str, Distribution] = Field(default_factory=dict, max_length=64)
-    fixed: dict[str, Scalar] = Field(default_factory=dict, max_length=64)
+    search_space: dict[str, Distribution] = Field(
+        default_factory=dict, max_length=64,
+        json_schema_extra={"propertyNames": _one_of(HPARAMS)})
+    fixed: dict[str, Scalar] = Field(default_factory=dict, max_length=64,
+                                     json_schema_extra={"propertyNames": _one_of(HPARAMS)})
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     budget: Budget = Field(default_factory=Budget)
-    priority: int = Field(default=0, ge=-100, le=100)
-    season: int | None = Field(default=None, ge=2, le=100_000,
-                               description="season length for the baselines; null: detected")
+    priority: Int = Field(default=0, ge=-100, le=100)
+    season: Annotated[int, Field(ge=2, le=100_000), BeforeValidator(integral)] | None = Field(
+        default=None, description="season length for the baselines; null: detected")
     validation: Validation = Field(default_factory=Validation)
     final: Final | None = None
 
@@ -635,10 +663,30 @@ def parse_spec(data: Any) -> StudySpec:
     return spec
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a study file means the number, as in
+    YAML 1.2 and JSON. The API takes numbers only as numbers."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML (or JSON) document, with ``1e-4`` read as a number."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: no Python object tags
+
+
 def load_spec_file(path: str | Path) -> StudySpec:
     """Read and validate a YAML (or JSON) study file."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise Invalid(f"cannot read study file {path}: {exc}") from None
     spec = parse_spec(data)

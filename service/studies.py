@@ -10,11 +10,14 @@ import contextlib
 import json
 import math
 import statistics
+from collections.abc import Container
 from datetime import timedelta
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Connection, bindparam, case, select
 from sqlalchemy.orm import Session
 
@@ -332,7 +335,7 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
     re-trains; in the final phase before any re-train completed it has no groups yet.
     ``verdict`` (single objective only) judges ``best`` (see ``service.baselines.verdict``).
 
-    Raises NotFound for an unknown study and until a search trial has completed.
+    Raises NotFound for an unknown study, Conflict until a search trial has completed.
     """
 
     def read(conn: Connection) -> BestView:
@@ -354,7 +357,7 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
             final = final_summary(phase, directions, [(r[0], r[1], r[2]) for r in rows])
         if len(directions) == 1:
             if m["id"] is None:
-                raise NotFound(f"study '{name}' has no completed trial yet")
+                raise Conflict(f"study '{name}' has no completed trial yet")
             best_t = trial_view(SimpleNamespace(**m, curve=None))
             if final is not None and final["winner"] is not None \
                     and final["winner"] != best_t.number:
@@ -371,13 +374,82 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
             _TRIALS.c.on_front.is_(True), _TRIALS.c.final_of.is_(None))
             .order_by(_TRIALS.c.number)).all()
         if not front:
-            raise NotFound(f"study '{name}' has no completed trial yet")
+            raise Conflict(f"study '{name}' has no completed trial yet")
         return BestView(study=name, directions=directions, metrics=metrics,
                         pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None))
                                       for f in front],
                         baselines=baselines, final=final)
 
     return db.read(read)
+
+
+def seqtune_study(db: Database, storage: optuna.storages.BaseStorage,
+                  view: StudyView) -> optuna.Study:
+    """The study as seqtune shows it, for Optuna's plots and importances: its trials that have
+    a seqtune record (asked by a seqtune claim, or queued through seqtune, whoever ran them),
+    the trials ``/trials`` lists and ``/best`` chooses from, under their own numbers. Trials
+    that an outside Optuna client asked on the same study (plain ``study.optimize``) are left
+    out here as there: they are outside seqtune's budget and have no curve, model or test
+    metrics. Optuna itself (``load_study``, the dashboard, the sampler) sees every trial.
+
+    Reads every trial: for people, not hot paths."""
+    ours = frozenset(db.run(lambda s: s.scalars(
+        select(Trial.optuna_trial_id).join(Study, Study.id == Trial.study_id)
+        .where(Study.tenant == view.tenant, Study.name == view.name)).all()))
+    return optuna.load_study(study_name=view.optuna_study_name,
+                             storage=_OnlyTheseTrials(storage, ours))
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise RuntimeError("a read-only view of seqtune's trials: write through the storage")
+
+
+class _OnlyTheseTrials(optuna.storages.BaseStorage):
+    """A read-only view of an Optuna storage whose studies hold only the trials ``keep``
+    names (Optuna trial ids), with their numbers. Optuna's plots and importance evaluators
+    read trials through ``get_all_trials`` (a study's ``trials``, ``get_trials`` and the
+    storage's own best-trial and count helpers all do), so they see exactly these. A
+    BaseStorage is Optuna's public extension point; writes are refused."""
+
+    def __init__(self, base: optuna.storages.BaseStorage, keep: frozenset[int]) -> None:
+        self._base, self._keep = base, keep
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [t for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if t._trial_id in self._keep]
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._base.get_trial(trial_id)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._base.get_study_id_from_name(study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._base.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._base.get_study_directions(study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._base.get_study_user_attrs(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._base.get_study_system_attrs(study_id)
+
+    def get_all_studies(self) -> list[Any]:  # FrozenStudy, which Optuna keeps private
+        return self._base.get_all_studies()
+
+    create_new_study = _refuse
+    delete_study = _refuse
+    set_study_user_attr = _refuse
+    set_study_system_attr = _refuse
+    create_new_trial = _refuse
+    set_trial_param = _refuse
+    set_trial_state_values = _refuse
+    set_trial_intermediate_value = _refuse
+    set_trial_user_attr = _refuse
+    set_trial_system_attr = _refuse
 
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -387,18 +459,20 @@ def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: st
                objective: int = 0) -> dict[str, Any]:
     """Parameter importances (Optuna's default evaluator, PED-ANOVA in Optuna 5).
 
-    Raises Conflict until ``MIN_TRIALS_FOR_IMPORTANCE`` trials completed, Invalid for a bad
-    objective index. Reads the study's trials: meant for people, not for hot paths.
+    Raises Conflict until ``MIN_TRIALS_FOR_IMPORTANCE`` trials completed, NotFound for an
+    objective index the study does not have. Reads the study's trials: meant for people, not
+    for hot paths.
     """
     view = get_study(db, tenant=tenant, name=name)
     if not 0 <= objective < len(view.directions):
-        raise Invalid(f"objective must be between 0 and {len(view.directions) - 1}")
+        raise NotFound(f"study '{name}' has no objective {objective}: its objectives are "
+                       f"0 to {len(view.directions) - 1}")
     if view.trials.complete < MIN_TRIALS_FOR_IMPORTANCE:
         raise Conflict(f"importances need {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
                        f"'{name}' has {view.trials.complete}")
     if not view.spec.get("search_space"):
         raise Conflict("the study searches no hyperparameter")
-    study = optuna.load_study(study_name=view.optuna_study_name, storage=storage)
+    study = seqtune_study(db, storage, view)
     target = None if len(view.directions) == 1 else (lambda t: t.values[objective])
     try:
         imp = optuna.importance.get_param_importances(study, target=target)

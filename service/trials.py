@@ -74,17 +74,18 @@ def get_trial(db: Database, *, tenant: str, name: str, number: int) -> TrialView
 def model_checkpoint(db: Database, *, tenant: str, name: str,
                      number: int | None = None) -> tuple[int, bytes]:
     """``(trial number, checkpoint bytes)`` of a trial's trained model: trial ``number``, or
-    the best trial when None. Raises NotFound (no such study/trial, or no model yet) and
-    Conflict for the best of a multi-objective study (the front has several)."""
+    the best trial when None. Raises NotFound (no such study/trial) and Conflict (no model
+    yet: no completed trial or none saved, or the best of a multi-objective study)."""
 
     if number is None:
         # The trial GET /best shows (the final phase's winner included): one definition of
         # "best" for the view and the model.
-        view = best(db, tenant=tenant, name=name)
-        if view.best is None:
+        if len(db.run(lambda s: study_row(s, tenant, name).directions)) > 1:
             raise Conflict(f"study '{name}' has several objectives, so no single best "
                            "model: pick a trial of GET /v1/studies/{name}/best and download"
                            " /v1/studies/{name}/trials/{number}/model")
+        view = best(db, tenant=tenant, name=name)
+        assert view.best is not None  # one objective: best() raises NotFound without one
         number = view.best.number
 
     def txn(s: Session) -> tuple[int, bytes]:
@@ -95,7 +96,7 @@ def model_checkpoint(db: Database, *, tenant: str, name: str,
         data = s.scalar(select(Checkpoint.data).where(Checkpoint.trial_id == t.id,
                                                       Checkpoint.kind == "best"))
         if data is None:
-            raise NotFound(f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
+            raise Conflict(f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
                            "models are kept for trials that trained at least one epoch)")
         return t.number, bytes(data)
 

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 T = TypeVar("T")
+
+# The closed sets the API names, declared once so the OpenAPI document lists them; the data
+# layer's tuples (studies.STATUSES, trials.STATES, plots.KINDS) are the same sets
+# (tests/test_openapi.py checks it).
+StudyStatus = Literal["running", "paused", "stopped", "completed", "timed_out"]
+TrialState = Literal["WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL"]
+# The trials filter takes a state in upper or lower case.
+TrialStateFilter = Literal["WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL",
+                           "waiting", "running", "complete", "pruned", "fail"]
+PlotKind = Literal["history", "importance", "intermediate", "parallel", "contour"]
+TrialSort = Literal["number", "-number", "value", "-value", "started_at", "-started_at",
+                    "finished_at", "-finished_at"]
+Direction = Literal["minimize", "maximize"]
 
 
 class Page(BaseModel, Generic[T]):
@@ -29,11 +42,11 @@ class TrialCounts(BaseModel):
 class StudyView(BaseModel):
     name: str
     tenant: str
-    status: str
-    task: str
+    status: StudyStatus
+    task: Literal["forecast", "classify"]
     optuna_study_name: str
     optuna_study_id: int | None = None  # the dashboard's /dashboard/studies/{id}
-    directions: list[str]
+    directions: list[Direction]
     priority: int
     trials: TrialCounts
     spec: dict[str, Any]
@@ -43,12 +56,13 @@ class StudyView(BaseModel):
     # Classical baselines (see service.baselines): None until a worker claims them, then
     # {"status": "computing" | "done" | "failed", ...}.
     baselines: dict[str, Any] | None = None
-    phase: str = "search"  # 'search', or 'final' while/after the top configs are re-trained
+    # 'final' while/after the top configs are re-trained
+    phase: Literal["search", "final"] = "search"
 
 
 class TrialView(BaseModel):
     number: int
-    state: str
+    state: TrialState
     params: dict[str, Any]
     value: float | None = None
     values: list[float] | None = None
@@ -69,7 +83,7 @@ class TrialView(BaseModel):
 
 class BestView(BaseModel):
     study: str
-    directions: list[str]
+    directions: list[Direction]
     metrics: list[str]
     best: TrialView | None = None  # single objective
     pareto_front: list[TrialView] | None = None  # several objectives
@@ -82,6 +96,16 @@ class BestView(BaseModel):
     final: dict[str, Any] | None = None
 
 
+class ImportanceView(BaseModel):
+    """Hyperparameter importances of one objective (Optuna's default evaluator)."""
+
+    study: str
+    metric: str
+    evaluator: str
+    n_trials: int
+    importances: dict[str, float]
+
+
 class DatasetView(BaseModel):
     id: str
     name: str
@@ -90,3 +114,11 @@ class DatasetView(BaseModel):
     n_rows: int
     columns: list[dict[str, Any]]
     created_at: datetime
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 'ready' with the migration, or 'unavailable' (503) with the reason."""
+
+    status: Literal["ready", "unavailable"]
+    migration: str | None = None
+    reason: str | None = Field(default=None, description="why the service is not ready")

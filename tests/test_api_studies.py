@@ -49,7 +49,8 @@ def test_list_filters_by_status_and_paginates(client: TestClient, auth: dict) ->
     paused = client.get("/v1/studies?status=paused", headers=auth).json()["items"]
     assert [s["name"] for s in paused] == ["s1"]
     r = client.get("/v1/studies?status=sleeping", headers=auth)
-    assert r.status_code == 422 and "status must be one of" in r.json()["error"]["message"]
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "query.status"
+    assert "'paused'" in r.json()["error"]["message"]
 
 
 def test_get_unknown_study_is_404(client: TestClient, auth: dict) -> None:

@@ -54,7 +54,7 @@ def test_best_reads_the_minimum_or_maximum(client: TestClient, auth: dict,
         "mx", task="classify", dataset={"kind": "synthetic", "generator": "parity"},
         objectives=[{"metric": "val_accuracy"}]), headers=auth)
     r = client.get("/v1/studies/mn/best", headers=auth)
-    assert r.status_code == 404 and "no completed trial" in r.json()["error"]["message"]
+    assert r.status_code == 409 and "no completed trial" in r.json()["error"]["message"]
     for v in (0.7, 0.3, 0.9):
         run_trial(db, _storage(client), client, auth, "mn", v)
         run_trial(db, _storage(client), client, auth, "mx", v)

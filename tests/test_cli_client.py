@@ -167,7 +167,7 @@ def test_cli_steering_datasets_and_exit_codes(live: tuple[str, str], tmp_path: P
     r = st(env, "status", "nope")
     assert r.returncode == 3 and "no study named 'nope'" in r.stderr
     r = st(env, "best", "steer")
-    assert r.returncode == 3 and "no completed trial" in r.stderr
+    assert r.returncode == 5 and "no completed trial" in r.stderr
     r = st(env, "model", "steer", "--trial", "99")
     assert r.returncode == 3
     r = st(_env(base, "not-a-key"), "studies")

@@ -113,7 +113,7 @@ def test_models_download_and_workers(api: Client, db: Database, storage: Any,
     run_trial(db, storage, client, auth, "m", 2.0)
     with pytest.raises(ApiError) as e:
         api.download_model("m", tmp_path / "x.pt")
-    assert e.value.status == 404 and "no saved model" in e.value.message
+    assert e.value.status == 409 and "no saved model" in e.value.message
     # a worker saves the best model of the trial it finishes; here, bytes stand for it
     c = leases.claim(db, storage, owner="w1", studies=["m"])
     assert c is not None

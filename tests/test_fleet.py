@@ -218,15 +218,15 @@ def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
 
     create(db, settings, "oom", FAST, n_trials=2)
     calls = {"n": 0}
-    real_train = slot_mod.train
+    real_fit = slot_mod.fit
 
-    def flaky_train(*args: Any, **kw: Any) -> Any:
+    def flaky_fit(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_train(*args, **kw)
+        return real_fit(*args, **kw)
 
-    monkeypatch.setattr(slot_mod, "train", flaky_train)
+    monkeypatch.setattr(slot_mod, "fit", flaky_fit)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         done = slot_mod.Slot(slot_mod.SlotConfig(burst=True), settings).run()

@@ -153,8 +153,10 @@ def test_lost_leases_fail_after_max_retries(db: Database, storage) -> None:  # t
 
 def test_reaper_reconciles_orphans_and_deadlines(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
     make(db, storage, budget={"n_trials": 3, "timeout_s": 60, "lease_timeout_s": 30})
-    # A worker that died between Optuna's ask and its own commit leaves an orphan.
+    # A worker that died between Optuna's ask and its own commit leaves an orphan: a RUNNING
+    # trial that seqtune's claim marked as its own, with no seqtune record.
     orphan = optuna.load_study(study_name="acme/L", storage=storage).ask()
+    storage.set_trial_system_attr(orphan._trial_id, leases.ASKED_BY, "dead-worker")
     report = leases.reap(db, storage, now=utcnow() + timedelta(seconds=90))
     assert report.orphans == 1 and report.timed_out == 1
     assert storage.get_trial(orphan._trial_id).state == optuna.trial.TrialState.FAIL

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -95,3 +97,38 @@ def test_sqlite_default_serves_the_example(tmp_path: Path) -> None:
     assert (tmp_path / "seqtune.db").exists()
     study = optuna.load_study(study_name="default/sunspots-lstm", storage=s.url)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+@pytest.mark.timeout(150)
+def test_sqlite_default_runs_a_study_to_the_end(tmp_path: Path) -> None:
+    """The embedded default end to end: a real slot on SQLite claims, trains, stores models,
+    computes baselines and runs the final phase. Every Optuna write must come before seqtune's
+    in a transaction (SQLite has one writer): the other order blocked 30 s per try."""
+    import signal
+
+    from service.api.app import create_app
+    from service.settings import Settings
+    from worker.slot import Slot, SlotConfig
+
+    s = Settings(_env_file=None, data_dir=tmp_path, auth_enabled=False)
+    assert s.is_sqlite
+    body = {"name": "lite", "dataset": {"kind": "builtin", "name": "sunspots"},
+            "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 16}},
+            "fixed": {"max_epochs": 2, "seq_len": 6}, "budget": {"n_trials": 2},
+            "final": {"top_k": 1, "seeds": 2}}
+    with TestClient(create_app(s)) as c:
+        assert c.post("/v1/studies", json=body).status_code == 201
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.monotonic()
+    try:
+        done = Slot(SlotConfig(burst=True, threads=1), s).run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    assert done == 4 and time.monotonic() - t0 < 100
+    with TestClient(create_app(s)) as c:
+        view = c.get("/v1/studies/lite").json()
+        assert view["status"] == "completed" and view["trials"]["complete"] == 4
+        best = c.get("/v1/studies/lite/best").json()
+        assert best["baselines"]["status"] == "done" and best["final"]["winner"] is not None
+        assert c.get("/v1/studies/lite/best/model").status_code == 200

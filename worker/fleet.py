@@ -3,6 +3,11 @@
 Slots: ``--gpus all`` (every visible GPU; CPU when there is none), ``none`` (CPU) or a list
 such as ``0,2``; ``--slots-per-gpu K`` runs K trials per GPU (or K CPU slots). Children are
 spawned, never forked: CUDA and database connections do not survive a fork.
+
+No orphans: each slot watches this process and stops within seconds once it is gone
+(``kill -9`` of ``seqtune worker``; see ``worker.slot._ParentWatch``). When
+``SEQTUNE_WORKER_EXIT_WITH_PID`` names a process (``seqtune up`` sets its own pid), this
+process likewise stops its slots and exits once that process is gone.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
 
-from worker.slot import SlotConfig, slot_main
+from worker.slot import ORPHAN_GRACE_S, STOP_SIGNAL, SlotConfig, slot_main
 
 log = logging.getLogger("seqtune.fleet")
+EXIT_WITH_ENV = "SEQTUNE_WORKER_EXIT_WITH_PID"
 
 
 def plan(gpus: str, slots_per_gpu: int) -> list[tuple[str, str | None]]:
@@ -39,14 +46,27 @@ def plan(gpus: str, slots_per_gpu: int) -> list[tuple[str, str | None]]:
     return [("cuda", g) for g in ids for _ in range(slots_per_gpu)]
 
 
-def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1) -> int:
-    """Start the slots and supervise them until they all end. Returns an exit code."""
+def _exit_with_from_env() -> int | None:
+    value = os.environ.get(EXIT_WITH_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
+        exit_with: int | None = None) -> int:
+    """Start the slots and supervise them until they all end. Returns an exit code.
+
+    ``exit_with`` (default: ``$SEQTUNE_WORKER_EXIT_WITH_PID``) is the pid of the process this
+    worker lives for: when it is gone, the slots are stopped as by SIGTERM (a second SIGTERM
+    after ``ORPHAN_GRACE_S``, SIGKILL after as long again) and this process exits."""
+    if exit_with is None:
+        exit_with = _exit_with_from_env()
     slots = plan(gpus, slots_per_gpu)
     cpu_slots = sum(1 for d, _ in slots if d == "cpu")
     threads = base.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None)
     ctx = mp.get_context("spawn")
+    # Each slot watches this pid and stops once it is gone: its supervisor died with it.
     configs = [replace(base, slot=i, device=dev, threads=threads if dev == "cpu" else None,
-                       slots_on_device=slots_per_gpu)
+                       slots_on_device=slots_per_gpu, parent_pid=os.getpid())
                for i, (dev, _) in enumerate(slots)]
     visible = [cuda for _, cuda in slots]
     procs: dict[int, mp.process.BaseProcess] = {}
@@ -69,17 +89,26 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1) -> int:
                  f" (GPU {visible[i]})" if visible[i] else "", p.pid)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        # One STOP_SIGNAL per request: a slot ignores the SIGTERM/SIGINT copies that reach it
+        # directly (the terminal's process group, a supervisor signalling every process), so
+        # one request never counts twice (see worker.slot._Signals).
         stopping["count"] += 1
         for p in procs.values():
             if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGTERM)
+                os.kill(p.pid, STOP_SIGNAL)
 
     signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # Under `seqtune up` (exit_with), Ctrl+C's SIGINT reaches this process too, and up stops
+    # this worker with one SIGTERM once its server is down: the terminal's copy must not count
+    # as a request of its own, or up's SIGTERM would be the second one, "stop now".
+    signal.signal(signal.SIGINT, signal.SIG_IGN if exit_with is not None else forward)
     for i in range(len(configs)):
         start(i)
     finite = base.burst or base.max_trials is not None or base.max_idle_s is not None
+    watch = _ExitWith(exit_with, forward) if exit_with is not None else None
     while procs:
+        if watch is not None:
+            watch.check(procs)
         for i, p in list(procs.items()):
             if p.is_alive():
                 continue
@@ -92,3 +121,36 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1) -> int:
                 start(i)
         time.sleep(0.2)
     return 0
+
+
+class _ExitWith:
+    """Supervision of the process this worker lives for (``seqtune up``): once it is gone
+    (this process was re-parented), send the slots a stop request as for a SIGTERM (finish
+    the epoch, hand back), a second one after ``ORPHAN_GRACE_S`` (hand back now), then
+    SIGKILL what is left after as long again (the reaper recovers its trial). ``check`` runs
+    in the supervision loop."""
+
+    def __init__(self, pid: int, forward: Callable[[int, FrameType | None], None]) -> None:
+        self.pid, self.forward = pid, forward
+        self.gone_at: float | None = None
+        self.steps = 0  # escalation steps taken
+
+    def check(self, procs: dict[int, mp.process.BaseProcess]) -> None:
+        now = time.monotonic()
+        if self.gone_at is None:
+            if os.getppid() == self.pid:
+                return
+            log.warning("process %d, which started this worker, is gone: stopping the slots",
+                        self.pid)
+            self.gone_at, self.steps = now, 1
+            self.forward(signal.SIGTERM, None)
+            return
+        due = 1 + int((now - self.gone_at) // ORPHAN_GRACE_S)
+        if due > self.steps and self.steps == 1:
+            self.steps = 2
+            self.forward(signal.SIGTERM, None)  # the second: hand the trial back now
+        elif due > self.steps:
+            self.steps = due
+            for p in procs.values():
+                if p.is_alive() and p.pid is not None:
+                    os.kill(p.pid, signal.SIGKILL)

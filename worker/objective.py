@@ -63,7 +63,12 @@ def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
     validates on the block. ``on_epoch`` sees step ``k * max_epochs + epoch`` and records with
     ``fold`` and ``fold_epoch``, so a pruner compares trials fold by fold and a poor trial stops
     in its first fold. The objective is the mean of the folds' best-epoch validation metrics;
-    the test metrics and the model are the last fold's (trained on the most data)."""
+    the test metrics and the model are the last fold's (trained on the most data).
+
+    A stop (``should_stop``) between two folds, i.e. in an epoch that ended its fold by early
+    stopping, is honoured at that boundary: a snapshot whose next fold starts afresh
+    (``state`` None, ``epoch`` the boundary's last step), then reason ``interrupted``, rather
+    than one more epoch of the next fold first."""
     if spec.n_folds == 1:
         data = prepare_for(spec, hp, frame, cfg.device)
         return train(cfg, data, on_epoch, resume=resume, should_stop=should_stop,
@@ -97,6 +102,13 @@ def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
                       "val_origins": [int(data.val.origins[0]), int(data.val.origins[-1])]})
         if r.reason not in ("early_stopped", "max_epochs"):
             break
+        if k + 1 < spec.n_folds and should_stop is not None and should_stop():
+            boundary = (k + 1) * hp.max_epochs - 1  # the claim keeps every record up to here
+            if on_snapshot is not None:
+                on_snapshot({"epoch": boundary, "fold": k + 1, "folds_done": folds,
+                             "curve": curve, "state": None})
+            return replace(r, reason="interrupted", curve=curve, epochs=len(curve),
+                           folds=folds, checkpoint=None)
     last = results[-1]
     complete = [f for f in folds if f["val"]]
     val = {key: float(np.mean([f["val"][key] for f in complete]))

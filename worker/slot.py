@@ -1,7 +1,10 @@
 """One worker slot: a process that claims trials, trains them and reports, until told to stop.
 
-Signals: the first SIGTERM (or SIGINT) finishes the current epoch, snapshots the trial and
-releases its lease so that another worker resumes it; a second one stops at once.
+Signals: the first stop request finishes the current epoch, snapshots the trial and releases
+its lease so that another worker resumes it after that epoch; a second one stops at once. A
+slot started by ``seqtune worker`` takes its requests from that process (``STOP_SIGNAL``, one
+per SIGTERM or SIGINT it receives) and ignores the copies that reach it directly; on its own,
+or once that process is gone, SIGTERM and SIGINT are the requests (see ``_Signals``).
 """
 
 from __future__ import annotations
@@ -65,18 +68,50 @@ class SlotConfig:
     poll_s: float = 0.5
     threads: int | None = None  # torch CPU threads; the fleet splits the cores among slots
     slots_on_device: int = 1  # slots sharing this slot's GPU (its memory ledger)
+    # The `seqtune worker` process that started this slot (set by the fleet). The slot stops
+    # when that process dies: nobody would supervise or stop it any more (see _ParentWatch).
+    parent_pid: int | None = None
+
+
+# The stop request a fleet sends its slots: one per SIGTERM or SIGINT the fleet receives.
+STOP_SIGNAL = signal.SIGUSR1
 
 
 class _Signals:
-    """First SIGTERM: stop at the next epoch boundary. Second: stop now."""
+    """Stop requests. The first: finish the epoch, snapshot, hand the trial back. The second:
+    stop now.
 
-    def __init__(self) -> None:
+    A slot started by a fleet (``parent_pid``) counts, while that process lives, only the
+    fleet's requests (``STOP_SIGNAL``, one per SIGTERM or SIGINT the fleet received). The
+    same request reaches the slot directly as well: a terminal sends Ctrl+C's SIGINT to its
+    whole foreground process group, and supervisors (systemd by default, ``kill -- -PGID``)
+    signal every process. Counting that copy made the fleet's forward the *second* request:
+    the slot stopped mid-epoch without a snapshot, and the next attempt redid every epoch
+    since the last periodic one. Once the fleet is gone (this process was re-parented),
+    SIGTERM and SIGINT count again: an orphan obeys its parent-death signal and _ParentWatch.
+    A slot run on its own (no ``parent_pid``) obeys SIGTERM and SIGINT."""
+
+    def __init__(self, parent_pid: int | None = None) -> None:
         self.stop = threading.Event()
         self._signalled = False
+        self._parent_pid = parent_pid
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+        signal.signal(STOP_SIGNAL, self._handle)
+
+    def _copy_of_fleets(self, signum: int) -> bool:
+        """A SIGTERM/SIGINT that the live fleet received too and forwards as STOP_SIGNAL."""
+        return signum != STOP_SIGNAL and self._parent_pid is not None \
+            and os.getppid() == self._parent_pid
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self._copy_of_fleets(signum):
+            # Logged from a thread, like _stop_soon: the interrupted main thread may hold the
+            # logging lock.
+            threading.Thread(target=log.debug, args=(
+                "signal %d left to the worker process %s, which forwards it", signum,
+                self._parent_pid), name="seqtune-signal", daemon=True).start()
+            return
         if self._signalled:
             raise SystemExit(128 + signum)
         self._signalled = True
@@ -87,8 +122,9 @@ class _Signals:
                          daemon=True).start()
 
     def _stop_soon(self, signum: int) -> None:
-        log.info("signal %d: finishing the epoch, then handing the trial back (a second "
-                 "signal stops at once)", signum)
+        source = "the worker process" if signum == STOP_SIGNAL else f"signal {signum}"
+        log.info("stop requested by %s: finishing the epoch, then handing the trial back (a "
+                 "second signal stops at once)", source)
         self.stop.set()
 
 
@@ -129,6 +165,77 @@ class _Heartbeat(threading.Thread):
         self._halt.set()
 
 
+ORPHAN_GRACE_S = 3.0  # after its parent died: time to finish the epoch, then to hand back
+
+
+class _ParentWatch(threading.Thread):
+    """Stops an orphaned slot: once the process that started it is gone (``kill -9`` of
+    ``seqtune worker``), nobody would stop the slot, and it would train and claim trials for
+    ever. Polls ``os.getppid()`` (portable: an orphan is re-parented to init or a subreaper),
+    then escalates like an operator would:
+
+    1. a first SIGTERM (unless the kernel already sent it as the parent-death signal): finish
+       the epoch, snapshot, hand the trial back;
+    2. after ``ORPHAN_GRACE_S``, a second SIGTERM: hand the trial back now;
+    3. after ``ORPHAN_GRACE_S`` more (the main thread is stuck, e.g. in a hung driver call),
+       exit at once and leave the trial to the reaper (its lease stops being renewed).
+
+    So an orphaned slot is gone within about ``2 * ORPHAN_GRACE_S`` plus one poll."""
+
+    def __init__(self, parent_pid: int, *, signalled_by_kernel: bool, poll_s: float = 0.5,
+                 grace_s: float = ORPHAN_GRACE_S) -> None:
+        super().__init__(name="seqtune-parent-watch", daemon=True)
+        self.parent_pid, self.poll_s, self.grace_s = parent_pid, poll_s, grace_s
+        self.signalled_by_kernel = signalled_by_kernel
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def run(self) -> None:
+        while not self.orphaned():
+            time.sleep(self.poll_s)
+        log.warning("the worker process %d that started this slot is gone: stopping this "
+                    "slot (finish the epoch within %.0fs, else hand the trial back at once)",
+                    self.parent_pid, self.grace_s)
+        # Signals, not a direct Event.set(): the slot's SIGTERM contract (first: graceful,
+        # second: now) is then the one path for operators, the fleet and this watch.
+        if not self.signalled_by_kernel:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(self.grace_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(self.grace_s)
+        # The main thread is stuck: no cleanup can be trusted, not even logging (a stuck
+        # thread may hold a handler's lock, or the log pipe may be full), so the last word
+        # gets half a second on a thread of its own, then the process ends regardless.
+        last = threading.Thread(target=log.error, daemon=True, args=(
+            "slot still running %.0fs after its worker process died: exiting now; the reaper "
+            "recovers its trial after the lease timeout", 2 * self.grace_s))
+        last.start()
+        last.join(0.5)
+        os._exit(1)
+
+
+def arm_parent_death_signal(parent_pid: int) -> bool:
+    """Ask Linux to send this process SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
+    so a slot starts stopping at once rather than at the next poll. True when armed while
+    the parent is still ``parent_pid`` (it may have died before the call: then no signal
+    comes, and the poll in _ParentWatch sends it). False where prctl is unavailable."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The signal fires when the parent *thread* that started us exits: the fleet starts its
+    # slots from its main thread, whose exit is the process's.
+    return os.getppid() == parent_pid
+
+
 class Slot:
     def __init__(self, cfg: SlotConfig, settings: Settings | None = None) -> None:
         self.cfg = cfg
@@ -142,9 +249,10 @@ class Slot:
         self.storage = make_storage(self.settings)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-s{cfg.slot}"
         self.frames: dict[str, Any] = {}
-        self.signals = _Signals()
+        self.signals = _Signals(cfg.parent_pid)
         self.hb = _Heartbeat(self.db, self.worker_id, workers.HEARTBEAT_S)
         self._last_reap = 0.0
+        self.parent_death_signal = False  # slot_main sets it once the kernel's signal is armed
 
     def run(self) -> int:
         """The slot's loop. Returns the number of trials it ran."""
@@ -154,13 +262,21 @@ class Slot:
                                    "python": platform.python_version(),
                                    "cuda": torch.version.cuda})
         self.hb.start()
+        if self.cfg.parent_pid is not None:
+            _ParentWatch(self.cfg.parent_pid,
+                         signalled_by_kernel=self.parent_death_signal).start()
         done, idle_since = 0, time.monotonic()
         names = list(self.cfg.studies) or None
         log.info("worker %s up on %s", self.worker_id, self.cfg.device)
         try:
-            while not self.signals.stop.is_set():
+            while not self.signals.stop.is_set() and not self._orphaned():
                 self._maybe_reap()
                 c = leases.claim(self.db, self.storage, owner=self.worker_id, studies=names)
+                if c is not None and self._orphaned():
+                    # The fleet died while this claim was under way: an orphan must not
+                    # start a trial (the watch is about to stop it). Hand it back untouched.
+                    self._release(c)
+                    break
                 if c is None:
                     if self.cfg.burst and not leases.has_work(self.db, studies=names):
                         log.info("burst: no study has work left; exiting")
@@ -181,6 +297,10 @@ class Slot:
             workers.stopped(self.db, worker_id=self.worker_id)
             self.db.dispose()
         return done
+
+    def _orphaned(self) -> bool:
+        """Whether the fleet process that started this slot is gone (never, when run alone)."""
+        return self.cfg.parent_pid is not None and os.getppid() != self.cfg.parent_pid
 
     def _maybe_reap(self) -> None:
         if time.monotonic() - self._last_reap < REAP_EVERY_S:
@@ -361,16 +481,17 @@ class Slot:
             self._finish(ostudy, c, state="FAIL", reason="nan_objective", info=info,
                          error=f"objective values {values} are not finite")
             return
+        model = None
         if r.checkpoint is not None:
             buf = io.BytesIO()
             torch.save(r.checkpoint, buf)
-            try:
-                leases.save_checkpoint(self.db, c, kind="best", epoch=r.best_epoch or 0,
-                                       data=buf.getvalue())
-            except leases.Fenced:
-                return
+            model = buf.getvalue()
+        # The model goes in the transaction that records the value, under the same fence
+        # check: a stale attempt can neither store a model beside another attempt's value nor
+        # leave its own model behind when its result is refused.
         self._finish(ostudy, c, state="COMPLETE", values=values, reason=r.reason,
-                     test_metrics=r.test, info=info)
+                     test_metrics=r.test, info=info, model=model,
+                     model_epoch=r.best_epoch or 0)
 
     def _finish(self, ostudy: optuna.Study, c: leases.Claim, **kw: Any) -> None:
         try:
@@ -407,6 +528,17 @@ def tensorboard_writer(root: Path | None, c: leases.Claim) -> Any:
 def slot_main(cfg: SlotConfig) -> None:
     """Entry point of a spawned slot process."""
     setup_logging(prefix=f"slot{cfg.slot} ")
+    armed = cfg.parent_pid is not None and arm_parent_death_signal(cfg.parent_pid)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    Slot(cfg).run()
+    slot = Slot(cfg)  # installs the SIGTERM handler a parent-death signal will run
+    slot.parent_death_signal = armed
+    try:
+        slot.run()
+    finally:
+        if slot._orphaned():
+            # Nobody waits for an orphan, its trial is handed back and its database work
+            # done, and the interpreter's teardown (garbage-collecting torch's objects) took
+            # seconds on a busy machine: end the process now.
+            logging.shutdown()
+            os._exit(0)

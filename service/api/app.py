@@ -15,37 +15,120 @@ from sqlalchemy import text
 from service import leases, migrate
 from service.api import dashboard, routes_datasets, routes_studies, routes_workers
 from service.api import errors as api_errors
-from service.api.deps import AppState, state
+from service.api.deps import TENANT_SCOPE_KEY, AppState, request_key, resolve_tenant, state
 from service.db import Database
+from service.errors import Unauthorized, Unavailable
+from service.logs import redact_access_log
 from service.metrics import LatencyMiddleware, Metrics
 from service.optuna_bridge import make_storage
 from service.settings import Settings, get_settings
+from service.views import Readiness
 
 log = logging.getLogger("seqtune.service")
 
 
+class _OverCap(Exception):
+    """Raised from ``receive`` once a body passes its cap; BodyLimit answers 413 for it."""
+
+
+def _header(scope: dict, name: bytes) -> bytes | None:
+    return next((v for k, v in scope["headers"] if k == name), None)
+
+
 class BodyLimit:
-    """Refuse bodies over the cap from their Content-Length, before reading them (413)."""
+    """Caps request bodies before anything else reads them: ``json_cap`` bytes, or
+    ``upload_cap`` plus multipart framing under /v1/datasets. Over the cap: 413, code
+    'too_large'.
+
+    A Content-Length over the cap is refused at once, unread. A body without one (chunked) is
+    counted as the app pulls it from ``receive``: the message that crosses the cap raises
+    inside the app, and whatever the app answers to that is replaced by the 413. Nothing is
+    buffered here and the server reads no further ahead than the app asked (uvicorn pauses
+    the socket at 64 KiB), so memory stays flat whatever a client streams."""
 
     def __init__(self, app: Any, *, json_cap: int, upload_cap: int) -> None:
         self.app, self.json_cap, self.upload_cap = app, json_cap, upload_cap
 
+    def cap_for(self, path: str) -> int:
+        return self.upload_cap + 64 * 1024 if path.startswith("/v1/datasets") \
+            else self.json_cap
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None:
-                cap = self.upload_cap + 64 * 1024 if scope["path"].startswith("/v1/datasets") \
-                    else self.json_cap
-                try:
-                    too_big = int(length) > cap
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    resp = JSONResponse(api_errors.error_body(
-                        "too_large", f"the request body is over the {cap} byte cap"),
-                        status_code=413)
-                    await resp(scope, receive, send)
-                    return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.cap_for(scope["path"])
+        length = _header(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > cap:
+            await self._refuse(cap, scope, receive, send)
+            return
+        seen, over, started = 0, False, False
+
+        async def counted_receive() -> dict:
+            nonlocal seen, over
+            if over:
+                raise _OverCap  # an app that swallowed the first one gets no more body
+            message: dict = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > cap:
+                    over = True
+                    raise _OverCap
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a body cut short (400, 422, 500): 413 instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            # _OverCap itself, or whatever the app or a framework layer wrapped it in.
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(cap, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(cap: int, scope: dict, receive: Any, send: Any) -> None:
+        what = "SEQTUNE_MAX_UPLOAD_BYTES" if scope["path"].startswith("/v1/datasets") \
+            else "SEQTUNE_MAX_BODY_BYTES"
+        await JSONResponse(api_errors.error_body(
+            "too_large", f"the request body is over the {cap} byte cap ({what})"),
+            status_code=413)(scope, receive, send)
+
+
+class KeyFirst:
+    """With auth on, authenticates every /v1 request before anything reads its body: no key,
+    or an unknown or revoked one, gets its 401 at once, so an anonymous client can make the
+    service neither parse nor hold a body. The tenant found is left in the scope for
+    ``deps.tenant``, which therefore does not look the key up twice."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        st: AppState | None = getattr(scope["app"].state, "seqtune", None) \
+            if scope["type"] == "http" and "app" in scope else None
+        if st is None or not st.settings.auth_enabled \
+                or not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        try:
+            scope[TENANT_SCOPE_KEY] = await resolve_tenant(
+                st, request_key(scope["method"], scope["headers"]))
+        except (Unauthorized, Unavailable) as exc:
+            # Outside the routers, so the app's exception handlers do not run: the same
+            # statuses, body and headers as errors.install gives these two.
+            status, headers = (401, {"WWW-Authenticate": "Bearer"}) \
+                if isinstance(exc, Unauthorized) else (503, {"Retry-After": "5"})
+            await JSONResponse(api_errors.error_body(exc.code, exc.message, exc.details),
+                               status_code=status, headers=headers)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -119,7 +202,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_workers.router)
     app.include_router(dashboard.router)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    @app.get("/metrics", tags=["health"], response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics() -> Response:
         """Prometheus metrics (``seqtune_*``): fleet-wide numbers from the database, API
         latency and the connection pool of this process. No study or tenant names."""
@@ -133,7 +218,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {
+        "model": Readiness, "description": "the database is unreachable or behind on "
+        "migrations"}})
     def readyz(st: AppState = Depends(state)) -> JSONResponse:
         """The database answers and seqtune's migrations are current."""
         try:
@@ -141,16 +228,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 conn.execute(text("SELECT 1"))
             current = migrate.current_revision(st.db.engine)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return JSONResponse({"status": "unavailable", "reason": f"database: {exc}"[:300]},
-                                status_code=503)
+            # The driver's message names the host, port, user and database: it goes to the
+            # log for the operator, not to an unauthenticated probe.
+            log.warning("readyz: database unreachable: %s",
+                        str(getattr(exc, "orig", None) or exc).strip().replace("\n", " "))
+            return JSONResponse({"status": "unavailable", "reason": "database unreachable "
+                                 "(the service log says why)"}, status_code=503)
         head = migrate.head_revision()
         if current != head:
             return JSONResponse({"status": "unavailable", "reason": f"migrations at {current},"
                                  f" head is {head}; run `seqtune db upgrade`"}, status_code=503)
         return JSONResponse({"status": "ready", "migration": current})
 
+    # Each add_middleware wraps the ones before it, so requests meet them bottom up: latency
+    # (times everything), then the body cap, then the key check, then the dashboard's paths.
+    app.add_middleware(dashboard.DashboardGate)
+    app.add_middleware(KeyFirst)
     app.add_middleware(BodyLimit, json_cap=settings.max_body_bytes,
                        upload_cap=settings.max_upload_bytes)
-    app.add_middleware(dashboard.DashboardGate)
     app.add_middleware(LatencyMiddleware)  # outermost: times everything, errors included
+    redact_access_log()  # keys in query strings or paths never reach uvicorn's access log
     return app

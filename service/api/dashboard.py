@@ -1,9 +1,11 @@
 """The browser side: optuna-dashboard at ``/dashboard/`` and seqtune's own page at ``/ui/``.
 
-Both sit behind the API's keys. A browser cannot send a bearer header, so ``/login?key=…``
-checks the key once and sets an HttpOnly, SameSite=Strict cookie; the cookie then stands for
-the key on GET requests only (the dashboard is read-only here, and /v1 writes still need the
-header, so a cookie can never change anything).
+Both sit behind the API's keys. A browser cannot send a bearer header, so the sign-in form
+at ``/login`` posts the key (in the body: a key in a URL would stay in browser history and
+server logs) and gets an HttpOnly, SameSite=Strict cookie; the cookie then stands for the key
+on GET requests only (the dashboard is read-only here, and /v1 writes still need the header,
+so a cookie can never change anything). ``GET /login`` shows the form and never accepts a key
+in its query (400 with the form).
 
 optuna-dashboard is a WSGI app that owns the paths ``/dashboard``, ``/api``, ``/static`` and
 ``/csv``; each tenant gets its own instance over a view of the storage that lists that
@@ -18,17 +20,17 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from optuna.storages import BaseStorage
 from optuna.study._frozen import FrozenStudy
 
 from service import keys
-from service.api.deps import DEFAULT_TENANT, AppState
+from service.api.deps import COOKIE, DEFAULT_TENANT, MAX_KEY_LEN, AppState, request_key
 from service.errors import Unauthorized
+from service.metrics import ROUTE_LABEL
 
-COOKIE = "seqtune_key"
 DASHBOARD_PREFIXES = ("/dashboard", "/api/", "/static/", "/csv/")
 _STUDY_ID = re.compile(r"^/(?:api/studies|csv)/(\d+)")
 
@@ -71,7 +73,7 @@ TenantStorage.__abstractmethods__ = frozenset()
 
 def _tenant_of_key(st: AppState, key: str | None) -> str | None:
     """The key's tenant, or None when it is missing, unknown or revoked."""
-    if not key or len(key) > 256:
+    if not key or len(key) > MAX_KEY_LEN:
         return None
     ttl = st.settings.auth_cache_s
     cached = keys.cached_tenant(key, ttl)
@@ -83,41 +85,49 @@ def _tenant_of_key(st: AppState, key: str | None) -> str | None:
         return None
 
 
-def browser_key(request_headers: dict[bytes, bytes]) -> str | None:
-    """The key a browser request carries: the bearer header, else the login cookie."""
-    auth = request_headers.get(b"authorization", b"").decode("latin-1")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    for part in request_headers.get(b"cookie", b"").decode("latin-1").split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == COOKIE and v:
-            return v
-    return None
-
-
-def login_page(next_path: str, message: str = "") -> HTMLResponse:
+def login_page(next_path: str, message: str = "", status: int = 401) -> HTMLResponse:
+    """The sign-in form. It posts the key in the body to ``POST /login``."""
     note = f'<p class="err">{html.escape(message)}</p>' if message else ""
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>seqtune: sign in</title>
 <style>body{{font:15px system-ui,sans-serif;max-width:30em;margin:4em auto}}
 input{{width:100%;padding:.5em;margin:.5em 0}}.err{{color:#b00}}</style></head><body>
-<h1>seqtune</h1>{note}<form action="/login" method="get">
+<h1>seqtune</h1>{note}<form action="/login" method="post">
 <label>API key (from <code>seqtune keys create</code>)
-<input name="key" type="password" autofocus required></label>
+<input name="key" type="password" autocomplete="current-password" autofocus required></label>
 <input type="hidden" name="next" value="{html.escape(next_path)}">
 <button>Sign in</button></form></body></html>"""
-    return HTMLResponse(body, status_code=401)
+    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
 def _safe_next(path: str) -> str:
-    return path if path.startswith("/") and not path.startswith("//") else "/ui/"
+    """A local path to go to after signing in; anything else (an open redirect: ``//host``,
+    ``/\\host``, a URL) becomes /ui/."""
+    ok = path.startswith("/") and not path.startswith(("//", "/\\")) and len(path) <= 512
+    return path if ok else "/ui/"
 
 
 @router.get("/login")
-async def login(request: Request, key: str = Query(max_length=256),
-                next: str = Query(default="/ui/", max_length=512)) -> Response:  # noqa: A002
-    """Check a key and keep it in a cookie for the browser pages."""
+async def login_form(request: Request) -> Response:
+    """The sign-in form. A ``key`` in the query is refused (400, the form again, no cookie):
+    URLs are kept in browser history and access logs, so a key must be posted."""
+    target = _safe_next(request.query_params.get("next", "/ui/"))
+    if "key" in request.query_params:
+        return login_page(target, "Keys are not accepted in the address, where browser "
+                          "history and logs keep them. Paste the key here instead.", 400)
+    return login_page(target, status=200)
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    """Check the posted key (form fields ``key`` and ``next``) and keep it in a cookie for
+    the browser pages; 303 to ``next``. A wrong key answers the form again (401)."""
     st: AppState = request.app.state.seqtune
-    target = _safe_next(next)
+    async with request.form(max_files=0, max_fields=8) as form:
+        key, nxt = form.get("key"), form.get("next")
+    target = _safe_next(nxt if isinstance(nxt, str) else "/ui/")
+    if not isinstance(key, str) or not key.strip():
+        return login_page(target, "Paste an API key.", 400)
+    key = key.strip()
     if st.settings.auth_enabled and await run_in_threadpool(_tenant_of_key, st, key) is None:
         return login_page(target, "That key is unknown or revoked.")
     resp = RedirectResponse(target, status_code=303)
@@ -144,7 +154,7 @@ async def ui(request: Request) -> Response:
     """seqtune's page: studies, progress, best hyperparameters, the worker fleet."""
     st: AppState = request.app.state.seqtune
     if st.settings.auth_enabled:
-        key = browser_key(dict(request.scope["headers"]))
+        key = request_key(request.method, request.scope["headers"])
         if await run_in_threadpool(_tenant_of_key, st, key) is None:
             return login_page("/ui/")
     page = resources.files("service.ui").joinpath("index.html").read_text(encoding="utf-8")
@@ -165,6 +175,7 @@ class DashboardGate:
                                            or path == "/favicon.ico"):
             await self.app(scope, receive, send)
             return
+        scope[ROUTE_LABEL] = "dashboard"  # one metrics label for all of the dashboard's paths
         st: AppState | None = getattr(scope["app"].state, "seqtune", None)
         if st is None:  # not started yet
             await JSONResponse({"error": {"code": "unavailable", "message": "starting"}},
@@ -178,13 +189,13 @@ class DashboardGate:
         tenant = DEFAULT_TENANT
         if st.settings.auth_enabled:
             found = await run_in_threadpool(_tenant_of_key, st,
-                                            browser_key(dict(scope["headers"])))
+                                            request_key(scope["method"], scope["headers"]))
             if found is None:
                 if path.startswith("/dashboard"):
                     resp: Response = login_page(quote(path, safe="/"))
                 else:
                     resp = JSONResponse({"error": {"code": "unauthorized", "message": (
-                        "sign in at /login?key=<key> or send 'Authorization: Bearer <key>'")}},
+                        "sign in at /login or send 'Authorization: Bearer <key>'")}},
                         status_code=401)
                 await resp(scope, receive, send)
                 return
@@ -195,6 +206,14 @@ class DashboardGate:
             await JSONResponse({"reason": "study not found"}, status_code=404)(
                 scope, receive, send)
             return
+        if path == "/favicon.ico" or not any(k == b"accept-encoding" for k, _ in scope["headers"]):
+            # optuna-dashboard reads request.headers["Accept-Encoding"] unguarded for
+            # /favicon.ico and /static/* (KeyError, 500): without the header a client may not
+            # decode gzip, so it asks for the plain file. The favicon is always asked plain:
+            # gzipped, optuna-dashboard sends it as application/gzip with no Content-Encoding,
+            # which no browser shows.
+            headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+            scope = {**scope, "headers": [*headers, (b"accept-encoding", b"identity")]}
         await app.asgi(scope, receive, send)
 
     def _dashboard(self, st: AppState, tenant: str) -> Any:

@@ -5,10 +5,19 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from service import datasets, plots, studies, trials
 from service.api.deps import AppState, state, tenant
+from service.api.errors import responses
 from service.errors import Invalid, NotFound
 from service.spec import (
     Scalar,
@@ -16,10 +25,24 @@ from service.spec import (
     UploadedData,
     check_spec,
     default_search_space,
+    integral,
 )
-from service.views import BestView, Page, StudyView, TrialView
+from service.views import (
+    BestView,
+    ImportanceView,
+    Page,
+    PlotKind,
+    StudyStatus,
+    StudyView,
+    TrialSort,
+    TrialStateFilter,
+    TrialView,
+)
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+# Every route: 401 without a valid key, 422 for a bad parameter or body, 503 without the
+# database. Each route adds the statuses it answers on top (404, 409, 413).
+router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=responses(401, 422, 503))
+_STUDY_404 = "no study of that name for this tenant"
 
 StudyName = Annotated[str, Path(max_length=256, description="the study's name")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -45,15 +68,32 @@ SUNSPOTS_EXAMPLE: dict[str, Any] = {
 
 
 class StudyPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    status: Literal["running", "paused", "stopped"] | None = Field(
+    """At least one field; a field left out stays as it is (null is not a value here)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
+    status: Literal["running", "paused", "stopped"] | SkipJsonSchema[None] = Field(
         default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends")
-    n_trials: int | None = Field(default=None, ge=1, le=1_000_000)
-    priority: int | None = Field(default=None, ge=-100, le=100)
+    n_trials: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)
+                        ] | SkipJsonSchema[None] = None
+    priority: Annotated[int, Field(ge=-100, le=100), BeforeValidator(integral)
+                        ] | SkipJsonSchema[None] = None
+
+    @field_validator("status", "n_trials", "priority", mode="before")
+    @classmethod
+    def _not_null(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("leave the field out instead of sending null")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> StudyPatch:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change; send status, n_trials or priority")
+        return self
 
 
 class EnqueueBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     params: dict[str, Scalar] = Field(max_length=64, description="hyperparameters to try")
 
 
@@ -73,8 +113,9 @@ def _check_with_dataset(st: AppState, who: str, spec: StudySpec) -> None:
 
 
 @router.post("", status_code=201, response_model=StudyView,
-             responses={409: {"description": "a study of that name exists"},
-                        422: {"description": "the definition is invalid; details name fields"}})
+             responses=responses(409, 413, 422, s409="a study of that name exists", s422=(
+                 "the definition is invalid (the schema checks shapes, the service checks "
+                 "meaning: known names, ranges, options); `details` name the fields")))
 def create_study(
     spec: Annotated[StudySpec, Body(openapi_examples={"sunspots": {
         "summary": "LSTM on yearly sunspots", "value": SUNSPOTS_EXAMPLE}})],
@@ -90,7 +131,7 @@ def create_study(
 
 @router.get("", response_model=Page[StudyView])
 def list_studies(
-    status: Annotated[str | None, Query(max_length=32)] = None,
+    status: StudyStatus | SkipJsonSchema[None] = None,
     limit: Limit = 50, offset: Offset = 0,
     st: AppState = Depends(state), who: str = Depends(tenant),
 ) -> Page[StudyView]:
@@ -103,14 +144,17 @@ def _json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-@router.get("/{name}", response_model=StudyView)
+@router.get("/{name}", response_model=StudyView, responses=responses(404, s404=_STUDY_404))
 def get_study(name: StudyName, st: AppState = Depends(state),
               who: str = Depends(tenant)) -> Response:
     """A study with its trial counts and remaining budget."""
     return _json(studies.get_study(st.db, tenant=who, name=name))
 
 
-@router.patch("/{name}", response_model=StudyView)
+@router.patch("/{name}", response_model=StudyView, responses=responses(
+    404, 409, 413, s404=_STUDY_404,
+    s409="the study's status does not allow the change, or n_trials is below the trials "
+    "already started"))
 def update_study(name: StudyName, patch: StudyPatch, st: AppState = Depends(state),
                  who: str = Depends(tenant)) -> StudyView:
     """Pause, resume or stop a study; raise its budget; change its priority."""
@@ -120,7 +164,9 @@ def update_study(name: StudyName, patch: StudyPatch, st: AppState = Depends(stat
                                 n_trials=patch.n_trials, priority=patch.priority)
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, responses=responses(
+    404, 409, s404=_STUDY_404, s409="trials are running: stop the study first or pass "
+    "force=true"))
 def delete_study(name: StudyName, force: bool = False, st: AppState = Depends(state),
                  who: str = Depends(tenant)) -> Response:
     """Delete a study, its trials and its Optuna study."""
@@ -128,14 +174,13 @@ def delete_study(name: StudyName, force: bool = False, st: AppState = Depends(st
     return Response(status_code=204)
 
 
-@router.get("/{name}/trials", response_model=Page[TrialView])
+@router.get("/{name}/trials", response_model=Page[TrialView],
+            responses=responses(404, s404=_STUDY_404))
 def list_trials(
     name: StudyName,
-    state_: Annotated[str | None, Query(alias="state", max_length=16,
-                                        description="WAITING, RUNNING, COMPLETE, PRUNED, FAIL")
-                      ] = None,
-    sort: Annotated[str, Query(max_length=32, description="number, value, started_at, "
-                               "finished_at; '-' prefix for descending")] = "number",
+    state_: Annotated[TrialStateFilter | SkipJsonSchema[None], Query(alias="state")] = None,
+    sort: Annotated[TrialSort, Query(description="a field; '-' prefix for descending")
+                    ] = "number",
     limit: Limit = 100, offset: Offset = 0,
     st: AppState = Depends(state), who: str = Depends(tenant),
 ) -> Page[TrialView]:
@@ -144,21 +189,26 @@ def list_trials(
                               limit=limit, offset=offset)
 
 
-@router.get("/{name}/trials/{number}", response_model=TrialView)
+@router.get("/{name}/trials/{number}", response_model=TrialView,
+            responses=responses(404, s404="no such study or trial"))
 def get_trial(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
               st: AppState = Depends(state), who: str = Depends(tenant)) -> TrialView:
     """One trial: params, state, values, learning curve, reason, worker, timings, attempts."""
     return trials.get_trial(st.db, tenant=who, name=name, number=number)
 
 
-@router.post("/{name}/trials", status_code=201, response_model=TrialView)
+@router.post("/{name}/trials", status_code=201, response_model=TrialView, responses=responses(
+    404, 409, 413, 422, s404=_STUDY_404,
+    s409="the study is stopped or finished, or its budget is spent",
+    s422="the body is invalid, or the params do not fit the study's search space"))
 def enqueue_trial(name: StudyName, body: EnqueueBody, st: AppState = Depends(state),
                   who: str = Depends(tenant)) -> TrialView:
     """Queue given hyperparameters (warm start); they run before sampled trials."""
     return trials.enqueue_trial(st.db, st.storage, tenant=who, name=name, params=body.params)
 
 
-@router.get("/{name}/best", response_model=BestView)
+@router.get("/{name}/best", response_model=BestView, responses=responses(
+    404, 409, s404=_STUDY_404, s409="no trial of the study has completed yet"))
 def best(name: StudyName, st: AppState = Depends(state),
          who: str = Depends(tenant)) -> Response:
     """The best trial and its test metrics, or the Pareto front for several objectives.
@@ -167,8 +217,14 @@ def best(name: StudyName, st: AppState = Depends(state),
     return _json(studies.best(st.db, tenant=who, name=name))
 
 
-@router.get("/{name}/importance")
-def importance(name: StudyName, objective: Annotated[int, Query(ge=0, le=3)] = 0,
+Objective = Annotated[int, Query(ge=0, le=3, description=(
+    "index into the study's objectives (a study has 1 to 4); 404 when it has fewer"))]
+
+
+@router.get("/{name}/importance", response_model=ImportanceView, responses=responses(
+    404, 409, s404="no such study, or it has no objective of that index",
+    s409="not enough completed trials yet, or the study searches no hyperparameter"))
+def importance(name: StudyName, objective: Objective = 0,
                st: AppState = Depends(state), who: str = Depends(tenant)) -> dict[str, Any]:
     """Hyperparameter importances (PED-ANOVA), once enough trials completed."""
     return studies.importance(st.db, st.storage, tenant=who, name=name, objective=objective)
@@ -177,16 +233,19 @@ def importance(name: StudyName, objective: Annotated[int, Query(ge=0, le=3)] = 0
 @router.get("/{name}/plots/{kind}", response_class=Response,
             responses={200: {"content": {"image/png": {}, "text/html": {}},
                              "description": "the plot"},
-                       409: {"description": "not enough completed trials for this plot yet"}})
+                       **responses(404, 409,
+                                   s404="no such study, or it has no objective of that index",
+                                   s409="not enough completed trials or searched "
+                                   "hyperparameters for this plot yet")})
 def plot(name: StudyName,
-         kind: Annotated[str, Path(max_length=32, description="history, importance, "
-                                   "intermediate, parallel or contour")],
+         kind: Annotated[PlotKind, Path(description="which of Optuna's plots")],
          format: Annotated[Literal["png", "html"], Query()] = "png",  # noqa: A002
-         objective: Annotated[int, Query(ge=0, le=3)] = 0,
+         objective: Objective = 0,
          st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
     """A plot of the study, drawn by Optuna's visualisation: PNG, or interactive HTML."""
     view = studies.get_study(st.db, tenant=who, name=name)
-    body, media = plots.render(st.storage, view, kind, fmt=format, objective=objective)
+    body, media = plots.render(st.storage, view, kind, db=st.db, fmt=format,
+                               objective=objective)
     return Response(body, media_type=media)
 
 
@@ -200,7 +259,10 @@ def _model_response(name: str, number: int, data: bytes) -> Response:
 _MODEL_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}},
                     "description": "a torch checkpoint: weights, model config, scaler state, "
                     "hyperparameters; load it with `seqtune predict` or worker.engine.Predictor"},
-              404: {"description": "no such study or trial, or no model saved yet"}}
+              **responses(404, 409, s404="no such study or trial",
+                          s409="no model yet: no trial completed, the trial saved none (it "
+                          "trained no epoch), or the study has several objectives (no single "
+                          "best)")}
 
 
 @router.get("/{name}/best/model", response_class=Response, responses=_MODEL_DOC)

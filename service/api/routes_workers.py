@@ -7,8 +7,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import workers
 from service.api.deps import AppState, state, tenant
+from service.api.errors import responses
 
-router = APIRouter(prefix="/v1/workers", tags=["workers"])
+router = APIRouter(prefix="/v1/workers", tags=["workers"], responses=responses(401, 422, 503))
 
 
 @router.get("", response_model=list[workers.WorkerView])
