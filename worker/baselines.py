@@ -7,7 +7,7 @@ origin a model forecasts ``values[t0 : t0 + H]`` (every target column) from the 
 ``values[:t0]`` alone, earlier splits included, never ``values[t0:]``. Parameters are frozen:
 fitted on ``values[:b]`` for the validation forecasts and refitted once on ``values[:c]`` for
 the test forecasts. Each column is modelled on its own (univariate). Metrics are those of
-``worker.engine._forecast_metrics`` (rmse, mae, mape in percent) over the whole
+``worker.metrics.forecast_errors`` (rmse, mae, mape in percent) over the whole
 ``(origins, H, targets)`` array, plus ``mase`` (mae over the mean absolute one-step change of
 the training split). The result is plain JSON (floats, ints, strings, lists; ``None`` for a
 non-finite number); a model that cannot be fitted is left out and named under ``"skipped"``.
@@ -36,6 +36,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.optimize import minimize
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 from statsmodels.tsa.stattools import acf
+
+from worker.metrics import forecast_errors, macro_f1
 
 # (forecasts of shape (n_origins, horizon), params): one model, one column, one fit.
 _Forecaster = Callable[[np.ndarray, int, np.ndarray, int, int | None],
@@ -95,26 +97,8 @@ def _num(x: float) -> float | None:
 
 
 def _forecast_metrics(pred: np.ndarray, true: np.ndarray, scale: float) -> dict[str, Any]:
-    # The same arithmetic as worker.engine._forecast_metrics (a test holds them together).
-    err = pred - true
-    nz = np.abs(true) > 1e-8
-    mape = float(np.mean(np.abs(err[nz]) / np.abs(true[nz])) * 100) if nz.any() else math.nan
-    mae = float(np.mean(np.abs(err)))
-    return {"rmse": _num(np.sqrt(np.mean(err**2))), "mae": _num(mae), "mape": _num(mape),
-            "mase": _num(mae / scale)}
-
-
-def _macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
-    # The same definition as worker.engine._macro_f1: classes absent from both are skipped.
-    f1s = []
-    for c in range(n_classes):
-        tp = np.sum((pred == c) & (true == c))
-        fp = np.sum((pred == c) & (true != c))
-        fn = np.sum((pred != c) & (true == c))
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else 0.0
+    e = forecast_errors(pred, true)
+    return {k: _num(v) for k, v in {**e, "mase": e["mae"] / scale}.items()}
 
 
 # ---- forecast models (one column y, fitted on y[:fit_end], forecasts from each origin) ------
@@ -363,7 +347,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def _class_metrics(log_p: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
     pred = log_p.argmax(axis=1)
-    return {"accuracy": float(np.mean(pred == y)), "f1": _macro_f1(pred, y, n_classes),
+    return {"accuracy": float(np.mean(pred == y)), "f1": macro_f1(pred, y, n_classes),
             "loss": _num(-np.mean(log_p[np.arange(len(y)), y]))}
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from service.hparams import HPARAMS
+from worker.metrics import forecast_errors, macro_f1
 from worker.model import LSTMModel, ModelArgs, param_count
 from worker.preprocessing import Prepared, Scaler, TargetTransform
 
@@ -193,23 +194,7 @@ def predict(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch
 
 
 def _forecast_metrics(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, float]:
-    err = pred - true
-    nz = np.abs(true) > 1e-8
-    mape = float(np.mean(np.abs(err[nz]) / np.abs(true[nz])) * 100) if nz.any() else math.nan
-    return {f"{prefix}_rmse": float(np.sqrt(np.mean(err**2))),
-            f"{prefix}_mae": float(np.mean(np.abs(err))), f"{prefix}_mape": mape}
-
-
-def _macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:
-    f1s = []
-    for c in range(n_classes):
-        tp = np.sum((pred == c) & (true == c))
-        fp = np.sum((pred == c) & (true != c))
-        fn = np.sum((pred != c) & (true == c))
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else 0.0
+    return {f"{prefix}_{k}": v for k, v in forecast_errors(pred, true).items()}
 
 
 def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
@@ -228,7 +213,7 @@ def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
         true = s.y.cpu().numpy()
         return {f"{p}_loss": ce, f"{p}_cross_entropy": ce,
                 f"{p}_accuracy": float(np.mean(pred == true)),
-                f"{p}_f1": _macro_f1(pred, true, len(data.classes)),
+                f"{p}_f1": macro_f1(pred, true, len(data.classes)),
                 f"{p}_n_targets": float(len(true))}
     pred_t = out.reshape(s.y.shape)
     metrics = {f"{p}_loss": float(loss_fn(pred_t, s.y).item())}

@@ -12,6 +12,7 @@ from scipy.signal import lfilter
 
 from worker import baselines as bl
 from worker import engine
+from worker.metrics import macro_f1
 from worker.preprocessing import split_bounds
 
 F = (0.7, 0.15, 0.15)
@@ -241,7 +242,7 @@ def test_majority_gives_the_majority_rate() -> None:
         maj = res["models"]["majority"][name]
         assert maj["accuracy"] == pytest.approx(np.mean(y == 2))
         assert maj["loss"] == pytest.approx(-np.mean(np.log(freq[y])))
-        assert maj["f1"] == pytest.approx(engine._macro_f1(np.full(len(y), 2), y, 3))
+        assert maj["f1"] == pytest.approx(macro_f1(np.full(len(y), 2), y, 3))
     assert res["models"]["majority"]["params"] == {"class": 2}
     assert res["n_val_targets"] == 500 and res["n_test_targets"] == 500
     _json_roundtrip(res)
