@@ -123,6 +123,11 @@ class _Signals:
 
     def _stop_soon(self, signum: int) -> None:
         source = "the worker process" if signum == STOP_SIGNAL else f"signal {signum}"
+        if self._parent_pid is not None and os.getppid() != self._parent_pid:
+            # Said here too: the parent-death signal can stop the slot before _ParentWatch's
+            # next poll notices, and the log must say why the slot stopped.
+            source += (f" (the worker process {self._parent_pid} that started this slot is "
+                       "gone)")
         log.info("stop requested by %s: finishing the epoch, then handing the trial back (a "
                  "second signal stops at once)", source)
         self.stop.set()
