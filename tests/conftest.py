@@ -7,9 +7,11 @@ Under CI=true an unreachable Postgres fails the run instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -190,27 +192,37 @@ def wait_ready(base: str, proc: Any, log_path: Any = None, tries: int = 300) -> 
     raise AssertionError("the service did not become ready")
 
 
-@pytest.fixture
-def live(settings: Settings, key: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
-    """`seqtune serve` in its own process on the test database, auth on: (base URL, key)."""
+@contextlib.contextmanager
+def serve_process(settings: Settings, tmp_path: Path, *args: str, log_level: str = "WARNING",
+                  **env_over: str) -> Iterator[tuple[str, Any, Path]]:
+    """`seqtune serve` in its own process on the test database, ready when entered:
+    ``(base URL, process, log path)``; stopped (SIGTERM, then SIGKILL) on exit."""
     import subprocess
-
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
     env.update(SEQTUNE_DATABASE_URL=settings.url, SEQTUNE_DATA_DIR=str(tmp_path),
-               SEQTUNE_LOG_LEVEL="WARNING")
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port)], env=env,
+               SEQTUNE_LOG_LEVEL=log_level, **env_over)
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port), *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc, log_path=tmp_path / "serve.log")
-        yield base, key
+        wait_ready(base, proc, log_path=log_path)
+        yield base, proc, log_path
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         log.close()
+
+
+@pytest.fixture
+def live(settings: Settings, key: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
+    """`seqtune serve` in its own process on the test database, auth on: (base URL, key)."""
+    with serve_process(settings, Path(tmp_path)) as (base, _, _):
+        yield base, key

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import select
 import socket
@@ -32,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.db import Database
 from service.settings import Settings
-from tests.conftest import free_port, seqtune_cmd, wait_ready
+from tests.conftest import free_port, serve_process
 
 MB = 1024 * 1024
 
@@ -53,27 +52,9 @@ class Served:
 @pytest.fixture
 def served(settings: Settings, key: str, tmp_path: Path) -> Iterator[Served]:
     """`seqtune serve` in its own process (auth on, access log on, INFO), with its pid."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    env.update(SEQTUNE_DATABASE_URL=settings.url, SEQTUNE_DATA_DIR=str(tmp_path),
-               SEQTUNE_LOG_LEVEL="INFO", SEQTUNE_REAP_INTERVAL_S="0")
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port), "--access-log"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, log_path=log_path)
+    with serve_process(settings, tmp_path, "--access-log", log_level="INFO",
+                       SEQTUNE_REAP_INTERVAL_S="0") as (base, proc, log_path):
         yield Served(base, key, proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _rss_bytes(pid: int) -> int:

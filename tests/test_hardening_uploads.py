@@ -15,7 +15,6 @@ import io
 import math
 import os
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from service import datasets
 from service.db import Database
 from service.errors import Invalid
 from service.settings import Settings
-from tests.conftest import free_port, seqtune_cmd, wait_ready
+from tests.conftest import serve_process
 
 MiB = 1024 * 1024
 
@@ -245,24 +244,8 @@ def served(settings: Settings, key: str, tmp_path: Path) -> Iterator[tuple[str, 
     """`seqtune serve` in its own process: (base URL, key, pid of the server process)."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/PID/clear_refs to measure peak memory")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    env.update(SEQTUNE_DATABASE_URL=settings.url, SEQTUNE_DATA_DIR=str(tmp_path),
-               SEQTUNE_LOG_LEVEL="WARNING")
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, log_path=tmp_path / "serve.log")
+    with serve_process(settings, tmp_path) as (base, proc, _):
         yield base, key, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _kib(pid: int, field: str) -> int:
