@@ -29,12 +29,12 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness  # noqa: E402
-from service import keys, migrate  # noqa: E402
-from service.db import Database  # noqa: E402
-from service.optuna_bridge import make_storage  # noqa: E402
+from seqtune.spec import parse_spec  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.spec import parse_spec  # noqa: E402
-from service.studies import create_study  # noqa: E402
+from service.store import keys, migrate  # noqa: E402
+from service.store.db import Database  # noqa: E402
+from service.store.optuna import make_storage  # noqa: E402
+from service.store.studies import create_study  # noqa: E402
 
 ADMIN = os.environ.get("SEQTUNE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "seqtune_bench"
@@ -131,7 +131,7 @@ def main() -> None:
 
     env = {**os.environ, "SEQTUNE_DATABASE_URL": url, "SEQTUNE_LOG_LEVEL": "WARNING",
            "SEQTUNE_POOL_SIZE": "20", "SEQTUNE_MAX_OVERFLOW": "50"}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
+    server = subprocess.Popen([sys.executable, "-m", "seqtune.cli", "serve", "--port",
                                str(args.port), "--workers", str(args.workers)], env=env, cwd=Path(__file__).resolve().parent.parent)
     base = f"http://127.0.0.1:{args.port}"
     try:

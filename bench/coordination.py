@@ -32,11 +32,11 @@ SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 64},
 def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
     import optuna
 
-    from service import leases
-    from service.db import Database
-    from service.optuna_bridge import make_storage
+    from seqtune.spec import StudySpec
     from service.settings import Settings
-    from service.spec import StudySpec
+    from service.store import leases
+    from service.store.db import Database
+    from service.store.optuna import make_storage
 
     settings = Settings(database_url=url, pool_size=2, max_overflow=2)
     db, storage = Database(settings), make_storage(settings)
@@ -121,12 +121,12 @@ def run_case(kind: str, workers: int, pre: int, per_worker: int) -> list[float]:
     from sqlalchemy.engine import make_url
 
     from bench import harness
-    from service import migrate
-    from service.db import Database
-    from service.optuna_bridge import _cached_storage, make_storage
+    from seqtune.spec import parse_spec
     from service.settings import Settings
-    from service.spec import parse_spec
-    from service.studies import create_study
+    from service.store import migrate
+    from service.store.db import Database
+    from service.store.optuna import _cached_storage, make_storage
+    from service.store.studies import create_study
 
     url = make_url(ADMIN).set(database="seqtune_coord").render_as_string(hide_password=False)
     harness.fresh_database(url)

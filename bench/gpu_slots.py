@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import harness  # noqa: E402
-from service.client import Client  # noqa: E402
+from seqtune.client import Client  # noqa: E402
 
 SIZES = {  # name -> fixed hyperparameters
     "small": {"hidden_size": 32, "num_layers": 1, "batch_size": 64, "seq_len": 32},

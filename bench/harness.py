@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.client import Client  # noqa: E402
+from seqtune.client import Client  # noqa: E402
 
-EXE = [sys.executable, "-m", "service.cli"]
+EXE = [sys.executable, "-m", "seqtune.cli"]
 
 
 def fresh_database(url: str) -> None:

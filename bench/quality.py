@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import harness  # noqa: E402
-from service.client import Client  # noqa: E402
+from seqtune.client import Client  # noqa: E402
 
 BASELINES = ("persistence", "seasonal_naive", "mean", "ets", "ar", "arima")
 

@@ -79,11 +79,11 @@ def run_trials(url: str, data_dir: Path, name: str, values: list[list[float]]) -
     without training: the API's read routes need finished trials, not good ones."""
     import optuna
 
-    from service import leases
-    from service.db import Database
-    from service.optuna_bridge import make_storage
+    from seqtune.spec import StudySpec
     from service.settings import Settings
-    from service.spec import StudySpec
+    from service.store import leases
+    from service.store.db import Database
+    from service.store.optuna import make_storage
 
     settings = Settings(database_url=url, data_dir=data_dir)
     db, storage = Database(settings), make_storage(settings)

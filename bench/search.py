@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import harness  # noqa: E402
-from service.client import ApiError, Client  # noqa: E402
+from seqtune.client import ApiError, Client  # noqa: E402
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "random": {"sampler": {"name": "random"}, "pruner": {"name": "none"}},

@@ -1,4 +1,4 @@
-"""Alembic environment. Run through ``service.migrate``, which hands over a live connection.
+"""Alembic environment. Run through ``service.store.migrate``, which hands over a live connection.
 
 Optuna keeps its own Alembic history in the default ``alembic_version`` table; ours lives in
 ``seqtune_alembic_version`` and autogenerate only ever looks at ``seqtune_*`` tables.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.migrate import VERSION_TABLE, include_name
-from service.models import Base
+from service.store.migrate import VERSION_TABLE, include_name
+from service.store.tables import Base
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -44,7 +44,7 @@ class ContextFilter(logging.Filter):
         return True
 
 
-# API keys are "st_" + 43 URL-safe characters (service.keys). From 24 on, so a cut or
+# API keys are "st_" + 43 URL-safe characters (service.store.keys). From 24 on, so a cut or
 # mistyped key is caught too; not inside a word, so "first_..." names stay readable.
 _KEY = re.compile(r"(?<![A-Za-z0-9_-])st(?:_|%5[fF])[A-Za-z0-9_-]{24,}")
 # Query parameters whose names say they hold a secret: the value goes, the name stays.

@@ -23,9 +23,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from service.db import Database
-from service.models import Study, Trial, Worker
-from service.workers import LOST_AFTER_S
+from service.store.db import Database
+from service.store.tables import Study, Trial, Worker
+from service.store.workers import LOST_AFTER_S
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

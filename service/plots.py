@@ -13,10 +13,10 @@ from typing import Any
 
 import optuna
 
-from service.db import Database
-from service.errors import Conflict, Invalid, NotFound
-from service.studies import seqtune_study
-from service.views import StudyView
+from seqtune.errors import Conflict, Invalid, NotFound
+from seqtune.views import StudyView
+from service.store.db import Database
+from service.store.studies import seqtune_study
 
 KINDS = ("history", "importance", "intermediate", "parallel", "contour")
 _PYPLOT = threading.Lock()  # pyplot keeps global state: one figure at a time per process
@@ -50,7 +50,7 @@ def _check(view: StudyView, kind: str, objective: int) -> None:
 def render(storage: optuna.storages.BaseStorage, view: StudyView, kind: str, *,
            db: Database, fmt: str = "png", objective: int = 0) -> tuple[bytes, str]:
     """``(body, media type)`` of plot ``kind`` of the study, drawn from seqtune's trials (those
-    ``/trials`` lists; see ``service.studies.seqtune_study``). Raises Invalid, NotFound (no
+    ``/trials`` lists; see ``service.store.studies.seqtune_study``). Raises Invalid, NotFound (no
     such objective) or Conflict (not enough trials or hyperparameters yet)."""
     if fmt not in ("png", "html"):
         raise Invalid("format must be 'png' or 'html'")

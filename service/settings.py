@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("seqtune-data")
@@ -79,10 +80,35 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(
         default=30.0, ge=0, le=86400,
         description="Workers snapshot a running trial at most this often (and on SIGTERM).")
+    # Worker timing. Each slot reads these from the Settings its fleet hands it, and the
+    # service reads lost_after_s to call a silent worker lost.
+    heartbeat_s: float = Field(
+        default=5.0, gt=0, le=600, description="How often a worker slot writes its heartbeat.")
+    lost_after_s: float = Field(
+        default=30.0, gt=0, le=86400,
+        description="A worker silent this long is listed as lost (keep it several heartbeats).")
+    worker_reap_every_s: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="How often an idle worker slot recovers trials of dead workers.")
+    poll_s: float = Field(
+        default=0.5, gt=0, le=600, description="How long an idle slot waits between claims.")
+    orphan_grace_s: float = Field(
+        default=3.0, gt=0, le=600,
+        description="After its `seqtune worker` parent dies, a slot gets this long to finish "
+        "its epoch, and as long again to hand its trial back, before it is stopped.")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="'text' for people, 'json' for log collectors.")
     tensorboard_dir: Path | None = Field(
         default=None, description="Workers write TensorBoard event files per trial here "
         "(needs the 'tensorboard' extra).")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _fold_case(cls, v: object, info: ValidationInfo) -> object:
+        if not isinstance(v, str):
+            return v
+        return v.strip().lower() if info.field_name == "log_format" else v.strip().upper()
 
     @field_validator("database_url")
     @classmethod

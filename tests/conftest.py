@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from service import keys, leases, migrate
-from service.db import Database
+from seqtune.spec import StudySpec
 from service.settings import Settings
-from service.spec import StudySpec
+from service.store import keys, leases, migrate
+from service.store.db import Database
 
 ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -152,7 +152,7 @@ def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestCl
 def _study_id(db: Database, tenant: str, name: str) -> int:
     from sqlalchemy import select
 
-    from service.models import Study
+    from service.store.tables import Study
 
     return db.run(lambda s: s.scalar(select(Study.id).where(Study.tenant == tenant,
                                                              Study.name == name)))
@@ -163,7 +163,7 @@ def seqtune_cmd() -> list[str]:
     import sys
 
     exe = shutil.which("seqtune")
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+    return [exe] if exe else [sys.executable, "-m", "seqtune.cli"]
 
 
 def free_port() -> int:

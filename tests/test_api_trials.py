@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.db import Database
+from service.store.db import Database
 from tests.conftest import run_trial, study_body
 
 

@@ -8,9 +8,9 @@ import sys
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service import keys
-from service.db import Database
-from service.models import ApiKey
+from service.store import keys
+from service.store.db import Database
+from service.store.tables import ApiKey
 from tests.conftest import study_body
 
 
@@ -69,19 +69,19 @@ def test_auth_off_serves_the_default_tenant(settings) -> None:  # type: ignore[n
 
 def test_cli_creates_and_revokes_keys(pg_url: str) -> None:
     env_url = ["--database-url", pg_url]
-    out = subprocess.run([sys.executable, "-m", "service.cli", *env_url, "keys", "create",
+    out = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create",
                           "--tenant", "initech"], capture_output=True, text=True, check=True)
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("st_") and len(key) > 40
     db = Database(__import__("service.settings", fromlist=["Settings"]).Settings(
         database_url=pg_url))
     assert keys.authenticate(db, key=key) == "initech"
-    subprocess.run([sys.executable, "-m", "service.cli", *env_url, "keys", "revoke", key],
+    subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
                    check=True, capture_output=True)
-    bad = subprocess.run([sys.executable, "-m", "service.cli", *env_url, "keys", "revoke", key],
+    bad = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no live key" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "service.cli", *env_url, "keys", "create",
+    bad = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create",
                           "--tenant", "Bad Name"], capture_output=True, text=True)
     assert bad.returncode == 2 and "tenant names" in bad.stderr
     db.dispose()

@@ -17,12 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from service import baselines
-from service.commands import print_best, status_line
-from service.db import Database
-from service.models import Study, Trial
-from service.studies import final_summary
-from service.views import BestView, StudyView, TrialView
+from seqtune.commands import print_best, status_line
+from seqtune.views import BestView, StudyView, TrialView
+from service.store import baselines
+from service.store.db import Database
+from service.store.studies import final_summary
+from service.store.tables import Study, Trial
 from tests.conftest import _study_id, run_trial, study_body
 
 TENANT = "acme"  # the tenant of the conftest `key`

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from sqlalchemy import create_engine
 
-from service import migrate
+from service.store import migrate
 from tests.conftest import free_port, seqtune_cmd, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service import leases, workers
-from service.client import ApiError, Client, ServiceUnreachable
-from service.db import Database
-from service.spec import StudySpec
-from service.views import StudyView
+from seqtune.client import ApiError, Client, ServiceUnreachable
+from seqtune.spec import StudySpec
+from seqtune.views import StudyView
+from service.store import leases, workers
+from service.store.db import Database
 from tests.conftest import run_trial, study_body
 
 

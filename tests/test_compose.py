@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from service.cli import build_parser
+from seqtune.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

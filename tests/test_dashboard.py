@@ -20,8 +20,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service import keys
-from service.db import Database
+from service.store import keys
+from service.store.db import Database
 from tests.conftest import run_trial, study_body
 
 
@@ -207,7 +207,7 @@ def signed_in_dom(base: str, key: str, next_path: str, profile: Any,
 def filled(live: tuple[str, str], db: Database, settings: Any) -> tuple[str, str]:
     """The live service with a study of three finished trials for tenant 'acme'."""
     base, key = live
-    from service.optuna_bridge import make_storage
+    from service.store.optuna import make_storage
 
     h = {"Authorization": f"Bearer {key}"}
     assert httpx.post(base + "/v1/studies", json=study_body("browser-study"),

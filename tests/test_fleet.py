@@ -17,12 +17,12 @@ import optuna
 import pytest
 from sqlalchemy import select
 
-from service import studies
-from service.db import Database
-from service.models import Checkpoint, Study, Trial
-from service.optuna_bridge import make_storage
+from seqtune.spec import check_spec, parse_spec
 from service.settings import Settings
-from service.spec import check_spec, parse_spec
+from service.store import studies
+from service.store.db import Database
+from service.store.optuna import make_storage
+from service.store.tables import Checkpoint, Study, Trial
 
 # Trials of a few seconds each (about 0.3 s an epoch on one core), long enough to interrupt.
 SLOW = {"dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 4000},
@@ -49,7 +49,7 @@ class Workers:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         exe = shutil.which("seqtune")
-        cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
+        cmd = [exe] if exe else [sys.executable, "-m", "seqtune.cli"]
         env = {**os.environ, "SEQTUNE_DATABASE_URL": self.url, "SEQTUNE_DATA_DIR": str(self.tmp),
                "SEQTUNE_CHECKPOINT_EVERY_S": "0", "PYTHONUNBUFFERED": "1"}
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.client import Client, ServiceUnreachable
+from seqtune.client import Client, ServiceUnreachable
 from tests.conftest import ADMIN_URL, seqtune_cmd
 
 
@@ -154,7 +154,7 @@ def test_a_slow_answer_is_a_timeout_not_an_unreachable_service(slow: SlowService
 
 
 def test_the_python_client_raises_service_timeout(slow: SlowService) -> None:
-    from service.client import ServiceTimeout
+    from seqtune.client import ServiceTimeout
 
     with Client(slow.url, key="k", timeout_s=0.3) as c, pytest.raises(ServiceTimeout) as err:
         c.studies()

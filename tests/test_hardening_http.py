@@ -29,8 +29,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.db import Database
 from service.settings import Settings
+from service.store.db import Database
 from tests.conftest import free_port, serve_process
 
 MB = 1024 * 1024

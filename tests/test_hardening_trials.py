@@ -29,13 +29,14 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy import select
 
-from service import leases, plots, studies, trials
-from service.db import Database
-from service.errors import SeqtuneError
-from service.models import Checkpoint, Study, Trial, utcnow
-from service.optuna_bridge import make_storage
+from seqtune.errors import SeqtuneError
+from seqtune.spec import check_spec, parse_spec
+from service import plots
 from service.settings import Settings
-from service.spec import check_spec, parse_spec
+from service.store import leases, studies, trials
+from service.store.db import Database
+from service.store.optuna import make_storage
+from service.store.tables import Checkpoint, Study, Trial, utcnow
 from tests.conftest import free_port
 from tests.test_fleet import create, wait_for
 from tests.test_fleet import trials as trial_rows
@@ -170,7 +171,7 @@ class Procs:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         exe = shutil.which("seqtune")
-        cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
+        cmd = [exe] if exe else [sys.executable, "-m", "seqtune.cli"]
         env = {**os.environ, "SEQTUNE_DATABASE_URL": self.url,
                "SEQTUNE_DATA_DIR": str(self.tmp), "SEQTUNE_CHECKPOINT_EVERY_S": "3600",
                "SEQTUNE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}

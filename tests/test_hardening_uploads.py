@@ -24,10 +24,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service import datasets
-from service.db import Database
-from service.errors import Invalid
+from seqtune.errors import Invalid
 from service.settings import Settings
+from service.store import datasets
+from service.store.db import Database
 from tests.conftest import serve_process
 
 MiB = 1024 * 1024
@@ -228,7 +228,7 @@ def test_upload_round_trips_through_small_chunks(client: TestClient, auth: dict[
     # The embedded default (SQLite) stores the bytes themselves, read back the same.
     lite = Database(Settings(data_dir=tmp_path))
     try:
-        from service import migrate
+        from service.store import migrate
 
         migrate.upgrade(lite.engine)
         view = datasets.upload_dataset(lite, tenant="default", name="l.csv",

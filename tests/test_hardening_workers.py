@@ -32,12 +32,12 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select, text, update
 
-from service import leases, migrate
-from service.db import Database, engine_kwargs, session_limits
-from service.errors import Unavailable
-from service.models import Study, Trial, Worker, utcnow
-from service.optuna_bridge import make_storage
+from seqtune.errors import Unavailable
 from service.settings import Settings
+from service.store import leases, migrate
+from service.store.db import Database, engine_kwargs, session_limits
+from service.store.optuna import make_storage
+from service.store.tables import Study, Trial, Worker, utcnow
 from tests.conftest import free_port, seqtune_cmd
 from tests.test_fleet import SLOW, create, trials, wait_for
 
@@ -61,7 +61,7 @@ import time
 
 _HOLD = float(os.environ.get("SEQTUNE_TEST_HOLD_REPORT_S", "0") or 0)
 if _HOLD:
-    from service import db as _db
+    from service.store import db as _db
 
     _plain = _db.Database._write_once
     _held = []

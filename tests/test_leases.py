@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from service import leases, studies, workers
-from service.db import Database
-from service.models import Study, Trial, utcnow
-from service.optuna_bridge import make_storage
+from seqtune.spec import StudySpec, check_spec, parse_spec
 from service.settings import Settings
-from service.spec import StudySpec, check_spec, parse_spec
+from service.store import leases, studies, workers
+from service.store.db import Database
+from service.store.optuna import make_storage
+from service.store.tables import Study, Trial, utcnow
 
 
 def make(db: Database, storage, name: str = "L", **over) -> StudySpec:  # type: ignore[no-untyped-def]
@@ -194,7 +194,7 @@ def test_workers_endpoint_lists_the_fleet(client: TestClient, auth: dict, db: Da
     rows = client.get("/v1/workers", headers=auth).json()
     assert rows[0]["id"] == "host-1-s0" and rows[0]["status"] == "live"
     assert rows[0]["study"] == "L" and rows[0]["trial"] == c.number  # type: ignore[union-attr]
-    from service import keys
+    from service.store import keys
 
     other = {"Authorization": f"Bearer {keys.create_key(db, tenant='globex')}"}
     theirs = client.get("/v1/workers", headers=other).json()

@@ -12,8 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from service import migrate
-from service.models import Base
+from service.store import migrate
+from service.store.tables import Base
 from tests.conftest import ADMIN_URL, _admin
 
 

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
-from service import leases, workers
-from service.db import Database
 from service.logs import log_context, setup_logging
-from service.models import Trial
+from service.store import leases, workers
+from service.store.db import Database
+from service.store.tables import Trial
 from tests.conftest import run_trial, study_body
 
 

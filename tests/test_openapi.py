@@ -11,11 +11,13 @@ from typing import Any, get_args
 import pytest
 from fastapi.testclient import TestClient
 
-from service import catalog, plots, studies, trials
+from seqtune import catalog
+from seqtune.hparams import HPARAMS
+from seqtune.views import PlotKind, StudyStatus, TrialSort, TrialState, TrialStateFilter
+from service import plots
 from service.api.app import create_app
-from service.hparams import HPARAMS
 from service.settings import Settings
-from service.views import PlotKind, StudyStatus, TrialSort, TrialState, TrialStateFilter
+from service.store import studies, trials
 from tests.conftest import study_body
 
 ERROR_REF = "#/components/schemas/ErrorBody"

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from service import migrate
-from service.db import Database
+from service.store import migrate
+from service.store.db import Database
 from tests.conftest import ADMIN_URL, run_trial, study_body
 
 
@@ -64,7 +64,7 @@ def test_lost_connections_are_recovered(client: TestClient, auth: dict, settings
 
 
 def test_unreachable_database_is_503_not_500(settings) -> None:  # type: ignore[no-untyped-def]
-    from service.errors import Unavailable
+    from seqtune.errors import Unavailable
 
     settings.database_url = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
     settings.db_retries = 1

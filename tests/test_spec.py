@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from service import catalog
-from service.errors import Invalid
-from service.hparams import HPARAMS
-from service.spec import IntRange, check_spec, load_spec_file, parse_spec
+from seqtune import catalog
+from seqtune.errors import Invalid
+from seqtune.hparams import HPARAMS
+from seqtune.spec import IntRange, check_spec, load_spec_file, parse_spec
 from tests.conftest import study_body
 
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").glob("*.yaml"))

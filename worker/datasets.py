@@ -1,7 +1,7 @@
 """The datasets a study can name: built-in series, seeded synthetic generators, uploads.
 
 Every loader returns a ``pandas.DataFrame`` in time order: numeric columns, plus a ``label``
-column for classification sets. Names match ``service.catalog`` (a test keeps them in step).
+column for classification sets. Names match ``seqtune.catalog`` (a test keeps them in step).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from service import catalog
-from service.spec import BuiltinData, SyntheticData, UploadedData
+from seqtune import catalog
+from seqtune.spec import BuiltinData, SyntheticData, UploadedData
 
 
 def sunspots() -> pd.DataFrame:

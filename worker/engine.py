@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.hparams import HPARAMS
+from seqtune.hparams import HPARAMS
 from worker.metrics import forecast_errors, macro_f1
 from worker.model import LSTMModel, ModelArgs, param_count
 from worker.preprocessing import Prepared, Scaler, TargetTransform
@@ -29,7 +29,7 @@ CHECK_EVERY_CPU = 4  # steps between gradient-norm checks on CPU when not clippi
 
 @dataclass(frozen=True)
 class Hyper:
-    """Every engine hyperparameter (the names of ``service.hparams``; a test holds them equal)."""
+    """Every engine hyperparameter (the names of ``seqtune.hparams``; a test holds them equal)."""
 
     hidden_size: int = 64
     num_layers: int = 1

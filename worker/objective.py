@@ -17,7 +17,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from service.spec import Categorical, IntRange, StudySpec
+from seqtune.spec import Categorical, IntRange, StudySpec
 from worker import baselines
 from worker.engine import Hyper, TrainConfig, TrialResult, train
 from worker.preprocessing import Prepared, fill_missing, prepare, split_bounds

@@ -28,14 +28,14 @@ from typing import Any
 import optuna
 import torch
 
-from service import baselines as service_baselines
-from service import datasets as service_datasets
-from service import leases, workers
-from service.db import Database
+from seqtune.spec import StudySpec
 from service.logs import log_context, setup_logging
-from service.optuna_bridge import make_storage
 from service.settings import Settings
-from service.spec import StudySpec
+from service.store import baselines as service_baselines
+from service.store import datasets as service_datasets
+from service.store import leases, workers
+from service.store.db import Database
+from service.store.optuna import make_storage
 from worker import datasets, gpu_memory
 from worker.engine import TrainConfig, TrialResult
 from worker.objective import (

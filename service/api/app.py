@@ -12,17 +12,17 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from service import leases, migrate
+from seqtune.errors import Unauthorized, Unavailable
+from seqtune.views import Readiness
 from service.api import dashboard, routes_datasets, routes_studies, routes_workers
 from service.api import errors as api_errors
 from service.api.deps import TENANT_SCOPE_KEY, AppState, request_key, resolve_tenant, state
-from service.db import Database
-from service.errors import Unauthorized, Unavailable
 from service.logs import redact_access_log
 from service.metrics import LatencyMiddleware, Metrics
-from service.optuna_bridge import make_storage
 from service.settings import Settings, get_settings
-from service.views import Readiness
+from service.store import leases, migrate
+from service.store.db import Database
+from service.store.optuna import make_storage
 
 log = logging.getLogger("seqtune.service")
 

@@ -26,10 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from optuna.storages import BaseStorage
 from optuna.study._frozen import FrozenStudy
 
-from service import keys
+from seqtune.errors import Unauthorized
 from service.api.deps import COOKIE, DEFAULT_TENANT, MAX_KEY_LEN, AppState, request_key
-from service.errors import Unauthorized
 from service.metrics import ROUTE_LABEL
+from service.store import keys
 
 DASHBOARD_PREFIXES = ("/dashboard", "/api/", "/static/", "/csv/")
 _STUDY_ID = re.compile(r"^/(?:api/studies|csv)/(\d+)")

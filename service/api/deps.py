@@ -10,10 +10,10 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service import keys
-from service.db import Database
-from service.errors import Unauthorized
+from seqtune.errors import Unauthorized
 from service.settings import Settings
+from service.store import keys
+from service.store.db import Database
 
 DEFAULT_TENANT = "default"
 _bearer = HTTPBearer(auto_error=False, description="An API key from `seqtune keys create`")

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import errors
-from service.spec import errors_from_validation
+from seqtune import errors
+from seqtune.spec import errors_from_validation
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
 
-from service import datasets
+from seqtune.views import DatasetView, Page
 from service.api.deps import AppState, state, tenant
 from service.api.errors import responses
-from service.views import DatasetView, Page
+from service.store import datasets
 
 # Every route: 401 without a valid key, 422 for a bad parameter, 503 without the database.
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422, 503))

@@ -15,11 +15,8 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from service import datasets, plots, studies, trials
-from service.api.deps import AppState, state, tenant
-from service.api.errors import responses
-from service.errors import Invalid, NotFound
-from service.spec import (
+from seqtune.errors import Invalid, NotFound
+from seqtune.spec import (
     Scalar,
     StudySpec,
     UploadedData,
@@ -27,7 +24,7 @@ from service.spec import (
     default_search_space,
     integral,
 )
-from service.views import (
+from seqtune.views import (
     BestView,
     ImportanceView,
     Page,
@@ -38,6 +35,10 @@ from service.views import (
     TrialStateFilter,
     TrialView,
 )
+from service import plots
+from service.api.deps import AppState, state, tenant
+from service.api.errors import responses
+from service.store import datasets, studies, trials
 
 # Every route: 401 without a valid key, 422 for a bad parameter or body, 503 without the
 # database. Each route adds the statuses it answers on top (404, 409, 413).

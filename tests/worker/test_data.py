@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from service import catalog
-from service.spec import SyntheticData
+from seqtune import catalog
+from seqtune.spec import SyntheticData
 from worker import datasets
 from worker.preprocessing import DataError, Scaler, prepare
 

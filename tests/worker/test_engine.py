@@ -12,9 +12,9 @@ import optuna
 import pytest
 import torch
 
-from service.hparams import HPARAMS
-from service.optuna_bridge import distributions, make_pruner
-from service.spec import SyntheticData, parse_spec
+from seqtune.hparams import HPARAMS
+from seqtune.spec import SyntheticData, parse_spec
+from service.store.optuna import distributions, make_pruner
 from worker import datasets
 from worker.engine import Hyper, Predictor, TrainConfig, train
 from worker.objective import objective_values, run

@@ -9,9 +9,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from service import baselines as service_baselines
-from service.spec import parse_spec
-from service.views import TrialView
+from seqtune.spec import parse_spec
+from seqtune.views import TrialView
+from service.store import baselines as service_baselines
 from worker.objective import run, study_baselines
 
 

@@ -26,10 +26,10 @@ from typing import Any, BinaryIO
 from sqlalchemy import literal_column, select, table, update
 from sqlalchemy.orm import Session
 
-from service.db import Database
-from service.errors import Conflict, Invalid, NotFound, TooLarge
-from service.models import Dataset, Study
-from service.views import DatasetView, Page
+from seqtune.errors import Conflict, Invalid, NotFound, TooLarge
+from seqtune.views import DatasetView, Page
+from service.store.db import Database
+from service.store.tables import Dataset, Study
 
 MAX_COLUMNS = 4096
 # A physical line (between line breaks) longer than this is refused as it streams in. The

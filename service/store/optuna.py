@@ -17,16 +17,16 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from service.db import engine_kwargs
+from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec, grid_values
 from service.settings import Settings
-from service.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec, grid_values
+from service.store.db import engine_kwargs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def make_storage(settings: Settings) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on seqtune's database, with the same pool, pre-ping settings and
-    session limits (``service.db.session_limits``): Optuna's connection holds locks too (on
+    session limits (``service.store.db.session_limits``): Optuna's connection holds locks too (on
     its trial rows while a worker reports or tells), so a frozen worker's Optuna session must
     be ended by the server like ours. RDBStorage passes ``engine_kwargs`` to create_engine."""
     return _cached_storage(settings.url, tuple(sorted(_hashable(engine_kwargs(settings)))))

@@ -21,12 +21,12 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Connection, bindparam, case, select
 from sqlalchemy.orm import Session
 
-from service.baselines import verdict
-from service.db import Database
-from service.errors import AlreadyExists, Conflict, Invalid, NotFound
-from service.models import Study, Trial, utcnow
-from service.spec import StudySpec, UploadedData
-from service.views import BestView, Page, StudyView, TrialCounts, TrialView
+from seqtune.errors import AlreadyExists, Conflict, Invalid, NotFound
+from seqtune.spec import StudySpec, UploadedData
+from seqtune.views import BestView, Page, StudyView, TrialCounts, TrialView
+from service.store.baselines import verdict
+from service.store.db import Database
+from service.store.tables import Study, Trial, utcnow
 
 _STUDIES = Study.__table__  # Core tables for the hot reads
 _TRIALS = Trial.__table__
@@ -333,7 +333,7 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
     ``best`` is the search trial whose hyperparameters won on mean value over the seeds (its
     own model is the one to download). ``final`` is None in the search phase without
     re-trains; in the final phase before any re-train completed it has no groups yet.
-    ``verdict`` (single objective only) judges ``best`` (see ``service.baselines.verdict``).
+    ``verdict`` (single objective only) judges ``best`` (see ``service.store.baselines.verdict``).
 
     Raises NotFound for an unknown study, Conflict until a search trial has completed.
     """

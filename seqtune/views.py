@@ -53,7 +53,7 @@ class StudyView(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
-    # Classical baselines (see service.baselines): None until a worker claims them, then
+    # Classical baselines (see service.store.baselines): None until a worker claims them, then
     # {"status": "computing" | "done" | "failed", ...}.
     baselines: dict[str, Any] | None = None
     # 'final' while/after the top configs are re-trained
@@ -88,10 +88,10 @@ class BestView(BaseModel):
     best: TrialView | None = None  # single objective
     pareto_front: list[TrialView] | None = None  # several objectives
     baselines: dict[str, Any] | None = None  # the study's baselines record, as stored
-    # The best trial against the best baseline on validation (service.baselines.verdict);
+    # The best trial against the best baseline on validation (service.store.baselines.verdict);
     # None without finished baselines, with several objectives, or without the metric.
     verdict: dict[str, Any] | None = None
-    # The final phase's re-trains grouped by search trial (service.studies.final_summary);
+    # The final phase's re-trains grouped by search trial (service.store.studies.final_summary);
     # None while the study is in its search phase and has no finished re-train.
     final: dict[str, Any] | None = None
 
@@ -122,3 +122,36 @@ class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     migration: str | None = None
     reason: str | None = Field(default=None, description="why the service is not ready")
+
+
+class WorkerView(BaseModel):
+    id: str
+    host: str
+    slot: int
+    device: str
+    pid: int
+    status: str  # live | lost | stopped
+    versions: dict[str, Any]
+    started_at: Any
+    heartbeat_at: Any
+    trials_done: int
+    study: str | None = None  # the trial it runs, when the study is the caller's
+    trial: int | None = None
+
+
+def baseline_label(name: str, baselines: dict[str, Any]) -> str:
+    """A baseline's name for people: 'AR(9)', 'ARIMA(9,1,0)', 'seasonal naive (52)'; the
+    orders are left out when each target has its own fit (``params = {"targets": [...]}``)."""
+    params = (baselines.get("models", {}).get(name) or {}).get("params") or {}
+    if name == "ar" and params.get("p") is not None:
+        return f"AR({params['p']})"
+    if name == "arima":
+        order = params.get("order")
+        if order is None and all(k in params for k in ("p", "d", "q")):
+            order = [params["p"], params["d"], params["q"]]
+        return "ARIMA(" + ",".join(str(o) for o in order) + ")" if order else "ARIMA"
+    if name == "seasonal_naive":
+        season = params.get("season", baselines.get("season"))
+        return f"seasonal naive ({season})" if season else "seasonal naive"
+    return {"ar": "AR", "ets": "ETS", "majority": "majority-class",
+            "logistic": "logistic regression"}.get(name, name.replace("_", " "))

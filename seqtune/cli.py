@@ -8,13 +8,13 @@ import math
 import sys
 from typing import Any
 
-from service.errors import Invalid, SeqtuneError, Unavailable
+from seqtune.errors import Invalid, SeqtuneError, Unavailable
 
 
 class CommandFailed(Exception):
     """A command could not do its job for a reason outside its input (a port in use, a service
     that failed to start): ``message`` is one line that says what to do, ``code`` the exit code
-    (see ``service.commands.EXIT_CODES``)."""
+    (see ``seqtune.commands.EXIT_CODES``)."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
@@ -120,8 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Several processes: each builds its app from the environment (the factory below).
         import os
 
-        from service import migrate
-        from service.db import Database
+        from service.store import migrate
+        from service.store.db import Database
 
         if settings.migrate_on_start:  # once, before the processes race for it
             migrate.upgrade(Database(settings).engine)
@@ -151,8 +151,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from service import migrate
-    from service.db import Database
+    from service.store import migrate
+    from service.store.db import Database
 
     settings = _settings(args)
     # Before migrating or starting the worker: a port in use is the common failure of `up`.
@@ -166,7 +166,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # The worker stops its slots and exits once this process is gone (kill -9 included),
     # and each slot stops once the worker is gone: no trials trained by orphans.
     env["SEQTUNE_WORKER_EXIT_WITH_PID"] = str(os.getpid())
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--gpus",
+    worker = subprocess.Popen([sys.executable, "-m", "seqtune.cli", "worker", "--gpus",
                                args.gpus, "--slots-per-gpu", str(args.slots_per_gpu)], env=env)
     args.no_auth = not args.auth
     # uvicorn shuts down on SIGTERM and then re-raises it; with the default action that would
@@ -183,8 +183,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from service import migrate
-    from service.db import Database
+    from service.store import migrate
+    from service.store.db import Database
 
     db = Database(_settings(args))
     migrate.upgrade(db.engine)
@@ -193,8 +193,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from service import keys, migrate
-    from service.db import Database
+    from service.store import keys, migrate
+    from service.store.db import Database
 
     db = Database(_settings(args))
     migrate.upgrade(db.engine)
@@ -206,8 +206,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from service import keys
-    from service.db import Database
+    from service.store import keys
+    from service.store.db import Database
 
     keys.revoke_key(Database(_settings(args)), key=args.key)
     print("revoked")
@@ -241,7 +241,7 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service.commands import EXIT_CODES, add_client_commands
+    from seqtune.commands import EXIT_CODES, add_client_commands
 
     p = argparse.ArgumentParser(
         prog="seqtune", description="Hyperparameter search for LSTMs.", epilog=EXIT_CODES,
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.client import ApiError, ServiceTimeout, ServiceUnreachable
-    from service.commands import exit_code_of
+    from seqtune.client import ApiError, ServiceTimeout, ServiceUnreachable
+    from seqtune.commands import exit_code_of
     from service.logs import setup_logging
 
     args = build_parser().parse_args(argv)

@@ -1,6 +1,6 @@
 """The Python client: typed methods mirroring the REST API. The ``seqtune`` CLI uses it.
 
-    from service.client import Client
+    from seqtune.client import Client
     c = Client("http://127.0.0.1:8000", key="...")     # or SEQTUNE_URL / SEQTUNE_API_KEY
     c.submit("examples/sunspots.yaml")
     c.wait("sunspots-lstm")
@@ -26,9 +26,8 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
-from service.spec import load_yaml
-from service.views import BestView, DatasetView, Page, StudyView, TrialView
-from service.workers import WorkerView
+from seqtune.spec import load_yaml
+from seqtune.views import BestView, DatasetView, Page, StudyView, TrialView, WorkerView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0

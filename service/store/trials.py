@@ -1,5 +1,5 @@
 """Trials: listing, enqueueing given hyperparameters; counters and Pareto flags shared with
-``service.leases``, which moves trials through their lifecycle.
+``service.store.leases``, which moves trials through their lifecycle.
 
 Optuna holds each trial's params and values (its tools read them there); ``seqtune_trials``
 holds seqtune's record beside it: curves, stop reason, worker, attempts, test metrics. The
@@ -17,13 +17,13 @@ from optuna.trial import TrialState
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, defer
 
-from service.db import Database
-from service.errors import Conflict, Invalid, NotFound
-from service.models import Checkpoint, Study, Trial
-from service.optuna_bridge import distributions
-from service.spec import StudySpec
-from service.studies import best, study_row, trial_view
-from service.views import Page, TrialView
+from seqtune.errors import Conflict, Invalid, NotFound
+from seqtune.spec import StudySpec
+from seqtune.views import Page, TrialView
+from service.store.db import Database
+from service.store.optuna import distributions
+from service.store.studies import best, study_row, trial_view
+from service.store.tables import Checkpoint, Study, Trial
 
 STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
 _COUNTER = {"WAITING": "n_waiting", "RUNNING": "n_running", "COMPLETE": "n_complete",
@@ -167,7 +167,7 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
     return db.run(txn)
 
 
-# ---- helpers shared with service.leases ----------------------------------------------------
+# ---- helpers shared with service.store.leases ----------------------------------------------------
 
 
 def count_move(s: Session, study_id: int, old: str | None, new: str | None) -> None:

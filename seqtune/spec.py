@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from service import catalog
-from service.errors import Invalid
-from service.hparams import HPARAMS, defaults
+from seqtune import catalog
+from seqtune.errors import Invalid
+from seqtune.hparams import HPARAMS, defaults
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 Scalar = bool | int | float | str

@@ -115,7 +115,7 @@ class Study(Base):
     last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                             nullable=True)
     # Classical baselines, computed once per study by the first worker that claims one of its
-    # trials (service.baselines): NULL until claimed, then {"status": "computing" | "done" |
+    # trials (service.store.baselines): NULL until claimed, then {"status": "computing" | "done" |
     # "failed", ...}.
     baselines: Mapped[dict[str, Any] | None] = mapped_column(NullableJsonType, nullable=True)
     # 'search' while sampling; 'final' once the top configurations are re-trained with seeds.

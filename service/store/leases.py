@@ -60,12 +60,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from service.db import Database
-from service.errors import Conflict
-from service.models import Checkpoint, Study, Trial, Worker, utcnow
-from service.optuna_bridge import distributions, make_pruner, make_sampler
-from service.spec import StudySpec
-from service.trials import count_move, update_front
+from seqtune.errors import Conflict
+from seqtune.spec import StudySpec
+from service.store.db import Database
+from service.store.optuna import distributions, make_pruner, make_sampler
+from service.store.tables import Checkpoint, Study, Trial, Worker, utcnow
+from service.store.trials import count_move, update_front
 
 log = logging.getLogger(__name__)
 _T: Table = Trial.__table__  # type: ignore[assignment]  # Core table for the epoch hot path

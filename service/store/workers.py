@@ -5,30 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db import Database
-from service.models import Study, Trial, Worker, utcnow
+from seqtune.views import WorkerView
+from service.store.db import Database
+from service.store.tables import Study, Trial, Worker, utcnow
 
 HEARTBEAT_S = 5.0
 LOST_AFTER_S = 30.0  # a live worker beats every HEARTBEAT_S; silence this long means lost
-
-
-class WorkerView(BaseModel):
-    id: str
-    host: str
-    slot: int
-    device: str
-    pid: int
-    status: str  # live | lost | stopped
-    versions: dict[str, Any]
-    started_at: Any
-    heartbeat_at: Any
-    trials_done: int
-    study: str | None = None  # the trial it runs, when the study is the caller's
-    trial: int | None = None
 
 
 def register(db: Database, *, worker_id: str, host: str, slot: int, device: str, pid: int,

@@ -25,9 +25,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, and_, or_, update
 
-from service.db import Database
-from service.models import Study
-from service.views import TrialView
+from seqtune.views import TrialView, baseline_label
+from service.store.db import Database
+from service.store.tables import Study
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +145,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b is not None and b != 0 else None
 
 
-def label(name: str, baselines: dict[str, Any]) -> str:
-    """A baseline's name for people: 'AR(9)', 'ARIMA(9,1,0)', 'seasonal naive (52)'; the
-    orders are left out when each target has its own fit (``params = {"targets": [...]}``)."""
-    params = (baselines.get("models", {}).get(name) or {}).get("params") or {}
-    if name == "ar" and params.get("p") is not None:
-        return f"AR({params['p']})"
-    if name == "arima":
-        order = params.get("order")
-        if order is None and all(k in params for k in ("p", "d", "q")):
-            order = [params["p"], params["d"], params["q"]]
-        return "ARIMA(" + ",".join(str(o) for o in order) + ")" if order else "ARIMA"
-    if name == "seasonal_naive":
-        season = params.get("season", baselines.get("season"))
-        return f"seasonal naive ({season})" if season else "seasonal naive"
-    return {"ar": "AR", "ets": "ETS", "majority": "majority-class",
-            "logistic": "logistic regression"}.get(name, name.replace("_", " "))
-
-
 def verdict(baselines: dict[str, Any] | None, trial: TrialView, task: str) -> dict[str, Any] | None:
     """The best trial against the best baseline, on validation.
 
@@ -212,7 +194,7 @@ def verdict(baselines: dict[str, Any] | None, trial: TrialView, task: str) -> di
         base_mase = _num((model.get("test") or {}).get("mase"))
     val_ratio, test_ratio = _ratio(trial_val, base_val), _ratio(trial_test, base_test)
     shown = metric.upper() if metric == "rmse" else metric
-    name_s = label(name, baselines)
+    name_s = baseline_label(name, baselines)
     if beats:
         msg = (f"Beats the best classical baseline ({name}) on validation: {shown} "
                f"{trial_val:.3g} vs {base_val:.3g}"

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import AlreadyExists, Unavailable
+from seqtune.errors import AlreadyExists, Unavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

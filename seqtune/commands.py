@@ -1,8 +1,8 @@
-"""The ``seqtune`` commands that talk to a running service through :class:`service.client.Client`.
+"""The ``seqtune`` commands that talk to a running service through :class:`seqtune.client.Client`.
 
 Each command prints a table for people, or JSON with ``--json``, and returns an exit code
 (see ``EXIT_CODES``). Errors are raised as ApiError/ServiceUnreachable and turned into one
-line by ``service.cli.main``.
+line by ``seqtune.cli.main``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from service.baselines import label as baseline_label
-from service.client import FINAL_STATUSES, PLOTS, ApiError, Client
-from service.views import BestView, StudyView, TrialView
+from seqtune.client import FINAL_STATUSES, PLOTS, ApiError, Client
+from seqtune.views import BestView, StudyView, TrialView, baseline_label
 
 EXIT_CODES = """exit codes:
   0  success (with --watch: the study completed its budget)
@@ -387,7 +386,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from service.client import read_frame
+    from seqtune.client import read_frame
     from worker.engine import Predictor
 
     if bool(args.model) == bool(args.study):

@@ -12,7 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 VERSION_TABLE = "seqtune_alembic_version"
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # Any constant works; it only has to differ from other applications' advisory locks.
 _ADVISORY_LOCK_KEY = 0x5E97_0001
 

@@ -11,9 +11,9 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db import Database
-from service.errors import Invalid, NotFound, Unauthorized
-from service.models import ApiKey, utcnow
+from seqtune.errors import Invalid, NotFound, Unauthorized
+from service.store.db import Database
+from service.store.tables import ApiKey, utcnow
 
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 KEY_PREFIX = "st_"
