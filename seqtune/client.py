@@ -7,16 +7,17 @@
     print(c.best("sunspots-lstm").best.params)
     c.download_model("sunspots-lstm", "best.pt")
 
-Every error the service answers becomes an :class:`ApiError` carrying its status, code, message
-and field details; a service that cannot be reached becomes :class:`ServiceUnreachable`, and one
-that does not answer within the timeout (``timeout_s``, default ``SEQTUNE_TIMEOUT`` or 60 s)
-:class:`ServiceTimeout`.
+Every error the service answers becomes an :class:`ApiError` carrying its status, code (a
+:class:`seqtune.errors.ErrorCode`), message and field details; a service that cannot be reached
+becomes :class:`ServiceUnreachable`, and one that does not answer within the timeout
+(``timeout_s``, default ``SEQTUNE_TIMEOUT`` or 60 s) :class:`ServiceTimeout`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,23 +27,36 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
+from seqtune.errors import ErrorCode, import_extra
 from seqtune.spec import load_yaml
+from seqtune.states import FINISHED_STATUSES
 from seqtune.views import BestView, DatasetView, Page, StudyView, TrialView, WorkerView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0
-FINAL_STATUSES = frozenset({"completed", "stopped", "failed", "timed_out"})
+# Where a watch ends: the study starts no more trials on its own (seqtune.states).
+FINAL_STATUSES = FINISHED_STATUSES
 PLOTS = ("history", "importance", "intermediate", "parallel", "contour")
 M = TypeVar("M", bound=BaseModel)
 
 
 class ApiError(Exception):
-    """The service answered with an error: ``status`` (HTTP), ``code``, ``message``, ``details``."""
+    """The service answered with an error: ``status`` (HTTP; 0 for bad input found on this
+    side), ``code``, ``message``, ``details``.
 
-    def __init__(self, status: int, code: str, message: str,
+    ``code`` is always an ErrorCode (equal to its string, ``e.code == "invalid"``). For a code
+    this client does not know (a newer server's) or the unclassified ``error`` (a proxy's
+    error page), it is the code the HTTP status stands for (``ErrorCode.for_status``);
+    ``raw_code`` keeps the code as the answer spelled it."""
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str,
                  details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        known = ErrorCode.of(str(code))
+        self.code: ErrorCode = known if known not in (None, ErrorCode.ERROR) \
+            else ErrorCode.for_status(status)
+        self.raw_code = str(code)
+        self.status, self.message = status, message
         self.details = details or []
 
     def __str__(self) -> str:
@@ -123,10 +137,10 @@ class Client:
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]
-                raise ApiError(r.status_code, err.get("code", "error"), err["message"],
+                raise ApiError(r.status_code, err.get("code", ErrorCode.ERROR), err["message"],
                                err.get("details"))
             except (ValueError, KeyError, TypeError):
-                raise ApiError(r.status_code, "error",
+                raise ApiError(r.status_code, ErrorCode.ERROR,
                                f"HTTP {r.status_code}: {r.text[:200]}") from None
         return r
 
@@ -148,7 +162,8 @@ class Client:
             try:
                 spec = load_yaml(Path(spec).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-                raise ApiError(0, "invalid", f"cannot read study file {spec}: {exc}") from None
+                raise ApiError(0, ErrorCode.INVALID,
+                               f"cannot read study file {spec}: {exc}") from None
         return self._model(StudyView, "POST", "/v1/studies", json=spec)
 
     def studies(self, *, status: str | None = None, limit: int = 50,
@@ -242,15 +257,14 @@ class Client:
     def predict(self, name: str, data: Any, *, trial: int | None = None) -> Any:
         """Download a study's model and predict on ``data`` (a DataFrame or a CSV path).
 
-        Forecast: an array (windows, horizon, targets) in original units; classify: labels."""
-        import tempfile
-
-        from worker.engine import Predictor
-
+        Forecast: an array (windows, horizon, targets) in original units; classify: labels.
+        Runs the model here, with torch: MissingExtra (an ImportError) without the worker
+        extra."""
+        local = import_extra("worker.cli", extra="worker", what="Client.predict")
         with tempfile.TemporaryDirectory() as tmp:
             path = self.download_model(name, Path(tmp) / "model.pt", trial=trial)
-            predictor = Predictor.load(str(path))
-        return predictor.predict(read_frame(data))
+            predictor = local.load_predictor(str(path))
+        return predictor.predict(local.read_frame(data))
 
     # -- datasets -------------------------------------------------------------------------------
     def upload_dataset(self, path: str | Path, *, name: str | None = None) -> DatasetView:
@@ -275,11 +289,3 @@ class Client:
         r = self._call("GET", "/v1/workers", params={"include_stopped": include_stopped})
         return [WorkerView.model_validate(w) for w in r.json()]
 
-
-def read_frame(data: Any) -> Any:
-    """A DataFrame from a DataFrame or a CSV path."""
-    import pandas as pd
-
-    if isinstance(data, pd.DataFrame):
-        return data
-    return pd.read_csv(data)

@@ -17,33 +17,33 @@ from typing import Any, TextIO
 from pydantic import BaseModel
 
 from seqtune.client import FINAL_STATUSES, PLOTS, ApiError, Client
+from seqtune.errors import ErrorCode, Exit
 from seqtune.views import BestView, StudyView, TrialView, baseline_label
 
-EXIT_CODES = """exit codes:
-  0  success (with --watch: the study completed its budget)
-  1  with --watch: the study ended stopped, failed or timed out
-  2  bad input: a wrong argument, file or study definition (the message names the field),
-     or a database URL naming a database that does not exist or a login Postgres refuses
-  3  not found: no such study, trial or dataset
-  4  authentication: missing, unknown or revoked API key (set SEQTUNE_API_KEY)
-  5  conflict: the study's state does not allow it, e.g. no completed trial or saved
-     model yet (the message says why)
-  6  the service cannot be reached, failed, or did not answer within --timeout (start it
-     with `seqtune up`; set SEQTUNE_URL); `seqtune up`/`serve` could not start (port in use);
-     the database cannot be reached (db and keys commands)
-  130 interrupted (Ctrl-C); the study keeps running on the service"""
+# What each exit code means, for `seqtune --help`. Keyed by Exit, so a new exit code without
+# its line fails at import; which error exits with which code is ErrorCode's table.
+_EXIT_HELP: dict[Exit, str] = {
+    Exit.OK: "success (with --watch: the study completed its budget)",
+    Exit.UNFINISHED: "with --watch: the study ended stopped, failed or timed out",
+    Exit.BAD_INPUT: "bad input: a wrong argument, file or study definition (the message names "
+    "the field),\n     or a database URL naming a database that does not exist or a login "
+    "Postgres refuses",
+    Exit.NOT_FOUND: "not found: no such study, trial or dataset",
+    Exit.AUTH: "authentication: missing, unknown or revoked API key (set SEQTUNE_API_KEY)",
+    Exit.CONFLICT: "conflict: the study's state does not allow it, e.g. no completed trial or "
+    "saved\n     model yet (the message says why)",
+    Exit.UNAVAILABLE: "the service cannot be reached, failed, or did not answer within --timeout "
+    "(start it\n     with `seqtune up`; set SEQTUNE_URL); `seqtune up`/`serve` could not start "
+    "(port in use);\n     the database cannot be reached (db and keys commands)",
+    Exit.INTERRUPTED: "interrupted (Ctrl-C); the study keeps running on the service",
+}
+EXIT_CODES = "exit codes:\n" + "\n".join(f"  {int(e):<2} {_EXIT_HELP[e]}" for e in Exit)
 
 
-def exit_code_of(exc: ApiError) -> int:
-    if exc.status in (401, 403):
-        return 4
-    if exc.status == 404:
-        return 3
-    if exc.status == 409:
-        return 5
-    if exc.status >= 500:
-        return 6
-    return 2
+def exit_code_of(exc: ApiError) -> Exit:
+    """The exit code for an error the service answered: its code's row in ErrorCode's table
+    (ApiError.code already stands for the HTTP status when the answer's code is unknown)."""
+    return exc.code.exit
 
 
 def client_of(args: argparse.Namespace) -> Client:
@@ -53,7 +53,7 @@ def client_of(args: argparse.Namespace) -> Client:
         return Client(getattr(args, "url", None), getattr(args, "key", None),
                       timeout_s=getattr(args, "timeout", None))
     except ValueError as exc:
-        raise ApiError(0, "invalid", str(exc)) from None
+        raise ApiError(0, ErrorCode.INVALID, str(exc)) from None
 
 
 def _dump(obj: Any) -> str:
@@ -161,7 +161,7 @@ def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None,
     try:
         b = c.best(name)
     except ApiError as exc:
-        if exc.status == 409:  # no completed trial yet
+        if exc.code is ErrorCode.CONFLICT:  # no completed trial yet
             return None, None
         raise
     trial = b.best or (b.pareto_front[0] if b.pareto_front else None)
@@ -201,10 +201,10 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped watching; '{name}' keeps running (seqtune status {name} --watch)",
               file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED
     if tty and not args.json:
         print()
-    return 0 if final.status == "completed" else 1
+    return Exit.OK if final.status == "completed" else Exit.UNFINISHED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -380,66 +380,6 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-
-    from seqtune.client import read_frame
-    from worker.engine import Predictor
-
-    if bool(args.model) == bool(args.study):
-        raise ApiError(0, "invalid", "give a model file or --study NAME (one of them)")
-    try:
-        frame = read_frame(args.csv)
-    except (OSError, ValueError) as exc:
-        raise ApiError(0, "invalid", f"cannot read {args.csv}: {exc}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if args.study:
-            with client_of(args) as c:
-                model = str(c.download_model(args.study, Path(tmp) / "m.pt", trial=args.trial))
-        try:
-            predictor = Predictor.load(model)
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise ApiError(0, "invalid", f"{model} is not a seqtune model: {exc}") from None
-    ck = predictor.ckpt
-    missing = [c for c in ck["features"] if c not in frame.columns]
-    if missing:
-        raise ApiError(0, "invalid", f"{args.csv} lacks the model's input column(s) "
-                       f"{', '.join(map(str, missing))}")
-    try:
-        pred = predictor.predict(frame)
-    except ValueError as exc:
-        raise ApiError(0, "invalid", str(exc)) from None
-    L = ck["seq_len"]
-    ends = list(range(L - 1, L - 1 + len(pred)))  # row index of each window's last input
-    if ck["task"] == "classify":
-        rows = [{"row": e, "label": p.item() if isinstance(p, np.generic) else p}
-                for e, p in zip(ends, pred, strict=True)]
-    else:
-        rows = []
-        for e, p in zip(ends, pred, strict=True):
-            row: dict[str, Any] = {"row": e}
-            for h in range(ck["horizon"]):
-                for j, tgt in enumerate(ck["targets"]):
-                    row[f"{tgt}_t+{h + 1}"] = float(p[h, j])
-            rows.append(row)
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    import pandas as pd
-
-    out = pd.DataFrame(rows)
-    if args.output:
-        out.to_csv(args.output, index=False)
-        print(f"{len(out)} prediction(s) written to {args.output}", file=sys.stderr)
-    else:
-        out.to_csv(sys.stdout, index=False)
-    return 0
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     out = args.output or f"{args.name}-{args.kind}.{args.format}"
     with client_of(args) as c:
@@ -456,7 +396,7 @@ def cmd_datasets_upload(args: argparse.Namespace) -> int:
         try:
             d = c.upload_dataset(args.file, name=args.name)
         except OSError as exc:
-            raise ApiError(0, "invalid", f"cannot read {args.file}: {exc}") from None
+            raise ApiError(0, ErrorCode.INVALID, f"cannot read {args.file}: {exc}") from None
     if args.json:
         print(_dump(d))
     else:
@@ -530,13 +470,6 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--trial", type=int, help="this trial's model instead of the best")
     p.add_argument("-o", "--output", help="file to write (default NAME-best.pt)")
-
-    p = add("predict", cmd_predict, "forecast or classify a CSV with a trained model")
-    p.add_argument("model", nargs="?", help="a model file from `seqtune model`")
-    p.add_argument("--study", help="download this study's model instead of a file")
-    p.add_argument("--trial", type=int, help="with --study: this trial's model")
-    p.add_argument("--csv", required=True, help="input rows with the model's feature columns")
-    p.add_argument("-o", "--output", help="write predictions here (CSV) instead of stdout")
 
     p = add("plot", cmd_plot, "save a plot of a study (PNG or HTML)")
     p.add_argument("name")

@@ -2,15 +2,18 @@
 
 ``StudySpec`` checks shapes and types (pydantic); ``check_spec`` checks meaning (known
 hyperparameter names, ranges inside the engine's bounds, options the sampler and pruner take,
-objectives that fit the task). Both report problems as ``{field, reason}`` pairs.
+objectives that fit the task). Both report problems as ``{field, reason}`` pairs. The names
+and options of samplers and pruners come from ``seqtune.search``, hyperparameters from
+``seqtune.hparams``, datasets and metrics from ``seqtune.catalog``: add entries there, not here.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from seqtune import catalog
+from seqtune import catalog, search
 from seqtune.errors import Invalid
 from seqtune.hparams import HPARAMS, defaults
 
@@ -154,17 +157,24 @@ class Objective(_Strict):
     direction: Literal["minimize", "maximize"] | None = None  # default: the metric's natural one
 
 
+# The names seqtune.search's tables hold, as a Literal: pydantic rejects others ("Input should
+# be ...") and the schema lists them as an enum. mypy cannot read a Literal built at run time.
+if TYPE_CHECKING:
+    SamplerName = str
+    PrunerName = str
+else:
+    SamplerName = Literal[tuple(search.SAMPLERS)]
+    PrunerName = Literal[tuple(search.PRUNERS)]
+
+
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
+    name: SamplerName = "tpe"
     seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(integral)] | None = None
     options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
 
 
 class PrunerSpec(_Strict):
-    name: Literal[
-        "none", "median", "percentile", "successive_halving", "hyperband", "threshold",
-        "patient", "wilcoxon",
-    ] = "hyperband"
+    name: PrunerName = "hyperband"
     options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
     wrapped: PrunerSpec | None = None  # the pruner that ``patient`` wraps
 
@@ -296,6 +306,10 @@ class StudySpec(_Strict):
         return value if isinstance(value, int) and not isinstance(value, bool) and \
             1 <= value <= 1_000_000 else int(HPARAMS["max_epochs"].default)
 
+    def grid_points(self) -> dict[str, list[Any] | None]:
+        """Each searched hyperparameter's grid values (``grid_values``), for a grid sampler."""
+        return {name: grid_values(d) for name, d in self.search_space.items()}
+
     @property
     def directions(self) -> list[str]:
         return [o.direction or catalog.METRICS[o.metric][0] for o in self.objectives]
@@ -338,61 +352,11 @@ def default_search_space(spec: StudySpec, n_points: int | None = None
 
 # ---- semantic checks ------------------------------------------------------------------------
 
-_OptionType = Literal["int", "float", "bool", "int_or_auto", "str"]
-# option -> (type, low, high or allowed strings)
-_SAMPLER_OPTIONS: dict[str, dict[str, tuple[_OptionType, Any, Any]]] = {
-    "tpe": {
-        "n_startup_trials": ("int", 0, 100_000), "n_ei_candidates": ("int", 1, 10_000),
-        "multivariate": ("bool", None, None), "group": ("bool", None, None),
-        "constant_liar": ("bool", None, None), "consider_endpoints": ("bool", None, None),
-        "prior_weight": ("float", 0.0, 1e6),
-    },
-    "random": {},
-    "grid": {},
-    "cmaes": {
-        "n_startup_trials": ("int", 0, 100_000), "sigma0": ("float", 1e-12, 1e12),
-        "popsize": ("int", 2, 100_000), "use_separable_cma": ("bool", None, None),
-        "with_margin": ("bool", None, None), "lr_adapt": ("bool", None, None),
-        "consider_pruned_trials": ("bool", None, None),
-        "restart_strategy": ("str", None, ("ipop", "bipop")),
-    },
-    "gp": {"n_startup_trials": ("int", 0, 100_000),
-           "deterministic_objective": ("bool", None, None)},
-    "qmc": {"qmc_type": ("str", None, ("sobol", "halton")), "scramble": ("bool", None, None)},
-    "nsga2": {
-        "population_size": ("int", 2, 100_000), "mutation_prob": ("float", 0.0, 1.0),
-        "crossover_prob": ("float", 0.0, 1.0), "swapping_prob": ("float", 0.0, 1.0),
-    },
-}
-_COMMON_PRUNE: dict[str, tuple[_OptionType, Any, Any]] = {
-    "n_startup_trials": ("int", 0, 100_000), "n_warmup_steps": ("int", 0, 1_000_000),
-    "interval_steps": ("int", 1, 1_000_000), "n_min_trials": ("int", 1, 100_000),
-}
-_PRUNER_OPTIONS: dict[str, dict[str, tuple[_OptionType, Any, Any]]] = {
-    "none": {},
-    "median": dict(_COMMON_PRUNE),
-    "percentile": {**_COMMON_PRUNE, "percentile": ("float", 0.0, 100.0)},
-    "successive_halving": {
-        "min_resource": ("int_or_auto", 1, 1_000_000), "reduction_factor": ("int", 2, 100),
-        "min_early_stopping_rate": ("int", 0, 100), "bootstrap_count": ("int", 0, 1000),
-    },
-    "hyperband": {
-        "min_resource": ("int", 1, 1_000_000), "max_resource": ("int_or_auto", 1, 1_000_000),
-        "reduction_factor": ("int", 2, 100), "bootstrap_count": ("int", 0, 1000),
-    },
-    "threshold": {
-        "lower": ("float", -1e300, 1e300), "upper": ("float", -1e300, 1e300),
-        "n_warmup_steps": ("int", 0, 1_000_000), "interval_steps": ("int", 1, 1_000_000),
-    },
-    "patient": {"patience": ("int", 0, 100_000), "min_delta": ("float", 0.0, 1e300)},
-    "wilcoxon": {"p_threshold": ("float", 0.0, 1.0), "n_startup_steps": ("int", 0, 1_000_000)},
-}
-_REQUIRED_PRUNER_OPTIONS = {"percentile": ("percentile",), "patient": ("patience",)}
 MAX_GRID_POINTS = 1_000_000
 
 
 def _check_options(kind: str, name: str, options: dict[str, Any],
-                   allowed: dict[str, tuple[_OptionType, Any, Any]], where: str,
+                   allowed: Mapping[str, search.Option], where: str,
                    errors: list[dict[str, str]]) -> None:
     for key, value in options.items():
         field = f"{where}.options.{key}"
@@ -401,7 +365,8 @@ def _check_options(kind: str, name: str, options: dict[str, Any],
             errors.append({"field": field,
                            "reason": f"{kind} '{name}' takes no option '{key}' (known: {known})"})
             continue
-        typ, low, high = allowed[key]
+        option = allowed[key]
+        typ, low, high = option.type, option.low, option.high
         if value is None:
             continue
         if typ == "bool":
@@ -409,8 +374,9 @@ def _check_options(kind: str, name: str, options: dict[str, Any],
                 errors.append({"field": field, "reason": "must be true or false"})
             continue
         if typ == "str":
-            if value not in high:
-                errors.append({"field": field, "reason": f"must be one of {list(high)}"})
+            if value not in option.choices:
+                errors.append({"field": field,
+                               "reason": f"must be one of {list(option.choices)}"})
             continue
         if typ == "int_or_auto" and value == "auto":
             continue
@@ -422,6 +388,7 @@ def _check_options(kind: str, name: str, options: dict[str, Any],
         if typ == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
             errors.append({"field": field, "reason": "must be a number"})
             continue
+        assert low is not None and high is not None
         if not low <= value <= high:
             errors.append({"field": field, "reason": f"must be between {low} and {high}"})
 
@@ -515,18 +482,18 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
     if spec.final is not None and len(spec.objectives) > 1:
         errors.append({"field": "final", "reason": "final re-training picks one winner, so it "
                        "needs a single objective"})
-    sampler = spec.sampler
-    _check_options("sampler", sampler.name, sampler.options, _SAMPLER_OPTIONS[sampler.name],
-                   "sampler", errors)
-    if sampler.name == "grid":
+    sampler = search.SAMPLERS[spec.sampler.name]
+    _check_options("sampler", sampler.name, spec.sampler.options, sampler.options, "sampler",
+                   errors)
+    if sampler.grid:
         _check_grid(spec, errors)
     _check_pruner(spec.pruner, "pruner", errors)
     if len(spec.objectives) > 1 and spec.pruner.name != "none":
         errors.append({"field": "pruner.name", "reason":
                        "pruning needs a single objective; use 'none' with several objectives"})
-    if sampler.name == "cmaes" and len(spec.objectives) > 1:
+    if sampler.single_objective and len(spec.objectives) > 1:
         errors.append({"field": "sampler.name", "reason":
-                       "'cmaes' handles one objective; use 'tpe' or 'nsga2'"})
+                       f"'{sampler.name}' handles one objective; use 'tpe' or 'nsga2'"})
     if errors:
         raise Invalid(f"the study definition has {len(errors)} problem(s)", details=errors)
 
@@ -614,23 +581,23 @@ def _check_grid(spec: StudySpec, errors: list[dict[str, str]]) -> None:
 
 
 def _check_pruner(pruner: PrunerSpec, where: str, errors: list[dict[str, str]]) -> None:
-    _check_options("pruner", pruner.name, pruner.options, _PRUNER_OPTIONS[pruner.name], where,
-                   errors)
-    for key in _REQUIRED_PRUNER_OPTIONS.get(pruner.name, ()):
-        if key not in pruner.options:
+    entry = search.PRUNERS[pruner.name]
+    _check_options("pruner", pruner.name, pruner.options, entry.options, where, errors)
+    for key, option in entry.options.items():
+        if option.required and key not in pruner.options:
             errors.append({"field": f"{where}.options.{key}",
                            "reason": f"pruner '{pruner.name}' needs option '{key}'"})
-    if pruner.name == "threshold" and pruner.options.get("lower") is None and \
-            pruner.options.get("upper") is None:
-        errors.append({"field": f"{where}.options",
-                       "reason": "pruner 'threshold' needs 'lower' or 'upper'"})
+    reason = entry.check(pruner.options) if entry.check is not None else None
+    if reason:
+        errors.append({"field": f"{where}.options", "reason": reason})
     if pruner.wrapped is not None:
-        if pruner.name != "patient":
+        if not entry.wraps:
+            wrappers = " or ".join(f"'{p.name}'" for p in search.PRUNERS.values() if p.wraps)
             errors.append({"field": f"{where}.wrapped",
-                           "reason": "only the 'patient' pruner wraps another"})
-        elif pruner.wrapped.name == "patient":
+                           "reason": f"only the {wrappers} pruner wraps another"})
+        elif search.PRUNERS[pruner.wrapped.name].wraps:
             errors.append({"field": f"{where}.wrapped.name",
-                           "reason": "'patient' cannot wrap 'patient'"})
+                           "reason": f"'{pruner.name}' cannot wrap '{pruner.wrapped.name}'"})
         else:
             _check_pruner(pruner.wrapped, f"{where}.wrapped", errors)
 

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
+from seqtune.states import StudyPhase, StudyStatus, TrialState
+
 T = TypeVar("T")
 
-# The closed sets the API names, declared once so the OpenAPI document lists them; the data
-# layer's tuples (studies.STATUSES, trials.STATES, plots.KINDS) are the same sets
-# (tests/test_openapi.py checks it).
-StudyStatus = Literal["running", "paused", "stopped", "completed", "timed_out"]
-TrialState = Literal["WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL"]
-# The trials filter takes a state in upper or lower case.
-TrialStateFilter = Literal["WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL",
-                           "waiting", "running", "complete", "pruned", "fail"]
+
+def _values(*enums: type[StrEnum], lower: bool = False) -> tuple[str, ...]:
+    """The members' strings in declaration order (then lower-cased copies with ``lower``)."""
+    values = tuple(m.value for e in enums for m in e)
+    return values + tuple(v.lower() for v in values) if lower else values
+
+
+# The closed sets the API names, as Literals of the enums' strings (seqtune.states): the
+# OpenAPI document lists them inline, and the views hold plain strings as the database does.
+# Type checkers see ``str``: a Literal built at run time is opaque to them.
+if TYPE_CHECKING:
+    StudyStatusName = str
+    TrialStateName = str
+    TrialStateFilter = str
+    StudyPhaseName = str
+else:
+    StudyStatusName = Literal[_values(StudyStatus)]
+    TrialStateName = Literal[_values(TrialState)]
+    # The trials filter takes a state in upper or lower case.
+    TrialStateFilter = Literal[_values(TrialState, lower=True)]
+    StudyPhaseName = Literal[_values(StudyPhase)]
+
 PlotKind = Literal["history", "importance", "intermediate", "parallel", "contour"]
 TrialSort = Literal["number", "-number", "value", "-value", "started_at", "-started_at",
                     "finished_at", "-finished_at"]
@@ -42,7 +59,7 @@ class TrialCounts(BaseModel):
 class StudyView(BaseModel):
     name: str
     tenant: str
-    status: StudyStatus
+    status: StudyStatusName
     task: Literal["forecast", "classify"]
     optuna_study_name: str
     optuna_study_id: int | None = None  # the dashboard's /dashboard/studies/{id}
@@ -57,12 +74,12 @@ class StudyView(BaseModel):
     # {"status": "computing" | "done" | "failed", ...}.
     baselines: dict[str, Any] | None = None
     # 'final' while/after the top configs are re-trained
-    phase: Literal["search", "final"] = "search"
+    phase: StudyPhaseName = StudyPhase.SEARCH.value
 
 
 class TrialView(BaseModel):
     number: int
-    state: TrialState
+    state: TrialStateName
     params: dict[str, Any]
     value: float | None = None
     values: list[float] | None = None

@@ -1,5 +1,6 @@
 """Logging for every seqtune process: text for people or JSON lines for log pipelines
-(``SEQTUNE_LOG_FORMAT=json``), each record carrying the study and trial it concerns.
+(``Settings.log_format``, ``SEQTUNE_LOG_FORMAT=json``), each record carrying the study and trial
+it concerns.
 
     with log_context(study="sunspots", trial=7):
         log.info("epoch done")     # -> {"msg": "epoch done", "study": "sunspots", "trial": 7, ...}
@@ -10,12 +11,14 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "seqtune_log", default=None)
@@ -115,13 +118,14 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{tags}]" if tags else line
 
 
-def setup_logging(prefix: str = "") -> None:
-    """Configure the root logger from SEQTUNE_LOG_LEVEL (INFO) and SEQTUNE_LOG_FORMAT
-    (text | json). Safe to call more than once."""
-    level = os.environ.get("SEQTUNE_LOG_LEVEL", "INFO").upper()
-    fmt = os.environ.get("SEQTUNE_LOG_FORMAT", "text").lower()
+def setup_logging(settings: Settings, prefix: str = "") -> None:
+    """Configure the root logger from ``settings.log_level`` (an unknown level name means
+    INFO) and ``settings.log_format`` (text | json); ``prefix`` starts each text line's logger
+    name (a slot's number). Safe to call more than once: it replaces its own handler."""
+    level = settings.log_level.upper()
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(prefix))
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json"
+                         else TextFormatter(prefix))
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactFilter())  # no record of any logger prints an API key
     root = logging.getLogger()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -21,91 +20,59 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
+from service.store import health
 from service.store.db import Database
-from service.store.tables import Study, Trial, Worker
-from service.store.workers import LOST_AFTER_S
 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_STATES = {"waiting": Study.n_waiting, "running": Study.n_running,
-           "complete": Study.n_complete, "pruned": Study.n_pruned, "failed": Study.n_failed}
 
 
 class FleetCollector(Collector):
-    """Reads the fleet's state from the database on each scrape (four small queries)."""
+    """Reads the fleet's state from the database on each scrape (``health.fleet_stats``)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.db.run(self._collect)
+        yield from fleet_metrics(health.fleet_stats(
+            self.db, buckets=DURATION_BUCKETS, lost_after_s=self.db.settings.lost_after_s))
 
-    def _collect(self, s: Any) -> list[Metric]:
-        out: list[Metric] = []
-        sums = s.execute(select(*(func.coalesce(func.sum(c), 0) for c in _STATES.values()),
-                                func.coalesce(func.sum(Study.n_reaped), 0))).one()
-        g = GaugeMetricFamily("seqtune_trials", "Trials by state, all studies", labels=["state"])
-        for state, n in zip(_STATES, sums, strict=False):
-            g.add_metric([state], float(n))
-        out.append(g)
-        complete, pruned = float(sums[2]), float(sums[3])
-        out.append(GaugeMetricFamily(
-            "seqtune_trials_pruned_ratio", "Pruned / (complete + pruned) over all trials",
-            value=pruned / (complete + pruned) if complete + pruned else 0.0))
-        c = CounterMetricFamily("seqtune_lease_reaps", "Leases taken from dead attempts "
-                                "(counted in the database, fleet-wide)")
-        c.add_metric([], float(sums[5]))
-        out.append(c)
 
-        by_status = dict(s.execute(select(Study.status, func.count()).group_by(Study.status))
-                         .all())
-        g = GaugeMetricFamily("seqtune_studies", "Studies by status", labels=["status"])
-        for status in ("running", "paused", "completed", "stopped", "timed_out", "failed"):
-            g.add_metric([status], float(by_status.get(status, 0)))
-        out.append(g)
-
-        # Queue depth: trials running studies may still start (budget left + enqueued waiting).
-        depth = s.scalar(select(func.coalesce(func.sum(
-            Study.n_trials - Study.n_claimed), 0)).where(Study.status == "running"))
-        out.append(GaugeMetricFamily("seqtune_queue_depth",
-                                     "Trials of running studies not started yet",
-                                     value=float(max(int(depth or 0), 0))))
-
-        now = datetime.now(UTC)
-        rows = s.execute(select(Worker.heartbeat_at).where(
-            Worker.stopped_at.is_(None), Worker.heartbeat_at > now - timedelta(days=1))).all()
-        ages = [(now - (hb if hb.tzinfo else hb.replace(tzinfo=UTC))).total_seconds()
-                for (hb,) in rows]
-        live = sum(1 for a in ages if a < LOST_AFTER_S)
-        lost = len(ages) - live
-        g = GaugeMetricFamily("seqtune_workers", "Worker slots by status", labels=["status"])
-        g.add_metric(["live"], float(live))
-        g.add_metric(["lost"], float(lost))
-        out.append(g)
-
-        out.append(self._durations(s))
-        return out
-
-    def _durations(self, s: Any) -> Metric:
-        """Histogram of finished trials' wall time, from their start and end stamps."""
-        dur: Any
-        if self.db.engine.dialect.name == "postgresql":
-            dur = func.extract("epoch", Trial.finished_at - Trial.started_at)
-        else:
-            dur = (func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400
-        done = (Trial.finished_at.is_not(None), Trial.started_at.is_not(None))
-        cols: list[Any] = [func.count(), func.coalesce(func.sum(dur), 0)]
-        cols += [func.count().filter(dur <= b) for b in DURATION_BUCKETS]
-        row = s.execute(select(*cols).where(*done)).one()
-        buckets = [(str(float(b)), float(n)) for b, n in zip(DURATION_BUCKETS, row[2:],
-                                                            strict=True)]
-        buckets.append(("+Inf", float(row[0])))
-        h = HistogramMetricFamily("seqtune_trial_duration_seconds",
-                                  "Wall time of finished trials (start to end, all attempts)")
-        h.add_metric([], buckets, sum_value=float(row[1]))
-        return h
+def fleet_metrics(stats: health.FleetStats) -> list[Metric]:
+    """The Prometheus families of ``stats``."""
+    out: list[Metric] = []
+    g = GaugeMetricFamily("seqtune_trials", "Trials by state, all studies", labels=["state"])
+    for state, n in stats.trials.items():
+        g.add_metric([state], float(n))
+    out.append(g)
+    complete, pruned = float(stats.trials["complete"]), float(stats.trials["pruned"])
+    out.append(GaugeMetricFamily(
+        "seqtune_trials_pruned_ratio", "Pruned / (complete + pruned) over all trials",
+        value=pruned / (complete + pruned) if complete + pruned else 0.0))
+    c = CounterMetricFamily("seqtune_lease_reaps", "Leases taken from dead attempts "
+                            "(counted in the database, fleet-wide)")
+    c.add_metric([], float(stats.reaps))
+    out.append(c)
+    g = GaugeMetricFamily("seqtune_studies", "Studies by status", labels=["status"])
+    for status, n in stats.studies.items():
+        g.add_metric([status], float(n))
+    out.append(g)
+    out.append(GaugeMetricFamily("seqtune_queue_depth",
+                                 "Trials of running studies not started yet",
+                                 value=float(stats.queue_depth)))
+    g = GaugeMetricFamily("seqtune_workers", "Worker slots by status", labels=["status"])
+    g.add_metric(["live"], float(stats.workers_live))
+    g.add_metric(["lost"], float(stats.workers_lost))
+    out.append(g)
+    buckets = [(str(float(b)), float(n)) for b, n in zip(DURATION_BUCKETS, stats.durations_le,
+                                                        strict=True)]
+    buckets.append(("+Inf", float(stats.durations_count)))
+    h = HistogramMetricFamily("seqtune_trial_duration_seconds",
+                              "Wall time of finished trials (start to end, all attempts)")
+    h.add_metric([], buckets, sum_value=stats.durations_sum_s)
+    out.append(h)
+    return out
 
 
 class PoolCollector(Collector):

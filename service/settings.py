@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from seqtune.errors import Invalid
 
 DEFAULT_DATA_DIR = Path("seqtune-data")
 
@@ -135,6 +139,48 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Settings from the environment with ``overrides`` (a command line's options) on top.
+
+        Raises Invalid with one line naming the SEQTUNE_* variable of the first bad value,
+        which is what a command prints (instead of pydantic's report)."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            var = cls.model_config.get("env_prefix", "") + "_".join(
+                str(x) for x in err["loc"]).upper()
+            raise Invalid(msg if var in msg else f"{var}: {msg}") from None
+
+    def child_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment for a child process that must run with exactly these settings:
+        ``environ`` (default: this process's) with each field's SEQTUNE_* variable replaced by
+        this object's value, and dropped where the value is None (the child's default).
+        Variables that are no field (SEQTUNE_URL, PATH ...) pass through.
+
+        Why every field and not only the changed ones: a child builds its Settings from its
+        environment alone, so what this process decided (a ``--database-url``, ``--no-auth``)
+        reaches it only this way, and rendering all of them leaves nothing to forget."""
+        prefix = self.model_config.get("env_prefix", "")
+        names = {f"{prefix}{name}".upper() for name in type(self).model_fields}
+        # Names compare without case: pydantic-settings reads its variables that way.
+        env = {k: v for k, v in (os.environ if environ is None else environ).items()
+               if k.upper() not in names}
+        for name, value in self:
+            if value is not None:
+                env[f"{prefix}{name}".upper()] = _env_value(value)
+        return env
+
+
+def _env_value(value: object) -> str:
+    """A field's value as its environment variable spells it (pydantic-settings reads it back
+    to the same value): booleans as true/false, the rest as str()."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @lru_cache(maxsize=1)

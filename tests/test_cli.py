@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,3 +75,62 @@ def test_db_upgrade_migrates_an_empty_database(pg_url: str) -> None:
     assert migrate.current_revision(engine) == migrate.head_revision()
     assert migrate.head_revision() in out.stdout
     engine.dispose()
+
+
+# Run as a base install would: the server's and the worker's stack cannot be imported.
+_WITHOUT_EXTRAS = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"torch", "sqlalchemy", "fastapi", "uvicorn", "optuna",
+                                  "numpy", "pandas", "pydantic_settings"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from seqtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _without_extras(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
+    return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT)
+
+
+def test_help_lists_every_verb_without_the_extras() -> None:
+    from seqtune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    verbs = set(sub.choices)
+    assert {"studies", "best", "serve", "up", "worker", "db", "keys", "predict"} <= verbs
+    r = _without_extras("--help")
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("positional arguments:")[1].split("options:")[0]
+    assert verbs <= {line.split()[0] for line in listed.splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize(("args", "extra"), [
+    (["serve", "--port", "1"], "server"), (["db", "upgrade"], "server"),
+    (["keys", "create", "--tenant", "x"], "server"), (["worker", "--gpus", "none"], "worker"),
+    (["predict", "m.pt", "--csv", "x.csv"], "worker")])
+def test_a_verb_without_its_extra_says_which_to_install(args: list[str], extra: str) -> None:
+    r = _without_extras(*args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"seqtune {args[0]} needs the {extra} extra: "
+                                f"pip install 'seqtune[{extra}]'")
+    assert not r.stdout
+
+
+def test_child_processes_get_their_settings_from_settings() -> None:
+    from service.settings import Settings
+
+    s = Settings(database_url="postgres://u@h/db", auth_enabled=False, log_format="json")
+    env = s.child_env({"SEQTUNE_TENSORBOARD_DIR": "/tb", "SEQTUNE_URL": "http://x", "PATH": "/b"})
+    assert env["SEQTUNE_DATABASE_URL"] == "postgresql+psycopg2://u@h/db"
+    assert env["SEQTUNE_AUTH_ENABLED"] == "false" and env["SEQTUNE_LOG_FORMAT"] == "json"
+    assert "SEQTUNE_TENSORBOARD_DIR" not in env  # None here: the child's default, not /tb
+    assert env["SEQTUNE_URL"] == "http://x" and env["PATH"] == "/b"  # not settings: kept
+    code = "from service.settings import Settings; print(Settings().model_dump_json())"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60, check=True, cwd=ROOT)
+    assert r.stdout.strip() == s.model_dump_json()

@@ -139,3 +139,33 @@ def test_best_model_of_several_objectives_is_a_conflict(api: Client) -> None:
     with pytest.raises(ApiError) as e:
         api.download_model("mo", "unused.pt")
     assert e.value.status == 409 and "trials/{number}/model" in e.value.message
+
+
+def test_error_codes_map_once_to_status_and_exit_code() -> None:
+    """One table: a code's HTTP status is the one the API answers, its exit code the CLI's;
+    a code this client does not know (a newer server) or a proxy's page falls back on the
+    HTTP status."""
+    from seqtune.commands import exit_code_of
+    from seqtune.errors import ErrorCode, Exit, NotFound
+
+    assert NotFound.code is ErrorCode.NOT_FOUND and ErrorCode.NOT_FOUND.status == 404
+    assert exit_code_of(ApiError(404, "not_found", "x")) == Exit.NOT_FOUND == 3
+    assert exit_code_of(ApiError(409, "already_exists", "x")) == 5
+    assert exit_code_of(ApiError(413, "too_large", "x")) == 2
+    assert exit_code_of(ApiError(0, "invalid", "x")) == 2
+    newer = ApiError(429, "rate_limited", "slow down")
+    assert newer.code is ErrorCode.ERROR and newer.raw_code == "rate_limited"
+    assert exit_code_of(newer) == 2
+    for status, code, exit_ in ((404, ErrorCode.NOT_FOUND, 3), (401, ErrorCode.UNAUTHORIZED, 4),
+                                (403, ErrorCode.UNAUTHORIZED, 4), (409, ErrorCode.CONFLICT, 5),
+                                (502, ErrorCode.UNAVAILABLE, 6), (500, ErrorCode.INTERNAL, 6)):
+        e = ApiError(status, "error", f"HTTP {status}: <html>")
+        assert e.code is code and exit_code_of(e) == exit_, status
+
+
+def test_api_answers_carry_the_status_of_their_code(client: TestClient) -> None:
+    from seqtune.errors import ErrorCode
+
+    for path, method in (("/v1/studies", "GET"), ("/v1/nope", "GET"), ("/v1/studies", "PUT")):
+        r = client.request(method, path)
+        assert r.status_code == ErrorCode(r.json()["error"]["code"]).status, r.text

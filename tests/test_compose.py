@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -18,8 +20,9 @@ def test_services_and_start_order() -> None:
     assert "pg_isready" in " ".join(SERVICES["postgres"]["healthcheck"]["test"])
     assert SERVICES["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
-        assert SERVICES[name]["depends_on"]["migrate"]["condition"] == \
-            "service_completed_successfully"
+        assert (
+            SERVICES[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        )
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
 
 
@@ -50,3 +53,19 @@ def test_workers_reserve_a_gpu_and_can_scale() -> None:
     # `docker compose up --scale worker=N` needs no fixed name and no published port.
     assert "container_name" not in worker and "ports" not in worker
     assert worker["stop_grace_period"] == "2m"
+
+
+def test_the_image_holds_every_package_and_the_server_and_worker_extras() -> None:
+    """The image builds: it copies every top-level package pyproject.toml ships (a package
+    missing from the build context fails `pip install`), and installs the extra compose asks
+    for, which brings both the service's and the worker's dependencies."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", dockerfile, flags=re.MULTILINE))
+    shipped = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
+    assert shipped <= copied, f"the Dockerfile does not copy {sorted(shipped - copied)}"
+    extra = SERVICES["api"]["build"]["args"]["EXTRAS"]
+    assert all(SERVICES[n]["build"]["args"]["EXTRAS"] == extra for n in ("migrate", "worker"))
+    assert "pip install" in dockerfile and '".[${EXTRAS}]"' in dockerfile
+    extras = pyproject["project"]["optional-dependencies"]
+    assert {"seqtune[server]", "seqtune[worker]"} <= set(extras[extra])

@@ -214,11 +214,12 @@ def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
     """No GPU here: the engine raises the error CUDA raises, and the slot must survive it."""
     import torch
 
+    from worker import runner
     from worker import slot as slot_mod
 
     create(db, settings, "oom", FAST, n_trials=2)
     calls = {"n": 0}
-    real_fit = slot_mod.fit
+    real_fit = runner.fit
 
     def flaky_fit(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
@@ -226,7 +227,7 @@ def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_fit(*args, **kw)
 
-    monkeypatch.setattr(slot_mod, "fit", flaky_fit)
+    monkeypatch.setattr(runner, "fit", flaky_fit)
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         done = slot_mod.Slot(slot_mod.SlotConfig(burst=True), settings).run()

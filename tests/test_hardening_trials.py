@@ -412,7 +412,7 @@ def test_trials_an_outside_client_asked_stay_out_of_trials_best_plots_and_import
     assert len(listed) == 5 and all(t.value != 0.001 for t in listed)
     assert studies.best(db, tenant="acme", name="L").best.value == 1.0
     imp = studies.importance(db, storage, tenant="acme", name="L")
-    assert set(imp["importances"]) == {"hidden_size"} and imp["n_trials"] == 5
+    assert set(imp.importances) == {"hidden_size"} and imp.n_trials == 5
     view = studies.get_study(db, tenant="acme", name="L")
     shown = studies.seqtune_study(db, storage, view)
     assert sorted(t.value for t in shown.trials) == [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -46,7 +46,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
 
 LEASE_S = 5.0
 IDLE_S = 5.0  # SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S of the frozen worker
-REAP_EVERY_S = 5.0  # worker.slot.REAP_EVERY_S: how often the other worker reaps
+# How often the other worker reaps: its Settings' default (the test sets no SEQTUNE_ variable
+# for it).
+REAP_EVERY_S = Settings.model_fields["worker_reap_every_s"].default
 # How long the hook keeps the victim's transaction open: only the time the test needs to see
 # the hook's line and SIGSTOP the worker (a stopped sleep does not end). Without server-side
 # limits the transaction then stays open for as long as the worker is stopped.
@@ -325,7 +327,7 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
     assert _idle_in_transaction(db, IDLE_S + 1) == 0  # the server ended the frozen session
     assert alive(a.pid)  # still stopped, not dead: the database did all of it
     # From here the test checks that both workers go on correctly. A 5 s lease is shorter
-    # than the heartbeat period (workers.HEARTBEAT_S) and than a resume's start on a loaded
+    # than the heartbeat period (Settings.heartbeat_s) and than a resume's start on a loaded
     # machine: the new attempt's lease could lapse for no fault of its own. Lengthen it.
     db.run(lambda s: s.execute(update(Study).where(Study.name == "frozen")
                                .values(lease_timeout_s=120)))

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from service.logs import log_context, setup_logging
+from service.settings import Settings
 from service.store import leases, workers
 from service.store.db import Database
 from service.store.tables import Trial
@@ -91,7 +92,7 @@ def restore_logging() -> Any:
 def test_json_logs_carry_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys: Any,
                                          restore_logging: Any) -> None:
     monkeypatch.setenv("SEQTUNE_LOG_FORMAT", "json")
-    setup_logging()
+    setup_logging(Settings())
     log = logging.getLogger("seqtune.test")
     with log_context(study="sun", trial=7, worker="h-1-s0"):
         log.info("epoch %d done", 3)
@@ -106,7 +107,7 @@ def test_json_logs_carry_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys
 def test_text_logs_tag_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys: Any,
                                        restore_logging: Any) -> None:
     monkeypatch.setenv("SEQTUNE_LOG_FORMAT", "text")
-    setup_logging()
+    setup_logging(Settings())
     with log_context(study="sun", trial=2):
         logging.getLogger("seqtune.test").info("hello")
     assert capsys.readouterr().err.strip().endswith("hello [study=sun trial=2]")

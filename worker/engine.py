@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from seqtune.hparams import HPARAMS
+# The engine's hyperparameter config is the one table of them (one field per hyperparameter).
+from seqtune.hparams import Hyper
 from worker.metrics import forecast_errors, macro_f1
 from worker.model import LSTMModel, ModelArgs, param_count
 from worker.preprocessing import Prepared, Scaler, TargetTransform
@@ -25,50 +26,6 @@ EVAL_BATCH = 4096
 DIVERGED_GRAD_NORM = 1e6
 CHECK_EVERY_CUDA = 8  # steps between divergence checks on CUDA (each check syncs the device)
 CHECK_EVERY_CPU = 4  # steps between gradient-norm checks on CPU when not clipping by norm
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Every engine hyperparameter (the names of ``seqtune.hparams``; a test holds them equal)."""
-
-    hidden_size: int = 64
-    num_layers: int = 1
-    dropout: float = 0.0
-    head_dropout: float = 0.0
-    bidirectional: bool = False
-    init: str = "default"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    scheduler: str = "none"
-    scheduler_gamma: float = 0.95
-    scheduler_step_size: int = 10
-    scheduler_patience: int = 5
-    scheduler_factor: float = 0.5
-    max_lr_factor: float = 10.0
-    clip_norm: float = 1.0
-    clip_value: float = 0.0
-    loss: str = "mse"
-    precision: str = "auto"
-    batch_size: int = 64
-    seq_len: int = 24
-    max_epochs: int = 50
-    noise_std: float = 0.0
-    curriculum: bool = False
-    scaler: str = "standard"
-    target_transform: str = "none"
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> Hyper:
-        known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
-        cast: dict[str, Any] = {k: (int(v) if HPARAMS[k].kind == "int" else v)
-                                for k, v in params.items()}
-        return cls(**cast)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Slots: ``--gpus all`` (every visible GPU; CPU when there is none), ``none`` (CPU
 such as ``0,2``; ``--slots-per-gpu K`` runs K trials per GPU (or K CPU slots). Children are
 spawned, never forked: CUDA and database connections do not survive a fork.
 
+Settings: this process reads them once (``run``'s ``settings``) and hands them to every slot,
+which gets its timing (heartbeat, poll, reap interval, orphan grace) from them.
+
 No orphans: each slot watches this process and stops within seconds once it is gone
 (``kill -9`` of ``seqtune worker``; see ``worker.slot._ParentWatch``). When
 ``SEQTUNE_WORKER_EXIT_WITH_PID`` names a process (``seqtune up`` sets its own pid), this
@@ -21,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
 
-from worker.slot import ORPHAN_GRACE_S, STOP_SIGNAL, SlotConfig, slot_main
+from service.settings import Settings
+from worker.slot import STOP_SIGNAL, SlotConfig, slot_main
 
 log = logging.getLogger("seqtune.fleet")
 EXIT_WITH_ENV = "SEQTUNE_WORKER_EXIT_WITH_PID"
@@ -52,12 +56,14 @@ def _exit_with_from_env() -> int | None:
 
 
 def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
-        exit_with: int | None = None) -> int:
+        exit_with: int | None = None, settings: Settings | None = None) -> int:
     """Start the slots and supervise them until they all end. Returns an exit code.
 
+    ``settings`` (default: read from the environment, once, here) go to every slot.
     ``exit_with`` (default: ``$SEQTUNE_WORKER_EXIT_WITH_PID``) is the pid of the process this
     worker lives for: when it is gone, the slots are stopped as by SIGTERM (a second SIGTERM
-    after ``ORPHAN_GRACE_S``, SIGKILL after as long again) and this process exits."""
+    after ``settings.orphan_grace_s``, SIGKILL after as long again) and this process exits."""
+    settings = settings or Settings()
     if exit_with is None:
         exit_with = _exit_with_from_env()
     slots = plan(gpus, slots_per_gpu)
@@ -77,7 +83,9 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
         if visible[i] is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[i] or ""
         try:
-            p = ctx.Process(target=slot_main, args=(configs[i],), name=f"seqtune-slot{i}")
+            # The Settings object pickles across spawn: a slot never re-reads the environment.
+            p = ctx.Process(target=slot_main, args=(configs[i], settings),
+                            name=f"seqtune-slot{i}")
             p.start()
         finally:
             if old is None:
@@ -105,7 +113,8 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
     for i in range(len(configs)):
         start(i)
     finite = base.burst or base.max_trials is not None or base.max_idle_s is not None
-    watch = _ExitWith(exit_with, forward) if exit_with is not None else None
+    watch = _ExitWith(exit_with, forward, grace_s=settings.orphan_grace_s) \
+        if exit_with is not None else None
     while procs:
         if watch is not None:
             watch.check(procs)
@@ -126,12 +135,13 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
 class _ExitWith:
     """Supervision of the process this worker lives for (``seqtune up``): once it is gone
     (this process was re-parented), send the slots a stop request as for a SIGTERM (finish
-    the epoch, hand back), a second one after ``ORPHAN_GRACE_S`` (hand back now), then
-    SIGKILL what is left after as long again (the reaper recovers its trial). ``check`` runs
-    in the supervision loop."""
+    the epoch, hand back), a second one after ``grace_s`` (hand back now), then SIGKILL what
+    is left after as long again (the reaper recovers its trial). ``check`` runs in the
+    supervision loop."""
 
-    def __init__(self, pid: int, forward: Callable[[int, FrameType | None], None]) -> None:
-        self.pid, self.forward = pid, forward
+    def __init__(self, pid: int, forward: Callable[[int, FrameType | None], None], *,
+                 grace_s: float) -> None:
+        self.pid, self.forward, self.grace_s = pid, forward, grace_s
         self.gone_at: float | None = None
         self.steps = 0  # escalation steps taken
 
@@ -145,7 +155,7 @@ class _ExitWith:
             self.gone_at, self.steps = now, 1
             self.forward(signal.SIGTERM, None)
             return
-        due = 1 + int((now - self.gone_at) // ORPHAN_GRACE_S)
+        due = 1 + int((now - self.gone_at) // self.grace_s)
         if due > self.steps and self.steps == 1:
             self.steps = 2
             self.forward(signal.SIGTERM, None)  # the second: hand the trial back now

@@ -1,9 +1,12 @@
-"""From a study spec and an Optuna trial to a trained, reported trial.
+"""The pieces of a trial, pure functions of its study's spec.
 
-This is the objective every worker slot runs: resolve the hyperparameters (searched + fixed),
-prepare the data, train with per-epoch reporting to Optuna's pruner, and return the result.
-``fit`` holds the validation scheme: one hold-out split, or walk-forward folds trained one after
-another, each with its own scaler, reported to the pruner as one continuous run of steps.
+Resolve the hyperparameters (searched + fixed), prepare the data, train under the study's
+validation scheme (``fit``), read the objective values, compute the study's classical
+baselines. ``worker.runner`` assembles them into one trial run, the slot's and ``run``'s
+(an Optuna trial, for tests and notebooks) alike.
+
+``fit`` holds the validation scheme: one hold-out split, or walk-forward folds trained one
+after another, each with its own scaler, reported to the pruner as one continuous run of steps.
 """
 
 from __future__ import annotations
@@ -126,26 +129,25 @@ def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
 def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: str = "cpu",
         seed: int | None = None,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrialResult:
-    """Train the trial's hyperparameters on ``frame``; report each step's monitored metric to
-    Optuna (single objective) and stop when its pruner says so."""
-    hp = resolve(spec, trial.params)
-    monitor, direction = monitor_of(spec)
-    single = len(spec.objectives) == 1
+    """Train the trial's hyperparameters on ``frame`` through the trial runner, as a worker
+    slot does; report each step's monitored metric to Optuna (single objective) and stop when
+    its pruner says so. ``on_epoch(step, record)`` sees every step. Returns the training's
+    result (``worker.runner.classify`` tells what a slot would record); raises what the
+    training raises. The seed is the trial's number unless given."""
+    # Imported here, not at the top: the runner is built on this module's functions.
+    from worker import runner
 
-    def report(epoch: int, record: dict[str, float]) -> bool:
+    def report(step: int, record: dict[str, float], value: float | None) -> None:
         if on_epoch is not None:
-            on_epoch(epoch, record)
-        if not single:  # Optuna prunes single-objective studies only
-            return False
-        trial.report(record[monitor], epoch)
-        return trial.should_prune()
+            on_epoch(step, record)
+        if value is not None:
+            trial.report(value, step)
 
-    cfg = TrainConfig(hp=hp, monitor=monitor, direction=direction,
-                      patience=spec.early_stopping.patience,
-                      min_delta=spec.early_stopping.min_delta,
-                      seed=trial.number if seed is None else seed, device=device,
-                      timeout_s=spec.budget.trial_timeout_s)
-    return fit(spec, hp, frame, cfg, on_epoch=report)
+    outcome = runner.run(spec, trial.params, frame, seed=trial.number if seed is None else seed,
+                         device=device,
+                         hooks=runner.Hooks(report=report, should_prune=trial.should_prune))
+    assert outcome.result is not None  # a run that returns has trained to an end
+    return outcome.result
 
 
 def study_baselines(spec: StudySpec, frame: pd.DataFrame) -> dict[str, Any]:
@@ -177,4 +179,5 @@ def study_baselines(spec: StudySpec, frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def objective_values(spec: StudySpec, result: TrialResult) -> list[float]:
+    """The trial's value of each of the study's objectives, in the spec's order."""
     return [result.metric(o.metric) for o in spec.objectives]

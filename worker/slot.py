@@ -1,5 +1,11 @@
 """One worker slot: a process that claims trials, trains them and reports, until told to stop.
 
+It holds the loop (claim, run, record), registration and the heartbeat, signals and the
+parent watch, reaping, and the frame cache. What one trial does is elsewhere: the run and its
+outcome in ``worker.runner``, GPU admission in ``worker.admission``, the snapshot and model
+bytes in ``worker.checkpoints``. Its timing (heartbeat, reap interval, poll, orphan grace)
+comes from the ``Settings`` it is given: the fleet hands each slot its own.
+
 Signals: the first stop request finishes the current epoch, snapshots the trial and releases
 its lease so that another worker resumes it after that epoch; a second one stops at once. A
 slot started by ``seqtune worker`` takes its requests from that process (``STOP_SIGNAL``, one
@@ -9,7 +15,6 @@ or once that process is gone, SIGTERM and SIGINT are the requests (see ``_Signal
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import platform
@@ -18,8 +23,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -29,6 +32,7 @@ import optuna
 import torch
 
 from seqtune.spec import StudySpec
+from seqtune.states import TrialState
 from service.logs import log_context, setup_logging
 from service.settings import Settings
 from service.store import baselines as service_baselines
@@ -36,36 +40,24 @@ from service.store import datasets as service_datasets
 from service.store import leases, workers
 from service.store.db import Database
 from service.store.optuna import make_storage
-from worker import datasets, gpu_memory
-from worker.engine import TrainConfig, TrialResult
-from worker.objective import (
-    fit,
-    monitor_of,
-    objective_values,
-    prepare_for,
-    resolve,
-    study_baselines,
-)
-from worker.preprocessing import DataError
+from worker import admission, checkpoints, datasets, runner
+from worker.objective import prepare_for, resolve, study_baselines
 
 log = logging.getLogger("seqtune.worker")
 
 
-class TooBig(Exception):
-    """The trial's estimated GPU memory exceeds what one slot may ever use."""
-REAP_EVERY_S = 5.0
-
-
 @dataclass(frozen=True)
 class SlotConfig:
+    """What one slot runs on and for how long (``seqtune worker``'s options, per slot); its
+    timing and database are in the ``Settings`` it is given."""
+
     slot: int = 0
     device: str = "cpu"
     database_url: str | None = None
     studies: tuple[str, ...] = ()
     max_trials: int | None = None
     burst: bool = False
-    max_idle_s: float | None = None
-    poll_s: float = 0.5
+    max_idle_s: float | None = None  # the wait between claims is Settings.poll_s
     threads: int | None = None  # torch CPU threads; the fleet splits the cores among slots
     slots_on_device: int = 1  # slots sharing this slot's GPU (its memory ledger)
     # The `seqtune worker` process that started this slot (set by the fleet). The slot stops
@@ -170,9 +162,6 @@ class _Heartbeat(threading.Thread):
         self._halt.set()
 
 
-ORPHAN_GRACE_S = 3.0  # after its parent died: time to finish the epoch, then to hand back
-
-
 class _ParentWatch(threading.Thread):
     """Stops an orphaned slot: once the process that started it is gone (``kill -9`` of
     ``seqtune worker``), nobody would stop the slot, and it would train and claim trials for
@@ -181,14 +170,15 @@ class _ParentWatch(threading.Thread):
 
     1. a first SIGTERM (unless the kernel already sent it as the parent-death signal): finish
        the epoch, snapshot, hand the trial back;
-    2. after ``ORPHAN_GRACE_S``, a second SIGTERM: hand the trial back now;
-    3. after ``ORPHAN_GRACE_S`` more (the main thread is stuck, e.g. in a hung driver call),
-       exit at once and leave the trial to the reaper (its lease stops being renewed).
+    2. after ``grace_s`` (``Settings.orphan_grace_s``), a second SIGTERM: hand the trial
+       back now;
+    3. after ``grace_s`` more (the main thread is stuck, e.g. in a hung driver call), exit
+       at once and leave the trial to the reaper (its lease stops being renewed).
 
-    So an orphaned slot is gone within about ``2 * ORPHAN_GRACE_S`` plus one poll."""
+    So an orphaned slot is gone within about ``2 * grace_s`` plus one poll."""
 
-    def __init__(self, parent_pid: int, *, signalled_by_kernel: bool, poll_s: float = 0.5,
-                 grace_s: float = ORPHAN_GRACE_S) -> None:
+    def __init__(self, parent_pid: int, *, signalled_by_kernel: bool, grace_s: float,
+                 poll_s: float = 0.5) -> None:
         super().__init__(name="seqtune-parent-watch", daemon=True)
         self.parent_pid, self.poll_s, self.grace_s = parent_pid, poll_s, grace_s
         self.signalled_by_kernel = signalled_by_kernel
@@ -242,6 +232,9 @@ def arm_parent_death_signal(parent_pid: int) -> bool:
 
 
 class Slot:
+    """The slot's loop and its parts. ``settings`` (default: read from the environment) holds
+    its timing and database; the worker process passes its own to every slot it starts."""
+
     def __init__(self, cfg: SlotConfig, settings: Settings | None = None) -> None:
         self.cfg = cfg
         base = settings or Settings()
@@ -255,7 +248,7 @@ class Slot:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-s{cfg.slot}"
         self.frames: dict[str, Any] = {}
         self.signals = _Signals(cfg.parent_pid)
-        self.hb = _Heartbeat(self.db, self.worker_id, workers.HEARTBEAT_S)
+        self.hb = _Heartbeat(self.db, self.worker_id, self.settings.heartbeat_s)
         self._last_reap = 0.0
         self.parent_death_signal = False  # slot_main sets it once the kernel's signal is armed
 
@@ -268,8 +261,8 @@ class Slot:
                                    "cuda": torch.version.cuda})
         self.hb.start()
         if self.cfg.parent_pid is not None:
-            _ParentWatch(self.cfg.parent_pid,
-                         signalled_by_kernel=self.parent_death_signal).start()
+            _ParentWatch(self.cfg.parent_pid, signalled_by_kernel=self.parent_death_signal,
+                         grace_s=self.settings.orphan_grace_s).start()
         done, idle_since = 0, time.monotonic()
         names = list(self.cfg.studies) or None
         log.info("worker %s up on %s", self.worker_id, self.cfg.device)
@@ -290,7 +283,8 @@ class Slot:
                             time.monotonic() - idle_since > self.cfg.max_idle_s:
                         log.info("idle for %.0fs; exiting", self.cfg.max_idle_s)
                         break
-                    self.signals.stop.wait(self.cfg.poll_s * (0.5 + random.random()))
+                    # Jittered: slots started together do not poll the database in step.
+                    self.signals.stop.wait(self.settings.poll_s * (0.5 + random.random()))
                     continue
                 self.run_trial(c)
                 done += 1
@@ -308,7 +302,7 @@ class Slot:
         return self.cfg.parent_pid is not None and os.getppid() != self.cfg.parent_pid
 
     def _maybe_reap(self) -> None:
-        if time.monotonic() - self._last_reap < REAP_EVERY_S:
+        if time.monotonic() - self._last_reap < self.settings.worker_reap_every_s:
             return
         self._last_reap = time.monotonic()
         try:
@@ -319,6 +313,8 @@ class Slot:
             log.exception("reap failed")
 
     def _frame(self, c: leases.Claim, spec: StudySpec) -> Any:
+        """The study's data, loaded once per run of trials of one study (the last study's
+        frame only: a slot moving between studies holds one frame at a time)."""
         key = f"{c.study_id}"
         if key not in self.frames:
             cache = self.settings.data_dir / "cache" / "datasets"
@@ -340,42 +336,38 @@ class Slot:
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
         self.hb.watch(c)
         log.info("trial %s#%d attempt %d: %s", c.study_name, c.number, c.attempt, c.params)
+        estimate: int | None = None
         try:
-            result = self._train(c, spec, trial)
-        except leases.Fenced as exc:
-            log.warning("abandoning trial: %s", exc.message)
-            return
-        except DataError as exc:
-            self._finish(ostudy, c, state="FAIL", reason="data_error", error=str(exc))
-            return
-        except TooBig as exc:
-            self._finish(ostudy, c, state="FAIL", reason="too_big", error=str(exc))
-            return
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            self._finish(ostudy, c, state="FAIL", reason="oom", error=leases.error_text(exc))
-            return
+            outcome, estimate = self._attempt(c, spec, trial)
         except SystemExit:
             self._release(c)  # second signal: hand the trial back, then go
             raise
-        except Exception as exc:  # noqa: BLE001 - one trial's bug must not kill the slot
-            log.exception("trial %s#%d failed", c.study_name, c.number)
-            self._finish(ostudy, c, state="FAIL", reason="error", error=leases.error_text(exc))
-            return
+        except Exception as exc:  # noqa: BLE001 - one trial's failure must not kill the slot
+            outcome = runner.classify(spec, exc)
+            if outcome.reason == "error":
+                log.exception("trial %s#%d failed", c.study_name, c.number)
+            elif outcome.reason == "oom":
+                torch.cuda.empty_cache()  # the next trial must not start on this one's cache
         finally:
             self.hb.watch(None)
-        self._record(ostudy, c, spec, result)
+        self._settle(ostudy, c, outcome, estimate)
 
-    def _train(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial) -> TrialResult:
+    def _attempt(self, c: leases.Claim, spec: StudySpec,
+                 trial: optuna.Trial) -> tuple[runner.Outcome, int]:
+        """Load the study's data (and its baselines, once per study), wait for room on the
+        GPU, run the trial. Returns the outcome and the trial's GPU memory estimate."""
         hp = resolve(spec, c.params)
         frame = self._frame(c, spec)
         self._baselines(c, spec, frame)
         # The hold-out split sizes the memory estimate (walk-forward folds train on less).
         data = prepare_for(spec, hp, frame, self.cfg.device)
-        self._estimate = gpu_memory.estimate_bytes(gpu_memory.shape_of(hp, data,
-                                                                       self.cfg.device))
-        with self._gpu_room(c, self._estimate):
-            return self._train_on(c, spec, trial, hp, frame)
+        need = admission.estimate(hp, data, self.cfg.device)
+        with admission.gpu_room(need, device=self.cfg.device,
+                                slots_on_device=self.cfg.slots_on_device,
+                                ledger_dir=self.settings.data_dir / "gpu", slot=self.cfg.slot,
+                                should_stop=self.signals.stop.is_set,
+                                on_wait=self.hb.bump):  # waiting for room is progress
+            return self._train(c, spec, trial, frame), need
 
     def _baselines(self, c: leases.Claim, spec: StudySpec, frame: Any) -> None:
         """Compute the study's classical baselines once, before its first trial trains: the
@@ -395,108 +387,71 @@ class Slot:
         log.info("baselines of %s: best %s (%.1fs)", c.study_name, result.get("best"),
                  result.get("seconds", 0.0))
 
-    @contextmanager
-    def _gpu_room(self, c: leases.Claim, need: int) -> Iterator[None]:
-        """On a GPU shared by several slots: wait until the trial's estimate fits beside the
-        other slots' reservations; fail it at once if it could never fit."""
-        if not self.cfg.device.startswith("cuda") or self.cfg.slots_on_device <= 1:
-            yield
-            return
-        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"
-        ledger = gpu_memory.Ledger(self.settings.data_dir / "gpu" / f"{gpu}.json",
-                                   gpu_memory.gpu_capacity(self.cfg.slots_on_device))
-        if not ledger.fits_at_all(need):
-            raise TooBig(f"the trial needs about {need / 2**30:.2f} GiB of GPU memory and "
-                         f"a slot may use {ledger.capacity / 2**30:.2f} GiB; lower batch_size, "
-                         "hidden_size or seq_len, or run fewer slots per GPU")
-        owner = f"{os.getpid()}:{self.cfg.slot}"
-        while not ledger.reserve(owner, need):
-            self.hb.bump()  # waiting for room is progress, not a hang
-            if self.signals.stop.is_set():
-                self._release(c)  # hand the trial back untouched
-                raise leases.Fenced("stopping while waiting for GPU memory")
-            time.sleep(0.5)
-        try:
-            yield
-        finally:
-            ledger.release(owner)
-
-    def _train_on(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial, hp: Any,
-                  frame: Any) -> TrialResult:
-        monitor, direction = monitor_of(spec)
-        single = len(spec.objectives) == 1
+    def _train(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial,
+               frame: Any) -> runner.Outcome:
+        """Run the trial from its last snapshot, if an earlier attempt left one."""
         resume = None
         if c.resumed:
-            ck = leases.load_checkpoint(self.db, trial_row_id=c.trial_row_id, kind="resume")
-            if ck is not None:
-                resume = torch.load(io.BytesIO(ck[1]), weights_only=False)
-                log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number, ck[0])
-
+            snap = checkpoints.load_resume(self.db, trial_row_id=c.trial_row_id)
+            if snap is not None:
+                resume = snap.state
+                log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number,
+                         snap.epoch)
         tb = tensorboard_writer(self.settings.tensorboard_dir, c)
-
-        def on_epoch(epoch: int, record: dict[str, float]) -> bool:
-            if self.hb.fenced:
-                raise leases.Fenced("the lease was taken from this attempt")
-            leases.report(self.db, c, trial if single else None, epoch=epoch, record=record,
-                          value=record[monitor] if single else None)
-            if tb is not None:
-                for k, v in record.items():
-                    if k != "epoch" and isinstance(v, int | float):
-                        tb.add_scalar(k, v, epoch)
-                tb.flush()
-            # A final-phase re-train measures a configuration's spread: it runs to the end.
-            return single and c.final_of is None and trial.should_prune()
-
-        def on_snapshot(state: dict[str, Any]) -> None:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            leases.save_checkpoint(self.db, c, kind="resume", epoch=state["epoch"],
-                                   data=buf.getvalue())
-
-        cfg = TrainConfig(hp=hp, monitor=monitor, direction=direction,
-                          patience=spec.early_stopping.patience,
-                          min_delta=spec.early_stopping.min_delta, seed=c.number,
-                          device=self.cfg.device, timeout_s=spec.budget.trial_timeout_s)
         try:
-            return fit(spec, hp, frame, cfg, on_epoch=on_epoch, resume=resume,
-                       should_stop=self.signals.stop.is_set, on_step=self.hb.bump,
-                       on_snapshot=on_snapshot,
-                       snapshot_every_s=self.settings.checkpoint_every_s)
+            return runner.run(spec, c.params, frame, seed=c.number, device=self.cfg.device,
+                              hooks=self._hooks(c, trial, tb), resume=resume)
         finally:
             if tb is not None:
                 tb.close()
 
-    def _record(self, ostudy: optuna.Study, c: leases.Claim, spec: StudySpec,
-                r: TrialResult) -> None:
-        if r.reason == "interrupted":
+    def _hooks(self, c: leases.Claim, trial: optuna.Trial, tb: Any) -> runner.Hooks:
+        """The runner's hooks for this attempt: each epoch is recorded under the lease (and
+        in TensorBoard), snapshots go to the database, the slot's stop request stops."""
+
+        def report(step: int, record: dict[str, float], value: float | None) -> None:
+            if self.hb.fenced:
+                raise leases.Fenced("the lease was taken from this attempt")
+            leases.report(self.db, c, trial if value is not None else None, epoch=step,
+                          record=record, value=value)
+            if tb is not None:
+                for k, v in record.items():
+                    if k != "epoch" and isinstance(v, int | float):
+                        tb.add_scalar(k, v, step)
+                tb.flush()
+
+        return runner.Hooks(
+            report=report,
+            # A final-phase re-train measures a configuration's spread: it runs to the end.
+            should_prune=trial.should_prune if c.final_of is None else None,
+            should_stop=self.signals.stop.is_set, on_step=self.hb.bump,
+            on_snapshot=lambda state: checkpoints.save_snapshot(self.db, c, state),
+            snapshot_every_s=self.settings.checkpoint_every_s)
+
+    def _settle(self, ostudy: optuna.Study, c: leases.Claim, outcome: runner.Outcome,
+                estimate: int | None) -> None:
+        """Do what the outcome says: record the trial's end, hand it back, or let it go."""
+        if outcome.action is runner.Action.ABANDON:
+            log.warning("abandoning trial: %s", outcome.error)
+            return
+        if outcome.action is runner.Action.HAND_BACK:
             self._release(c)
             return
-        info = {"best_epoch": r.best_epoch, "param_count": r.param_count,
-                "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
-                "samples_per_s": r.samples_per_s, "peak_gpu_mem_bytes": r.peak_gpu_mem_bytes,
-                "precision": r.precision, "device": self.cfg.device, "val": r.val,
-                "gpu_mem_estimate_bytes": getattr(self, "_estimate", None)}
-        if r.folds is not None:
-            info["folds"] = r.folds
-        if r.reason in ("pruned", "diverged"):
-            self._finish(ostudy, c, state="PRUNED", reason=r.reason, info=info)
-            return
-        values = objective_values(spec, r)
-        if not all(v == v and abs(v) != float("inf") for v in values):
-            self._finish(ostudy, c, state="FAIL", reason="nan_objective", info=info,
-                         error=f"objective values {values} are not finite")
-            return
-        model = None
-        if r.checkpoint is not None:
-            buf = io.BytesIO()
-            torch.save(r.checkpoint, buf)
-            model = buf.getvalue()
-        # The model goes in the transaction that records the value, under the same fence
-        # check: a stale attempt can neither store a model beside another attempt's value nor
-        # leave its own model behind when its result is refused.
-        self._finish(ostudy, c, state="COMPLETE", values=values, reason=r.reason,
-                     test_metrics=r.test, info=info, model=model,
-                     model_epoch=r.best_epoch or 0)
+        assert outcome.state is not None  # FINISH always names the state
+        r = outcome.result
+        kw: dict[str, Any] = {}
+        if r is not None:
+            kw["info"] = runner.trial_info(r, device=self.cfg.device,
+                                           gpu_mem_estimate_bytes=estimate)
+        if outcome.state is TrialState.COMPLETE and r is not None:
+            # The model goes in the transaction that records the value, under the same fence
+            # check: a stale attempt can neither store a model beside another attempt's value
+            # nor leave its own model behind when its result is refused.
+            kw.update(values=list(outcome.values or ()), test_metrics=r.test,
+                      model=None if r.checkpoint is None else checkpoints.encode(r.checkpoint),
+                      model_epoch=r.best_epoch or 0)
+        self._finish(ostudy, c, state=outcome.state, reason=outcome.reason,
+                     error=outcome.error, **kw)
 
     def _finish(self, ostudy: optuna.Study, c: leases.Claim, **kw: Any) -> None:
         try:
@@ -530,13 +485,13 @@ def tensorboard_writer(root: Path | None, c: leases.Claim) -> Any:
     return SummaryWriter(log_dir=str(root / safe / f"trial-{c.number:05d}-a{c.attempt}"))
 
 
-def slot_main(cfg: SlotConfig) -> None:
-    """Entry point of a spawned slot process."""
-    setup_logging(prefix=f"slot{cfg.slot} ")
+def slot_main(cfg: SlotConfig, settings: Settings) -> None:
+    """Entry point of a spawned slot process; ``settings`` are the worker process's."""
+    setup_logging(settings, prefix=f"slot{cfg.slot} ")
     armed = cfg.parent_pid is not None and arm_parent_death_signal(cfg.parent_pid)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    slot = Slot(cfg)  # installs the SIGTERM handler a parent-death signal will run
+    slot = Slot(cfg, settings)  # installs the SIGTERM handler a parent-death signal will run
     slot.parent_death_signal = armed
     try:
         slot.run()

@@ -10,9 +10,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
 
-from seqtune.errors import Unauthorized, Unavailable
+from seqtune.errors import ErrorCode, Unauthorized, Unavailable
 from seqtune.views import Readiness
 from service.api import dashboard, routes_datasets, routes_studies, routes_workers
 from service.api import errors as api_errors
@@ -20,7 +19,7 @@ from service.api.deps import TENANT_SCOPE_KEY, AppState, request_key, resolve_te
 from service.logs import redact_access_log
 from service.metrics import LatencyMiddleware, Metrics
 from service.settings import Settings, get_settings
-from service.store import leases, migrate
+from service.store import health, leases, migrate
 from service.store.db import Database
 from service.store.optuna import make_storage
 
@@ -96,9 +95,9 @@ class BodyLimit:
     async def _refuse(cap: int, scope: dict, receive: Any, send: Any) -> None:
         what = "SEQTUNE_MAX_UPLOAD_BYTES" if scope["path"].startswith("/v1/datasets") \
             else "SEQTUNE_MAX_BODY_BYTES"
-        await JSONResponse(api_errors.error_body(
-            "too_large", f"the request body is over the {cap} byte cap ({what})"),
-            status_code=413)(scope, receive, send)
+        await api_errors.error_response(
+            ErrorCode.TOO_LARGE, f"the request body is over the {cap} byte cap ({what})")(
+            scope, receive, send)
 
 
 class KeyFirst:
@@ -123,11 +122,8 @@ class KeyFirst:
                 st, request_key(scope["method"], scope["headers"]))
         except (Unauthorized, Unavailable) as exc:
             # Outside the routers, so the app's exception handlers do not run: the same
-            # statuses, body and headers as errors.install gives these two.
-            status, headers = (401, {"WWW-Authenticate": "Bearer"}) \
-                if isinstance(exc, Unauthorized) else (503, {"Retry-After": "5"})
-            await JSONResponse(api_errors.error_body(exc.code, exc.message, exc.details),
-                               status_code=status, headers=headers)(scope, receive, send)
+            # answer as theirs.
+            await api_errors.domain_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -223,22 +219,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "migrations"}})
     def readyz(st: AppState = Depends(state)) -> JSONResponse:
         """The database answers and seqtune's migrations are current."""
-        try:
-            with st.db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            current = migrate.current_revision(st.db.engine)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            # The driver's message names the host, port, user and database: it goes to the
-            # log for the operator, not to an unauthenticated probe.
-            log.warning("readyz: database unreachable: %s",
-                        str(getattr(exc, "orig", None) or exc).strip().replace("\n", " "))
-            return JSONResponse({"status": "unavailable", "reason": "database unreachable "
-                                 "(the service log says why)"}, status_code=503)
-        head = migrate.head_revision()
-        if current != head:
-            return JSONResponse({"status": "unavailable", "reason": f"migrations at {current},"
-                                 f" head is {head}; run `seqtune db upgrade`"}, status_code=503)
-        return JSONResponse({"status": "ready", "migration": current})
+        ready = health.readiness(st.db)
+        return JSONResponse(ready.model_dump(exclude_none=True),
+                            status_code=200 if ready.status == "ready" else 503)
 
     # Each add_middleware wraps the ones before it, so requests meet them bottom up: latency
     # (times everything), then the body cap, then the key check, then the dashboard's paths.

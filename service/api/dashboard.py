@@ -26,8 +26,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from optuna.storages import BaseStorage
 from optuna.study._frozen import FrozenStudy
 
-from seqtune.errors import Unauthorized
+from seqtune.errors import ErrorCode, Unauthorized
 from service.api.deps import COOKIE, DEFAULT_TENANT, MAX_KEY_LEN, AppState, request_key
+from service.api.errors import error_response
 from service.metrics import ROUTE_LABEL
 from service.store import keys
 
@@ -178,13 +179,11 @@ class DashboardGate:
         scope[ROUTE_LABEL] = "dashboard"  # one metrics label for all of the dashboard's paths
         st: AppState | None = getattr(scope["app"].state, "seqtune", None)
         if st is None:  # not started yet
-            await JSONResponse({"error": {"code": "unavailable", "message": "starting"}},
-                               status_code=503)(scope, receive, send)
+            await error_response(ErrorCode.UNAVAILABLE, "starting")(scope, receive, send)
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await JSONResponse({"error": {"code": "read_only", "message": (
-                "the dashboard is read-only in seqtune; steer studies with the CLI or /v1")}},
-                status_code=405)(scope, receive, send)
+            await error_response(ErrorCode.READ_ONLY, "the dashboard is read-only in seqtune; "
+                                 "steer studies with the CLI or /v1")(scope, receive, send)
             return
         tenant = DEFAULT_TENANT
         if st.settings.auth_enabled:
@@ -194,15 +193,15 @@ class DashboardGate:
                 if path.startswith("/dashboard"):
                     resp: Response = login_page(quote(path, safe="/"))
                 else:
-                    resp = JSONResponse({"error": {"code": "unauthorized", "message": (
-                        "sign in at /login or send 'Authorization: Bearer <key>'")}},
-                        status_code=401)
+                    resp = error_response(ErrorCode.UNAUTHORIZED, "sign in at /login or send "
+                                          "'Authorization: Bearer <key>'")
                 await resp(scope, receive, send)
                 return
             tenant = found
         app = self._dashboard(st, tenant)
         m = _STUDY_ID.match(path)
         if m and not await run_in_threadpool(app.storage.owns, int(m.group(1))):
+            # optuna-dashboard's own not-found body, which its page reads, not the API's.
             await JSONResponse({"reason": "study not found"}, status_code=404)(
                 scope, receive, send)
             return

@@ -1,12 +1,16 @@
-"""The one place that maps domain errors to HTTP statuses and shapes every error body:
+"""The one place that turns errors into HTTP answers, and shapes every error body:
 
     {"error": {"code": "invalid", "message": "what went wrong and how to fix it",
                "details": [{"field": "budget.n_trials", "reason": "..."}]}}
+
+The status of each code is its row of ``seqtune.errors.ErrorCode`` (the table the CLI's exit
+codes come from too); this module adds the headers a status asks for and the OpenAPI words.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from seqtune import errors
+from seqtune.errors import ErrorCode
 from seqtune.spec import errors_from_validation
 
 log = logging.getLogger(__name__)
@@ -32,9 +37,9 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: str = Field(description="machine-readable: invalid, not_found, already_exists, "
-                      "conflict, unauthorized, too_large, unavailable, method_not_allowed, "
-                      "internal")
+    code: ErrorCode = Field(description="machine-readable; the HTTP status of each code: "
+                            + ", ".join(f"{c.value} {c.status}" for c in ErrorCode)
+                            + " (or the status of an HTTP error that no other code names)")
     message: str = Field(description="what went wrong and how to fix it")
     details: list[ErrorDetail] = Field(default_factory=list)
 
@@ -56,36 +61,64 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
          "wrong field or parameter; `details` name the fields. Code 'invalid'",
     503: "the database cannot be reached right now; retry after `Retry-After` seconds",
 }
-_HEADERS: dict[int, dict[str, Any]] = {
-    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+# The headers an answer of these codes carries, and how the OpenAPI document declares them.
+_HEADERS: dict[ErrorCode, dict[str, str]] = {
+    ErrorCode.UNAUTHORIZED: {"WWW-Authenticate": "Bearer"},
+    ErrorCode.UNAVAILABLE: {"Retry-After": "5"},
 }
+_HEADER_DOCS: dict[str, dict[str, Any]] = {
+    "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}},
+    "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
+}
+_STATUSES = frozenset(c.status for c in ErrorCode)
 
 
 def responses(*statuses: int, **words: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for error statuses, each with the shared error body.
-    ``words`` override a description: ``responses(404, 409, s409="...")``."""
+    """OpenAPI ``responses=`` for error statuses, each with the shared error body and the
+    headers its codes send (ErrorCode's table). ``words`` override a description:
+    ``responses(404, 409, s409="...")``. ValueError for a status no code answers with."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
+        if status not in _STATUSES:
+            raise ValueError(f"no error code answers with HTTP {status}")
         out[status] = {"model": ErrorBody,
                        "description": words.get(f"s{status}", ERROR_DESCRIPTIONS[status])}
-        if status in _HEADERS:
-            out[status]["headers"] = _HEADERS[status]
+        headers = {name: _HEADER_DOCS[name] for code, sent in _HEADERS.items()
+                   if code.status == status for name in sent}
+        if headers:
+            out[status]["headers"] = headers
     return out
 
-STATUS: dict[type[errors.SeqtuneError], int] = {
-    errors.Invalid: 422,
-    errors.NotFound: 404,
-    errors.AlreadyExists: 409,
-    errors.Conflict: 409,
-    errors.Unauthorized: 401,
-    errors.TooLarge: 413,
-    errors.Unavailable: 503,
-}
 
-
-def error_body(code: str, message: str, details: list | None = None) -> dict:
+def error_body(code: ErrorCode, message: str,
+               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON body of an error answer (the module docstring shows it)."""
     return {"error": {"code": code, "message": message, "details": details or []}}
+
+
+def error_response(code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None,
+                   *, status: int | None = None,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The answer for an error of ``code``: its body, its status from ErrorCode's table
+    (``status`` overrides it only for a framework error that already has one, such as a
+    Starlette HTTPException), and the headers the code sends (``WWW-Authenticate`` for
+    unauthorized, ``Retry-After`` for unavailable) plus ``headers``."""
+    sent = {**_HEADERS.get(code, {}), **(headers or {})}
+    return JSONResponse(error_body(code, message, details),
+                        status_code=code.status if status is None else status,
+                        headers=sent or None)
+
+
+def domain_response(exc: errors.SeqtuneError) -> JSONResponse:
+    """The answer for a domain error: its code's status, message and details. Middleware
+    outside the routers (where ``install``'s handlers do not run) answers with it too."""
+    return error_response(exc.code, exc.message, exc.details)
+
+
+# Starlette's own HTTP errors that have a code of their own; any other status keeps its
+# status with the code 'error'.
+_FRAMEWORK_CODES: dict[int, ErrorCode] = {
+    c.status: c for c in (ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.TOO_LARGE)}
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
@@ -102,12 +135,7 @@ def _allowed_methods(req: Request) -> list[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.SeqtuneError)
     async def _domain(_req: Request, exc: errors.SeqtuneError) -> JSONResponse:
-        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        if status == 503:
-            headers = {"Retry-After": "5"}
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status,
-                            headers=headers)
+        return domain_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,7 +156,7 @@ def install(app: FastAPI) -> None:
             details.append({"field": ".".join(loc) or "(body)", "reason": reason})
         msg = f"the request has {len(details)} problem(s): " + "; ".join(
             f"{d['field']}: {d['reason']}" for d in details[:3])
-        return JSONResponse(error_body("invalid", msg, details), status_code=422)
+        return error_response(ErrorCode.INVALID, msg, details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -139,11 +167,9 @@ def install(app: FastAPI) -> None:
             jsonish = "json" in req.headers.get("content-type", "")
             reason = "the body is not valid JSON" if jsonish else (
                 exc.detail if isinstance(exc.detail, str) else "the body cannot be parsed")
-            return JSONResponse(error_body("invalid", f"the request has 1 problem(s): (body): "
-                                           f"{reason}", [{"field": "(body)", "reason": reason}]),
-                                status_code=422)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status_code, "error")
+            return error_response(ErrorCode.INVALID, f"the request has 1 problem(s): (body): "
+                                  f"{reason}", [{"field": "(body)", "reason": reason}])
+        code = _FRAMEWORK_CODES.get(exc.status_code, ErrorCode.ERROR)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route; see /docs for the API"
@@ -152,14 +178,14 @@ def install(app: FastAPI) -> None:
             # Starlette's Allow names the methods of the first route on the path only.
             headers["Allow"] = ", ".join(_allowed_methods(req))
             message = f"{req.method} is not allowed here; use {headers['Allow']}"
-        return JSONResponse(error_body(code, message), status_code=exc.status_code,
-                            headers=headers or None)
+        return error_response(code, message, status=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", req.method, req.url.path)
-        return JSONResponse(error_body("internal", "internal error; the server log has the "
-                                       "trace"), status_code=500)
+        return error_response(ErrorCode.INTERNAL, "internal error; the server log has the "
+                              "trace")
 
 
-__all__ = ["install", "error_body", "errors_from_validation", "ErrorBody", "responses"]
+__all__ = ["install", "error_body", "error_response", "domain_response",
+           "errors_from_validation", "ErrorBody", "responses"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from pydantic import (
@@ -24,12 +24,13 @@ from seqtune.spec import (
     default_search_space,
     integral,
 )
+from seqtune.states import SETTABLE_STATUSES
 from seqtune.views import (
     BestView,
     ImportanceView,
     Page,
     PlotKind,
-    StudyStatus,
+    StudyStatusName,
     StudyView,
     TrialSort,
     TrialStateFilter,
@@ -68,11 +69,18 @@ SUNSPOTS_EXAMPLE: dict[str, Any] = {
 }
 
 
+# The statuses a PATCH may set: the user's moves of seqtune.states' transition table.
+if TYPE_CHECKING:
+    SettableStatus = str
+else:
+    SettableStatus = Literal[tuple(s.value for s in SETTABLE_STATUSES)]
+
+
 class StudyPatch(BaseModel):
     """At least one field; a field left out stays as it is (null is not a value here)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
-    status: Literal["running", "paused", "stopped"] | SkipJsonSchema[None] = Field(
+    status: SettableStatus | SkipJsonSchema[None] = Field(
         default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends")
     n_trials: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)
                         ] | SkipJsonSchema[None] = None
@@ -132,7 +140,7 @@ def create_study(
 
 @router.get("", response_model=Page[StudyView])
 def list_studies(
-    status: StudyStatus | SkipJsonSchema[None] = None,
+    status: StudyStatusName | SkipJsonSchema[None] = None,
     limit: Limit = 50, offset: Offset = 0,
     st: AppState = Depends(state), who: str = Depends(tenant),
 ) -> Page[StudyView]:
@@ -226,7 +234,7 @@ Objective = Annotated[int, Query(ge=0, le=3, description=(
     404, 409, s404="no such study, or it has no objective of that index",
     s409="not enough completed trials yet, or the study searches no hyperparameter"))
 def importance(name: StudyName, objective: Objective = 0,
-               st: AppState = Depends(state), who: str = Depends(tenant)) -> dict[str, Any]:
+               st: AppState = Depends(state), who: str = Depends(tenant)) -> ImportanceView:
     """Hyperparameter importances (PED-ANOVA), once enough trials completed."""
     return studies.importance(st.db, st.storage, tenant=who, name=name, objective=objective)
 
@@ -270,13 +278,13 @@ _MODEL_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"application/oc
 def best_model(name: StudyName, st: AppState = Depends(state),
                who: str = Depends(tenant)) -> Response:
     """Download the best trial's trained model (restored best-epoch weights)."""
-    number, data = trials.model_checkpoint(st.db, tenant=who, name=name)
-    return _model_response(name, number, data)
+    model = trials.model_checkpoint(st.db, tenant=who, name=name)
+    return _model_response(name, model.number, model.data)
 
 
 @router.get("/{name}/trials/{number}/model", response_class=Response, responses=_MODEL_DOC)
 def trial_model(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
                 st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
     """Download one trial's trained model."""
-    n, data = trials.model_checkpoint(st.db, tenant=who, name=name, number=number)
-    return _model_response(name, n, data)
+    model = trials.model_checkpoint(st.db, tenant=who, name=name, number=number)
+    return _model_response(name, model.number, model.data)

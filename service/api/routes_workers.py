@@ -19,4 +19,5 @@ async def list_workers(include_stopped: bool = False, st: AppState = Depends(sta
     """Worker slots seen in the last day: live, lost (no heartbeat for 30 s) or stopped, with
     the trial each runs when it belongs to one of your studies."""
     return await run_in_threadpool(workers.list_workers, st.db, tenant=who,
+                                   lost_after_s=st.settings.lost_after_s,
                                    include_stopped=include_stopped)

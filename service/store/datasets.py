@@ -27,6 +27,7 @@ from sqlalchemy import literal_column, select, table, update
 from sqlalchemy.orm import Session
 
 from seqtune.errors import Conflict, Invalid, NotFound, TooLarge
+from seqtune.states import ACTIVE_STATUSES
 from seqtune.views import DatasetView, Page
 from service.store.db import Database
 from service.store.tables import Dataset, Study
@@ -56,7 +57,6 @@ _NUMBERS = re.compile(rf"(?:{_WS}*+{_NUM}{_WS}*+\n)*+{_WS}*+{_NUM}{_WS}*+")
 _NUMBERS_OR_MISSING = re.compile(
     rf"(?:{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?\n)*+{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?")
 _MISSING_LINE = re.compile(rf"^{_WS}*+(?:{_MISS}{_WS}*+)?$", re.MULTILINE)
-ACTIVE_STATUSES = ("running", "paused")
 
 
 def _fail(line: int, reason: str) -> Invalid:

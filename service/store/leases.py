@@ -45,7 +45,8 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState as OptunaState
 from sqlalchemy import (
     Connection,
     String,
@@ -62,6 +63,14 @@ from sqlalchemy.orm import Session
 
 from seqtune.errors import Conflict
 from seqtune.spec import StudySpec
+from seqtune.states import (
+    ACTIVE_STATUSES,
+    StudyPhase,
+    StudyStatus,
+    TrialState,
+    study_transition,
+    trial_transition,
+)
 from service.store.db import Database
 from service.store.optuna import distributions, make_pruner, make_sampler
 from service.store.tables import Checkpoint, Study, Trial, Worker, utcnow
@@ -124,7 +133,7 @@ def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: S
                                   pruner=make_pruner(spec.pruner))
         # Optuna's storage reads every trial of the study into this process the first time
         # (seconds at 10^4 trials); do it now, not later inside ask() under the study lock.
-        study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        study.get_trials(deepcopy=False, states=(OptunaState.WAITING,))
         if len(_STUDIES) > 256:
             _STUDIES.clear()
         _STUDIES[key] = study
@@ -172,7 +181,7 @@ def _pick(names: list[str] | None) -> Any:
     """The study the next new slot comes from: running, budget left, under its concurrency
     cap; highest priority, then least recently served."""
     pick = (select(Study.id)
-            .where(Study.status == "running", Study.n_claimed < Study.n_trials,
+            .where(Study.status == StudyStatus.RUNNING, Study.n_claimed < Study.n_trials,
                    (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent))
             .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(),
                       Study.id)
@@ -182,8 +191,8 @@ def _pick(names: list[str] | None) -> Any:
 
 def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | None:
     q = (select(Trial, Study).join(Study, Study.id == Trial.study_id)
-         .where(Trial.state == "RUNNING", Trial.lease_owner.is_(None),
-                Study.status == "running")
+         .where(Trial.state == TrialState.RUNNING, Trial.lease_owner.is_(None),
+                Study.status == StudyStatus.RUNNING)
          .order_by(Study.priority.desc(), Trial.id).limit(1)
          .with_for_update(skip_locked=True, of=Trial))
     if names:
@@ -238,29 +247,31 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
     # study row is locked from the SELECT above, so asks on one study still never interleave.
     ostudy = optuna_study(storage, study.optuna_study_name, spec,
                           seed_offset=study.n_claimed + 1)
-    final_of = _enqueue_retrain(s, ostudy, study, spec) if study.phase == "final" else None
+    final_of = _enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL \
+        else None
     trial = _ask(storage, ostudy, distributions(spec), owner)
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
     slot = s.execute(update(Study)
-                     .where(Study.id == study.id, Study.status == "running",
+                     .where(Study.id == study.id, Study.status == StudyStatus.RUNNING,
                             Study.n_claimed < Study.n_trials)
                      .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1,
                              last_served_at=utcnow())
                      .returning(Study.n_claimed)).scalar()
     if slot is None:  # lost a race (possible where FOR UPDATE is a no-op): give it back
-        ostudy.tell(trial, state=TrialState.FAIL)
+        ostudy.tell(trial, state=OptunaState.FAIL)
         return None
     now = utcnow()
     t = s.scalar(select(Trial).where(Trial.study_id == study.id,
                                      Trial.optuna_trial_id == trial._trial_id))
     if t is not None:  # an enqueued trial that ask() popped
-        count_move(s, study.id, "WAITING", None)
-        t.state, t.params = "RUNNING", trial.params
+        count_move(s, study.id, TrialState.WAITING, None)
+        t.state = trial_transition("claim", t.state, TrialState.RUNNING, number=t.number)
+        t.params = trial.params
         t.lease_owner, t.worker, t.fence, t.attempts = owner, owner, t.fence + 1, 1
         t.started_at, t.lease_renewed_at = now, now
     else:
         t = Trial(study_id=study.id, number=trial.number, optuna_trial_id=trial._trial_id,
-                  state="RUNNING", params=trial.params, curve=[], epochs=0, info={},
+                  state=TrialState.RUNNING, params=trial.params, curve=[], epochs=0, info={},
                   attempts=1, on_front=False, lease_owner=owner, worker=owner, fence=1,
                   started_at=now, lease_renewed_at=now, final_of=final_of)
         s.add(t)
@@ -270,7 +281,7 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
 
 def _has_room(study: Study) -> bool:
     """The study (row locked) may start a trial: running, budget left, under its cap."""
-    return study.status == "running" and study.n_claimed < study.n_trials and (
+    return study.status == StudyStatus.RUNNING and study.n_claimed < study.n_trials and (
         study.max_concurrent is None or study.n_running < study.max_concurrent)
 
 
@@ -297,7 +308,7 @@ def top_trials(s: Session, study: Study, k: int) -> list[Trial]:
     """The study's k best COMPLETE search trials (final re-trains excluded), best first."""
     desc = study.directions[0] == "maximize"
     return list(s.scalars(
-        select(Trial).where(Trial.study_id == study.id, Trial.state == "COMPLETE",
+        select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.COMPLETE,
                             Trial.final_of.is_(None), Trial.value.is_not(None))
         .order_by(Trial.value.desc() if desc else Trial.value.asc(), Trial.number).limit(k)))
 
@@ -320,21 +331,22 @@ def end_of_budget(s: Session, study: Study) -> bool:
     the search completed a trial: the budget grows by top_k x seeds re-trains), else
     complete the study. Returns True when the study completed."""
     final = (study.spec or {}).get("final")
-    if final and study.phase == "search" and len(study.directions) == 1:
+    if final and study.phase == StudyPhase.SEARCH and len(study.directions) == 1:
         n_top = len(top_trials(s, study, final["top_k"]))
         if n_top:
-            study.phase = "final"
+            study.phase = StudyPhase.FINAL
             study.n_trials += n_top * final["seeds"]
             log.info("study %s: search done; re-training its top %d with %d seeds",
                      study.name, n_top, final["seeds"])
             return False
-    study.status, study.finished_at = "completed", utcnow()
+    study.status = study_transition("complete", study.status, name=study.name)
+    study.finished_at = utcnow()
     return True
 
 
 def _locked(s: Session, c: Claim) -> Trial:
     t = s.scalar(select(Trial).where(Trial.id == c.trial_row_id).with_for_update())
-    if t is None or t.lease_owner != c.owner or t.fence != c.fence or t.state != "RUNNING":
+    if t is None or t.lease_owner != c.owner or t.fence != c.fence or t.state != TrialState.RUNNING:
         raise Fenced(f"trial {c.number} of '{c.study_name}' is no longer held by this attempt")
     return t
 
@@ -345,7 +357,7 @@ def renew(db: Database, c: Claim) -> None:
     def txn(s: Session) -> None:
         res = s.execute(update(Trial)
                         .where(Trial.id == c.trial_row_id, Trial.lease_owner == c.owner,
-                               Trial.fence == c.fence, Trial.state == "RUNNING")
+                               Trial.fence == c.fence, Trial.state == TrialState.RUNNING)
                         .values(lease_renewed_at=utcnow()))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise Fenced(f"trial {c.number} of '{c.study_name}' was taken from this attempt")
@@ -372,7 +384,7 @@ def report(db: Database, c: Claim, trial: optuna.Trial | None, *, epoch: int,
         else:
             curve = func.json_insert(_T.c.curve, "$[#]", func.json(text_rec))
         held = (_T.c.id == c.trial_row_id, _T.c.lease_owner == c.owner,
-                _T.c.fence == c.fence, _T.c.state == "RUNNING")
+                _T.c.fence == c.fence, _T.c.state == TrialState.RUNNING)
         # Lock (Postgres) and check first, then Optuna, then our write: Optuna writes on its
         # own connection, which SQLite's single writer would refuse while we held the lock.
         if conn.execute(select(_T.c.id).where(*held).with_for_update()).first() is None:
@@ -430,7 +442,7 @@ def finish(db: Database, ostudy: optuna.Study, c: Claim, *, state: str,
         t = _locked(s, c)
         # Optuna's tell (inside _close) writes first, on its own connection: SQLite's single
         # writer would block it behind this transaction had the checkpoint been written before.
-        _close(s, ostudy, t, state=state, values=values, reason=reason,
+        _close(s, ostudy, t, action="finish", state=state, values=values, reason=reason,
                test_metrics=test_metrics, info=info, error=error)
         if model is not None:
             _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
@@ -438,17 +450,18 @@ def finish(db: Database, ostudy: optuna.Study, c: Claim, *, state: str,
     db.run(txn)
 
 
-def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
+def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, action: str, state: str,
            values: list[float] | None, reason: str | None,
            test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
            error: str | None = None, tell: bool = True) -> None:
     # Optuna first, under the trial's lock only: the study row is what claimers queue on while
     # they ask(), so it is taken last and held just for the counters and the completion check.
     if tell and ostudy is not None:
-        ostudy.tell(t.number, values=values if state == "COMPLETE" else None,
-                    state=TrialState[state], skip_if_finished=True)
+        ostudy.tell(t.number, values=values if state == TrialState.COMPLETE else None,
+                    state=OptunaState[state], skip_if_finished=True)
     old_state = t.state
-    t.state, t.reason, t.error = state, reason, error
+    t.state = trial_transition(action, old_state, state, number=t.number)
+    t.reason, t.error = reason, error
     t.values = list(values) if values is not None else None
     t.value = values[0] if values else None
     t.test_metrics = _finite(test_metrics)
@@ -460,11 +473,12 @@ def _close(s: Session, ostudy: optuna.Study | None, t: Trial, *, state: str,
     study = s.scalar(select(Study).where(Study.id == t.study_id).with_for_update())
     assert study is not None
     count_move(s, study.id, old_state, state)
-    if state == "COMPLETE" and values and len(study.directions) > 1:
+    if state == TrialState.COMPLETE and values and len(study.directions) > 1:
         update_front(s, study, t)
     s.flush()
     s.refresh(study)
-    if study.status == "running" and study.n_claimed >= study.n_trials and study.n_running == 0:
+    if study.status == StudyStatus.RUNNING and study.n_claimed >= study.n_trials \
+            and study.n_running == 0:
         end_of_budget(s, study)
 
 
@@ -518,7 +532,7 @@ def has_work(db: Database, *, studies: list[str] | None = None) -> bool:
     """Whether a running study (of ``studies``) still has trials to start or finish."""
 
     def txn(s: Session) -> bool:
-        q = select(Study.id).where(Study.status == "running", (
+        q = select(Study.id).where(Study.status == StudyStatus.RUNNING, (
             Study.n_claimed < Study.n_trials) | (Study.n_running > 0)).limit(1)
         if studies:
             q = q.where(Study.name.in_(studies))
@@ -547,10 +561,10 @@ def reap(db: Database, storage: optuna.storages.BaseStorage,
     stale = db.run(lambda s: [
         (t.id, str(t.lease_owner), t.fence) for t, study in s.execute(
             select(Trial, Study).join(Study, Study.id == Trial.study_id)
-            .where(Trial.state == "RUNNING", Trial.lease_owner.is_not(None),
+            .where(Trial.state == TrialState.RUNNING, Trial.lease_owner.is_not(None),
                    Trial.lease_owner != OUTSIDE))
         if t.lease_renewed_at is not None
-        and _aware(t.lease_renewed_at) < now - timedelta(seconds=study.lease_timeout_s)])
+        and t.lease_renewed_at < now - timedelta(seconds=study.lease_timeout_s)])
     for trial_id, owner, fence in stale:
 
         def one(s: Session, i: int = trial_id, o: str = owner, f: int = fence) -> None:
@@ -559,7 +573,8 @@ def reap(db: Database, storage: optuna.storages.BaseStorage,
         db.run(one)
     db.run(lambda s: _reap_orphans(s, storage, now, out))
     # Studies where an outside client may hold a seqtune trial: queued ones, or ones it runs.
-    outside_runs = select(Trial.id).where(Trial.study_id == Study.id, Trial.state == "RUNNING",
+    outside_runs = select(Trial.id).where(Trial.study_id == Study.id,
+                                          Trial.state == TrialState.RUNNING,
                                           Trial.lease_owner == OUTSIDE).exists()
     ids = db.run(lambda s: list(s.scalars(select(Study.id).where(
         (Study.n_waiting > 0) | outside_runs).order_by(Study.id))))
@@ -573,7 +588,9 @@ def reap(db: Database, storage: optuna.storages.BaseStorage,
     return out
 
 
-def _aware(ts: datetime) -> datetime:
+def _optuna_utc(ts: datetime) -> datetime:
+    """An Optuna trial's timestamp (Optuna's storage, not ours: ``UtcDateTime`` does not
+    cover it), naive on every backend, taken as UTC."""
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=utcnow().tzinfo)
 
 
@@ -587,14 +604,15 @@ def _reap_one(s: Session, storage: optuna.storages.BaseStorage, trial_id: int, o
     assert study is not None
     frozen = storage.get_trial(t.optuna_trial_id)
     if frozen.state.is_finished():  # its tell went through, our record did not
-        _close(s, None, t, state=frozen.state.name, values=frozen.values,
-               reason=t.reason or "recovered", tell=False)
+        _close(s, None, t, action="reconcile", state=frozen.state.name,
+               values=frozen.values, reason=t.reason or "recovered", tell=False)
         out.reconciled += 1
         return
     study.n_reaped += 1
     if t.attempts > study.max_retries:
         spec = StudySpec.model_validate(study.spec)
-        _close(s, optuna_study(storage, study.optuna_study_name, spec), t, state="FAIL",
+        _close(s, optuna_study(storage, study.optuna_study_name, spec), t, action="reap",
+               state=TrialState.FAIL,
                values=None, reason="lost",
                error=f"lease lost {t.attempts} time(s); max_retries={study.max_retries}")
         out.failed += 1
@@ -615,30 +633,30 @@ def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetim
     queued seqtune trial among them: ``settle_outside``). All of Optuna's writes come before
     ours (SQLite's single writer)."""
     requeued: list[tuple[Trial, int]] = []
-    for study in s.scalars(select(Study).where(Study.status.in_(("running", "paused")))):
+    for study in s.scalars(select(Study).where(Study.status.in_(ACTIVE_STATUSES))):
         running = storage.get_all_trials(study.optuna_study_id, deepcopy=False,
-                                         states=(TrialState.RUNNING,))
+                                         states=(OptunaState.RUNNING,))
         if not running:
             continue
         grace = timedelta(seconds=study.lease_timeout_s)
         known = set(s.scalars(select(Trial.optuna_trial_id).where(
-            Trial.study_id == study.id, Trial.state == "RUNNING")))
+            Trial.study_id == study.id, Trial.state == TrialState.RUNNING)))
         for ft in running:
             started = ft.datetime_start
             if ft._trial_id in known or started is None or ASKED_BY not in ft.system_attrs:
                 continue
-            if _aware(started) > now - grace:
+            if _optuna_utc(started) > now - grace:
                 continue
             storage.set_trial_system_attr(ft._trial_id, "seqtune_orphan", True)
             try:
-                storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+                storage.set_trial_state_values(ft._trial_id, OptunaState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # finished meanwhile
             out.orphans += 1
             # An enqueued trial popped by the dead ask: queue its params again.
             waiting = s.scalar(select(Trial).where(Trial.study_id == study.id,
                                                    Trial.optuna_trial_id == ft._trial_id,
-                                                   Trial.state == "WAITING"))
+                                                   Trial.state == TrialState.WAITING))
             if waiting is not None:
                 requeued.append((waiting, _queue_again(storage, study, waiting.params)))
     for t, new_id in requeued:
@@ -657,7 +675,7 @@ def settle_outside(s: Session, storage: optuna.storages.BaseStorage, study_id: i
         return 0
     moved = _settle_waiting(s, storage, study, now) if study.n_waiting > 0 else 0
     for t in s.scalars(select(Trial).where(Trial.study_id == study.id,
-                                           Trial.state == "RUNNING",
+                                           Trial.state == TrialState.RUNNING,
                                            Trial.lease_owner == OUTSIDE).with_for_update()):
         frozen = storage.get_trial(t.optuna_trial_id)
         if frozen.state.is_finished():
@@ -670,9 +688,9 @@ def _poppable(s: Session, storage: optuna.storages.BaseStorage, study: Study) ->
     """How many of the study's queued seqtune trials are still in Optuna's queue (what the
     next ask() can pop). Reads only."""
     queued = {ft._trial_id for ft in storage.get_all_trials(
-        study.optuna_study_id, deepcopy=False, states=(TrialState.WAITING,))}
+        study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,))}
     ids = s.scalars(select(Trial.optuna_trial_id).where(Trial.study_id == study.id,
-                                                        Trial.state == "WAITING"))
+                                                        Trial.state == TrialState.WAITING))
     return sum(1 for i in ids if i in queued)
 
 
@@ -691,11 +709,12 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
 
     Optuna's writes come before ours (SQLite's single writer). Returns how many trials it
     moved out of WAITING."""
-    rows = s.scalars(select(Trial).where(Trial.study_id == study.id, Trial.state == "WAITING")
+    rows = s.scalars(select(Trial)
+                     .where(Trial.study_id == study.id, Trial.state == TrialState.WAITING)
                      .order_by(Trial.id).with_for_update()).all()
     # One read for the usual case (every queued trial still queued); the others one by one.
     queued = {ft._trial_id for ft in storage.get_all_trials(
-        study.optuna_study_id, deepcopy=False, states=(TrialState.WAITING,))}
+        study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,))}
     adopt: list[tuple[Trial, FrozenTrial]] = []
     ended: list[tuple[Trial, FrozenTrial]] = []
     requeued: list[tuple[Trial, int]] = []
@@ -708,10 +727,10 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
             requeued.append((t, _queue_again(storage, study, t.params)))
             continue
         asked = ASKED_BY in ft.system_attrs
-        if ft.state == TrialState.RUNNING:
+        if ft.state == OptunaState.RUNNING:
             started = ft.datetime_start
             if not asked and started is not None and \
-                    _aware(started) <= now - timedelta(seconds=OUTSIDE_GRACE_S):
+                    _optuna_utc(started) <= now - timedelta(seconds=OUTSIDE_GRACE_S):
                 adopt.append((t, ft))
         elif ft.state.is_finished():
             if asked:
@@ -722,10 +741,11 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
     for t, new_id in requeued:
         _point_at(storage, t, new_id)
     for t, ft in adopt:
-        count_move(s, study.id, "WAITING", "RUNNING")
+        count_move(s, study.id, TrialState.WAITING, TrialState.RUNNING)
         s.execute(update(Study).where(Study.id == study.id)
                   .values(n_claimed=Study.n_claimed + 1))
-        t.state, t.params = "RUNNING", dict(ft.params) or t.params
+        t.state = trial_transition("adopt", t.state, TrialState.RUNNING, number=t.number)
+        t.params = dict(ft.params) or t.params
         t.lease_owner, t.worker, t.fence, t.attempts = OUTSIDE, OUTSIDE, t.fence + 1, 1
         t.started_at, t.lease_renewed_at = ft.datetime_start, now
         log.info("study %s: trial %d is run by an outside Optuna client", study.name,
@@ -741,12 +761,12 @@ def _record_outside(s: Session, t: Trial, frozen: FrozenTrial) -> None:
     values and parameters, reason ``OUTSIDE_REASON``. A trial still WAITING here (popped and
     finished between two looks) counts as started now. Optuna is not told anything: it is
     where the result came from. The caller holds the trial's row lock."""
-    if t.state == "WAITING":
+    if t.state == TrialState.WAITING:
         s.execute(update(Study).where(Study.id == t.study_id)
                   .values(n_claimed=Study.n_claimed + 1))
         t.attempts, t.started_at = 1, frozen.datetime_start
     t.params, t.worker = dict(frozen.params) or t.params, OUTSIDE
-    _close(s, None, t, state=frozen.state.name, values=frozen.values,
+    _close(s, None, t, action="record", state=frozen.state.name, values=frozen.values,
            reason=OUTSIDE_REASON, tell=False)
     if frozen.datetime_complete is not None:
         t.finished_at = frozen.datetime_complete
@@ -758,7 +778,7 @@ def _queue_again(storage: optuna.storages.BaseStorage, study: Study,
                  params: dict[str, Any]) -> int:
     """A new WAITING Optuna trial with a seqtune-enqueued trial's parameters (the one it
     pointed at was popped by a claim that died or gave it back). Returns its id."""
-    template = optuna.trial.create_trial(state=TrialState.WAITING,
+    template = optuna.trial.create_trial(state=OptunaState.WAITING,
                                          system_attrs={"fixed_params": params})
     return storage.create_new_trial(study.optuna_study_id, template_trial=template)
 
@@ -770,10 +790,11 @@ def _point_at(storage: optuna.storages.BaseStorage, t: Trial, optuna_trial_id: i
 
 
 def _reap_studies(s: Session, now: datetime, out: ReapReport) -> None:
-    for study in s.scalars(select(Study).where(Study.status == "running")
+    for study in s.scalars(select(Study).where(Study.status == StudyStatus.RUNNING)
                            .with_for_update(skip_locked=True)):
-        if study.deadline is not None and _aware(study.deadline) < now:
-            study.status, study.finished_at = "timed_out", utcnow()
+        if study.deadline is not None and study.deadline < now:
+            study.status = study_transition("time_out", study.status, name=study.name)
+            study.finished_at = utcnow()
             out.timed_out += 1
         elif study.n_claimed >= study.n_trials and study.n_running == 0 and \
                 end_of_budget(s, study):

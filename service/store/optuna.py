@@ -17,7 +17,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec, grid_values
+from seqtune import search
+from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec
 from service.settings import Settings
 from service.store.db import engine_kwargs
 
@@ -57,43 +58,10 @@ def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    s = spec.sampler
-    opts: dict[str, Any] = {k: v for k, v in s.options.items() if v is not None}
-    if s.name == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, **opts)
-    if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.name == "grid":
-        grid = {name: grid_values(d) for name, d in spec.search_space.items()}
-        return optuna.samplers.GridSampler(grid, seed=s.seed)  # type: ignore[arg-type]
-    if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False, **opts)
-    if s.name == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed, warn_independent_sampling=False, **opts)
-    if s.name == "qmc":
-        return optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False, **opts)
-    if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s.seed, **opts)
-    raise AssertionError(s.name)
+    """The study's sampler, from the one table (``seqtune.search.SAMPLERS``)."""
+    return search.make_sampler(spec)
 
 
 def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
-    opts: dict[str, Any] = {k: v for k, v in p.options.items() if v is not None}
-    if p.name == "none":
-        return optuna.pruners.NopPruner()
-    if p.name == "median":
-        return optuna.pruners.MedianPruner(**opts)
-    if p.name == "percentile":
-        return optuna.pruners.PercentilePruner(**opts)
-    if p.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**opts)
-    if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(**opts)
-    if p.name == "threshold":
-        return optuna.pruners.ThresholdPruner(**opts)
-    if p.name == "patient":
-        wrapped = make_pruner(p.wrapped) if p.wrapped is not None else None
-        return optuna.pruners.PatientPruner(wrapped, **opts)
-    if p.name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(**opts)
-    raise AssertionError(p.name)
+    """The study's pruner, from the one table (``seqtune.search.PRUNERS``)."""
+    return search.make_pruner(p)

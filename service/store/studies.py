@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session
 
 from seqtune.errors import AlreadyExists, Conflict, Invalid, NotFound
 from seqtune.spec import StudySpec, UploadedData
-from seqtune.views import BestView, Page, StudyView, TrialCounts, TrialView
+from seqtune.states import SETTABLE_STATUSES, StudyPhase, StudyStatus, study_transition
+from seqtune.states import TrialState as State
+from seqtune.views import BestView, ImportanceView, Page, StudyView, TrialCounts, TrialView
 from service.store.baselines import verdict
 from service.store.db import Database
 from service.store.tables import Study, Trial, utcnow
@@ -31,9 +33,6 @@ from service.store.tables import Study, Trial, utcnow
 _STUDIES = Study.__table__  # Core tables for the hot reads
 _TRIALS = Trial.__table__
 _TRIAL_COLS = [c for c in _TRIALS.c if c.name != "curve"]
-
-STATUSES = ("running", "paused", "stopped", "completed", "timed_out")
-TERMINAL = ("stopped", "timed_out")
 
 
 def optuna_name(tenant: str, name: str) -> str:
@@ -50,7 +49,7 @@ def study_view(row: Any) -> StudyView:
         optuna_study_id=getattr(row, "optuna_study_id", None), directions=row.directions,
         priority=row.priority, spec=row.spec, created_at=row.created_at,
         updated_at=row.updated_at, finished_at=row.finished_at,
-        baselines=row.baselines, phase=row.phase or "search",
+        baselines=row.baselines, phase=row.phase or StudyPhase.SEARCH,
         trials=TrialCounts(
             waiting=row.n_waiting, running=row.n_running, complete=row.n_complete,
             pruned=row.n_pruned, failed=row.n_failed, finished=finished, budget=row.n_trials,
@@ -99,7 +98,7 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
                                         json.loads(spec.model_dump_json()))
         row = Study(
             tenant=tenant, name=spec.name, optuna_study_name=oname,
-            optuna_study_id=created[0], status="running", task=spec.task,
+            optuna_study_id=created[0], status=StudyStatus.RUNNING, task=spec.task,
             spec=json.loads(spec.model_dump_json()), directions=directions,
             n_trials=spec.budget.n_trials, priority=spec.priority,
             dataset_id=spec.dataset.id if isinstance(spec.dataset, UploadedData) else None,
@@ -125,8 +124,8 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
 
 def list_studies(db: Database, *, tenant: str, status: str | None, limit: int,
                  offset: int) -> Page[StudyView]:
-    if status is not None and status not in STATUSES:
-        raise Invalid(f"status must be one of {list(STATUSES)}",
+    if status is not None and status not in set(StudyStatus):
+        raise Invalid(f"status must be one of {[s.value for s in StudyStatus]}",
                       details=[{"field": "status", "reason": "unknown status"}])
 
     def txn(s: Session) -> Page[StudyView]:
@@ -173,25 +172,20 @@ def update_study(db: Database, *, tenant: str, name: str, status: str | None = N
                 raise Conflict(f"{started} trials already started or queued; n_trials must be "
                                f">= {started}")
             row.n_trials = n_trials
-            if row.status == "completed" and n_trials > started:
-                row.status, row.finished_at = "running", None
+            if row.status == StudyStatus.COMPLETED and n_trials > started:
+                row.status = study_transition("extend", row.status, name=name)
+                row.finished_at = None
         if priority is not None:
             row.priority = priority
         if status is not None and status != row.status:
-            allowed = {
-                "paused": ("running",),
-                "running": ("paused",),
-                "stopped": ("running", "paused", "completed"),
-            }.get(status)
-            if allowed is None:
-                raise Invalid("status can be set to 'running', 'paused' or 'stopped'",
+            action = next((a for st, a in SETTABLE_STATUSES.items() if st == status), None)
+            if action is None:
+                settable = [f"'{s}'" for s in SETTABLE_STATUSES]
+                raise Invalid(f"status can be set to {', '.join(settable[:-1])} or "
+                              f"{settable[-1]}",
                               details=[{"field": "status", "reason": "not settable"}])
-            if row.status not in allowed:
-                hint = " (raise n_trials to resume it)" if row.status == "completed" else ""
-                raise Conflict(f"study '{name}' is {row.status}; it cannot become "
-                               f"{status}{hint}")
-            row.status = status
-            if status == "stopped":
+            row.status = study_transition(action, row.status, name=name)
+            if row.status == StudyStatus.STOPPED:
                 row.finished_at = utcnow()
         row.updated_at = utcnow()
         s.flush()
@@ -207,7 +201,7 @@ def delete_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
 
     def txn(s: Session) -> None:
         row = study_row(s, tenant, name, lock=True)
-        if row.status == "running" and row.n_running > 0 and not force:
+        if row.status == StudyStatus.RUNNING and row.n_running > 0 and not force:
             raise Conflict(f"study '{name}' has {row.n_running} running trial(s); stop it "
                            "first (PATCH status=stopped) or pass ?force=true")
         # Optuna's side first: on SQLite it cannot write while this transaction holds the lock.
@@ -238,7 +232,7 @@ def _best_id(descending: bool) -> Any:
     bt = _TRIALS.alias("bt")
     order = bt.c.value.desc() if descending else bt.c.value.asc()
     return (select(bt.c.id)
-            .where(bt.c.study_id == _STUDIES.c.id, bt.c.state == "COMPLETE",
+            .where(bt.c.study_id == _STUDIES.c.id, bt.c.state == State.COMPLETE,
                    bt.c.value.is_not(None), bt.c.final_of.is_(None))
             .order_by(order, bt.c.number).limit(1)
             .correlate(_STUDIES).scalar_subquery())
@@ -250,7 +244,7 @@ def _has_final() -> Any:
     ft = _TRIALS.alias("ft")
     return (select(ft.c.id)
             .where(ft.c.study_id == _STUDIES.c.id, ft.c.final_of.is_not(None),
-                   ft.c.state == "COMPLETE")
+                   ft.c.state == State.COMPLETE)
             .correlate(_STUDIES).exists())
 
 
@@ -324,6 +318,61 @@ def final_summary(phase: str, directions: list[str],
     return {"phase": phase, "groups": groups, "winner": winner}
 
 
+def _best_row(conn: Connection, tenant: str, name: str) -> Any:
+    """``_BEST_STMT``'s row (study columns plus its best search trial's). Raises NotFound."""
+    row = conn.execute(_BEST_STMT, {"tenant": tenant, "name": name}).one_or_none()
+    if row is None:
+        raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+    return row._mapping
+
+
+def _final_of(conn: Connection, m: Any) -> dict[str, Any] | None:
+    """``final_summary`` of the study of ``_best_row`` ``m``, or None for a search-phase study
+    without re-trains (which then stays at one statement)."""
+    phase = m["study_phase"] or StudyPhase.SEARCH
+    if not m["has_final"] and phase == StudyPhase.SEARCH:
+        return None
+    rows = conn.execute(
+        select(_TRIALS.c.final_of, _TRIALS.c.value, _TRIALS.c.test_metrics)
+        .where(_TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == State.COMPLETE,
+               _TRIALS.c.final_of.is_not(None))
+        .order_by(_TRIALS.c.final_of, _TRIALS.c.number)).all()
+    return final_summary(phase, m["directions"], [(r[0], r[1], r[2]) for r in rows])
+
+
+def _best_trial(conn: Connection, m: Any, final: dict[str, Any] | None, name: str) -> TrialView:
+    """THE best trial of a single-objective study (``_best_row`` ``m``): the final phase's
+    winner when its re-trains chose one (and the search trial still exists), else the best
+    COMPLETE search trial by the index. Raises Conflict when no search trial completed."""
+    if m["id"] is None:
+        raise Conflict(f"study '{name}' has no completed trial yet")
+    best_t = trial_view(SimpleNamespace(**m, curve=None))
+    if final is not None and final["winner"] is not None and final["winner"] != best_t.number:
+        won = conn.execute(select(*_TRIAL_COLS).where(
+            _TRIALS.c.study_id == m["study_pk"],
+            _TRIALS.c.number == final["winner"])).one_or_none()
+        if won is not None:  # else the search trial is gone: keep the index's best
+            best_t = trial_view(SimpleNamespace(**won._mapping, curve=None))
+    return best_t
+
+
+def best_trial(db: Database, *, tenant: str, name: str) -> TrialView:
+    """The trial ``best`` shows as ``best`` (the one whose model GET /best/model serves).
+
+    Raises NotFound for an unknown study; Conflict for a study with several objectives (no
+    single best) and until a search trial has completed."""
+
+    def read(conn: Connection) -> TrialView:
+        m = _best_row(conn, tenant, name)
+        if len(m["directions"]) > 1:
+            raise Conflict(f"study '{name}' has several objectives, so no single best "
+                           "model: pick a trial of GET /v1/studies/{name}/best and download"
+                           " /v1/studies/{name}/trials/{number}/model")
+        return _best_trial(conn, m, _final_of(conn, m), name)
+
+    return db.read(read)
+
+
 def best(db: Database, *, tenant: str, name: str) -> BestView:
     """The best trial (one objective) or the Pareto front (several), read by index, with the
     study's baselines, the verdict of the best trial against them, and the final phase.
@@ -331,46 +380,25 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
     Final-phase re-trains (``final_of`` set) are never the best trial nor on the front. When
     re-trains completed, ``final`` groups them (see ``final_summary``), and with a winner
     ``best`` is the search trial whose hyperparameters won on mean value over the seeds (its
-    own model is the one to download). ``final`` is None in the search phase without
-    re-trains; in the final phase before any re-train completed it has no groups yet.
-    ``verdict`` (single objective only) judges ``best`` (see ``service.store.baselines.verdict``).
+    own model is the one to download; see ``best_trial``). ``final`` is None in the search
+    phase without re-trains; in the final phase before any re-train completed it has no groups
+    yet. ``verdict`` (single objective only) judges ``best`` (see
+    ``service.store.baselines.verdict``).
 
     Raises NotFound for an unknown study, Conflict until a search trial has completed.
     """
 
     def read(conn: Connection) -> BestView:
-        row = conn.execute(_BEST_STMT, {"tenant": tenant, "name": name}).one_or_none()
-        if row is None:
-            raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
-        m = row._mapping
+        m = _best_row(conn, tenant, name)
         directions, metrics = m["directions"], [o["metric"] for o in m["objectives"]]
-        baselines, phase = m["study_baselines"], m["study_phase"] or "search"
-        final = None
-        # Only studies with re-trains (or in their final phase) read them: a search-phase
-        # study stays at one statement.
-        if m["has_final"] or phase != "search":
-            rows = conn.execute(
-                select(_TRIALS.c.final_of, _TRIALS.c.value, _TRIALS.c.test_metrics)
-                .where(_TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == "COMPLETE",
-                       _TRIALS.c.final_of.is_not(None))
-                .order_by(_TRIALS.c.final_of, _TRIALS.c.number)).all()
-            final = final_summary(phase, directions, [(r[0], r[1], r[2]) for r in rows])
+        baselines, final = m["study_baselines"], _final_of(conn, m)
         if len(directions) == 1:
-            if m["id"] is None:
-                raise Conflict(f"study '{name}' has no completed trial yet")
-            best_t = trial_view(SimpleNamespace(**m, curve=None))
-            if final is not None and final["winner"] is not None \
-                    and final["winner"] != best_t.number:
-                won = conn.execute(select(*_TRIAL_COLS).where(
-                    _TRIALS.c.study_id == m["study_pk"],
-                    _TRIALS.c.number == final["winner"])).one_or_none()
-                if won is not None:  # else the search trial is gone: keep the index's best
-                    best_t = trial_view(SimpleNamespace(**won._mapping, curve=None))
+            best_t = _best_trial(conn, m, final, name)
             return BestView(study=name, directions=directions, metrics=metrics, best=best_t,
                             baselines=baselines, final=final,
                             verdict=verdict(baselines, best_t, m["study_task"]))
         front = conn.execute(select(*_TRIAL_COLS).where(
-            _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == "COMPLETE",
+            _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == State.COMPLETE,
             _TRIALS.c.on_front.is_(True), _TRIALS.c.final_of.is_(None))
             .order_by(_TRIALS.c.number)).all()
         if not front:
@@ -456,7 +484,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
 def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: str, name: str,
-               objective: int = 0) -> dict[str, Any]:
+               objective: int = 0) -> ImportanceView:
     """Parameter importances (Optuna's default evaluator, PED-ANOVA in Optuna 5).
 
     Raises Conflict until ``MIN_TRIALS_FOR_IMPORTANCE`` trials completed, NotFound for an
@@ -479,5 +507,5 @@ def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: st
     except (ValueError, RuntimeError) as exc:
         raise Conflict(f"importances cannot be computed yet: {exc}") from None
     metric = view.spec["objectives"][objective]["metric"]
-    return {"study": name, "metric": metric, "evaluator": "PedAnovaImportanceEvaluator",
-            "n_trials": view.trials.complete, "importances": dict(imp)}
+    return ImportanceView(study=name, metric=metric, evaluator="PedAnovaImportanceEvaluator",
+                          n_trials=view.trials.complete, importances=dict(imp))

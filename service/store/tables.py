@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -32,6 +33,31 @@ JsonType = JSON().with_variant(JSONB(), "postgresql")
 # The same, but Python None is SQL NULL rather than JSON 'null': for columns whose NULL means
 # "not yet" and is tested with IS NULL in compare-and-set statements (studies.baselines).
 NullableJsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``TIMESTAMP WITH TIME ZONE`` that always hands back an aware UTC datetime.
+
+    Postgres returns aware values already; SQLite stores text without an offset and hands back
+    naive ones, which the code would otherwise have to fix wherever it compares a stamp with
+    ``utcnow()``. Values written are converted to UTC (naive ones are taken as UTC). The
+    column type underneath is ``DateTime(timezone=True)``, as the migrations declare it.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None or value.tzinfo is None:
+            return value
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -56,8 +82,8 @@ class ApiKey(Base):
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Dataset(Base):
@@ -72,7 +98,7 @@ class Dataset(Base):
     n_rows: Mapped[int] = mapped_column(Integer)
     columns: Mapped[list[dict[str, Any]]] = mapped_column(JsonType)
     content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Study(Base):
@@ -111,8 +137,8 @@ class Study(Base):
     max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     lease_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
     max_retries: Mapped[int] = mapped_column(Integer, default=2)
-    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+    deadline: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_served_at: Mapped[datetime | None] = mapped_column(UtcDateTime(),
                                                             nullable=True)
     # Classical baselines, computed once per study by the first worker that claims one of its
     # trials (service.store.baselines): NULL until claimed, then {"status": "computing" | "done" |
@@ -120,11 +146,11 @@ class Study(Base):
     baselines: Mapped[dict[str, Any] | None] = mapped_column(NullableJsonType, nullable=True)
     # 'search' while sampling; 'final' once the top configurations are re-trained with seeds.
     phase: Mapped[str] = mapped_column(String(16), default="search", server_default="search")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+        UtcDateTime(), default=utcnow, onupdate=utcnow
     )
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Trial(Base):
@@ -170,11 +196,11 @@ class Trial(Base):
     # RUNNING with no owner = waiting for a worker to resume it (after a lost lease or SIGTERM).
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     fence: Mapped[int] = mapped_column(Integer, default=0)
-    lease_renewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+    lease_renewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(),
                                                               nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Checkpoint(Base):
@@ -190,7 +216,7 @@ class Checkpoint(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Worker(Base):
@@ -205,9 +231,9 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(64))
     pid: Mapped[int] = mapped_column(Integer)
     versions: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     trial_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"),
         ForeignKey("seqtune_trials.id", ondelete="SET NULL"), nullable=True)

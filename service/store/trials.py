@@ -10,24 +10,25 @@ drift from the rows.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
-from optuna.trial import TrialState
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, defer
 
 from seqtune.errors import Conflict, Invalid, NotFound
 from seqtune.spec import StudySpec
+from seqtune.states import ACTIVE_STATUSES, TrialState
 from seqtune.views import Page, TrialView
 from service.store.db import Database
 from service.store.optuna import distributions
-from service.store.studies import best, study_row, trial_view
+from service.store.studies import best_trial, study_row, trial_view
 from service.store.tables import Checkpoint, Study, Trial
 
-STATES = ("WAITING", "RUNNING", "COMPLETE", "PRUNED", "FAIL")
-_COUNTER = {"WAITING": "n_waiting", "RUNNING": "n_running", "COMPLETE": "n_complete",
-            "PRUNED": "n_pruned", "FAIL": "n_failed"}
+# The study row's counter of trials in each state.
+_COUNTER = {TrialState.WAITING: "n_waiting", TrialState.RUNNING: "n_running",
+            TrialState.COMPLETE: "n_complete", TrialState.PRUNED: "n_pruned",
+            TrialState.FAIL: "n_failed"}
 _SORTS = {"number": Trial.number, "value": Trial.value, "started_at": Trial.started_at,
           "finished_at": Trial.finished_at}
 
@@ -35,8 +36,8 @@ _SORTS = {"number": Trial.number, "value": Trial.value, "started_at": Trial.star
 def list_trials(db: Database, *, tenant: str, name: str, state: str | None, sort: str,
                 limit: int, offset: int) -> Page[TrialView]:
     """One page of a study's trials (without curves). ``sort`` is a field, '-' for descending."""
-    if state is not None and state.upper() not in STATES:
-        raise Invalid(f"state must be one of {list(STATES)}",
+    if state is not None and state.upper() not in set(TrialState):
+        raise Invalid(f"state must be one of {[s.value for s in TrialState]}",
                       details=[{"field": "state", "reason": "unknown state"}])
     key = sort.lstrip("-")
     if key not in _SORTS:
@@ -71,24 +72,25 @@ def get_trial(db: Database, *, tenant: str, name: str, number: int) -> TrialView
     return db.run(txn)
 
 
+class TrialModel(NamedTuple):
+    """A trial's trained model: its number and the torch checkpoint's bytes."""
+
+    number: int
+    data: bytes
+
+
 def model_checkpoint(db: Database, *, tenant: str, name: str,
-                     number: int | None = None) -> tuple[int, bytes]:
-    """``(trial number, checkpoint bytes)`` of a trial's trained model: trial ``number``, or
-    the best trial when None. Raises NotFound (no such study/trial) and Conflict (no model
-    yet: no completed trial or none saved, or the best of a multi-objective study)."""
+                     number: int | None = None) -> TrialModel:
+    """The trained model of trial ``number``, or of the best trial when None. Raises NotFound
+    (no such study/trial) and Conflict (no model yet: no completed trial or none saved, or the
+    best of a multi-objective study)."""
 
     if number is None:
         # The trial GET /best shows (the final phase's winner included): one definition of
         # "best" for the view and the model.
-        if len(db.run(lambda s: study_row(s, tenant, name).directions)) > 1:
-            raise Conflict(f"study '{name}' has several objectives, so no single best "
-                           "model: pick a trial of GET /v1/studies/{name}/best and download"
-                           " /v1/studies/{name}/trials/{number}/model")
-        view = best(db, tenant=tenant, name=name)
-        assert view.best is not None  # one objective: best() raises NotFound without one
-        number = view.best.number
+        number = best_trial(db, tenant=tenant, name=name).number
 
-    def txn(s: Session) -> tuple[int, bytes]:
+    def txn(s: Session) -> TrialModel:
         study = study_row(s, tenant, name)
         t = s.scalar(select(Trial).where(Trial.study_id == study.id, Trial.number == number))
         if t is None:
@@ -98,7 +100,7 @@ def model_checkpoint(db: Database, *, tenant: str, name: str,
         if data is None:
             raise Conflict(f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
                            "models are kept for trials that trained at least one epoch)")
-        return t.number, bytes(data)
+        return TrialModel(t.number, bytes(data))
 
     return db.run(txn)
 
@@ -144,7 +146,7 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
 
     def txn(s: Session) -> TrialView:
         study = study_row(s, tenant, name, lock=True)
-        if study.status not in ("running", "paused"):
+        if study.status not in ACTIVE_STATUSES:
             raise Conflict(f"study '{name}' is {study.status}; it takes no more trials")
         spec = StudySpec.model_validate(study.spec)
         _check_params(spec, params)
@@ -152,15 +154,16 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
             raise Conflict(f"the budget of {study.n_trials} trials is spent; raise it with "
                            "PATCH {\"n_trials\": ...} first")
         # Optuna's own enqueue path: a WAITING trial whose fixed_params ask() will honour.
-        template = optuna.trial.create_trial(state=TrialState.WAITING,
+        template = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
                                              system_attrs={"fixed_params": params})
         trial_id = storage.create_new_trial(study.optuna_study_id, template_trial=template)
         number = storage.get_trial_number_from_id(trial_id)
         row = Trial(study_id=study.id, number=number, optuna_trial_id=trial_id,
-                    state="WAITING", params=params, curve=[], epochs=0, info={}, attempts=0,
+                    state=TrialState.WAITING, params=params, curve=[], epochs=0, info={},
+                    attempts=0,
                     on_front=False)
         s.add(row)
-        count_move(s, study.id, None, "WAITING")
+        count_move(s, study.id, None, TrialState.WAITING)
         s.flush()
         return trial_view(row)
 
@@ -174,9 +177,9 @@ def count_move(s: Session, study_id: int, old: str | None, new: str | None) -> N
     """Move one trial between state counters, atomically in SQL (no lost updates)."""
     values: dict[str, Any] = {}
     if old is not None:
-        values[_COUNTER[old]] = getattr(Study, _COUNTER[old]) - 1
+        values[_COUNTER[TrialState(old)]] = getattr(Study, _COUNTER[TrialState(old)]) - 1
     if new is not None:
-        values[_COUNTER[new]] = getattr(Study, _COUNTER[new]) + 1
+        values[_COUNTER[TrialState(new)]] = getattr(Study, _COUNTER[TrialState(new)]) + 1
     if values:
         s.execute(update(Study).where(Study.id == study_id).values(**values))
 

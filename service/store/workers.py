@@ -12,8 +12,8 @@ from seqtune.views import WorkerView
 from service.store.db import Database
 from service.store.tables import Study, Trial, Worker, utcnow
 
-HEARTBEAT_S = 5.0
-LOST_AFTER_S = 30.0  # a live worker beats every HEARTBEAT_S; silence this long means lost
+# The timing (how often a slot beats, how long a silence means lost) is in Settings:
+# heartbeat_s for the slots, lost_after_s for the listing below and /metrics.
 
 
 def register(db: Database, *, worker_id: str, host: str, slot: int, device: str, pid: int,
@@ -37,10 +37,11 @@ def stopped(db: Database, *, worker_id: str) -> None:
                                .values(stopped_at=utcnow(), trial_id=None)))
 
 
-def list_workers(db: Database, *, tenant: str, include_stopped: bool = False,
-                 limit: int = 200) -> list[WorkerView]:
-    """Workers seen in the last day, live first. A trial is named only for the caller's own
-    studies (workers are shared by every tenant)."""
+def list_workers(db: Database, *, tenant: str, lost_after_s: float,
+                 include_stopped: bool = False, limit: int = 200) -> list[WorkerView]:
+    """Workers seen in the last day, live first: ``lost`` when silent for ``lost_after_s``
+    (``Settings.lost_after_s``). A trial is named only for the caller's own studies (workers
+    are shared by every tenant)."""
 
     def txn(s: Session) -> list[WorkerView]:
         now = utcnow()
@@ -53,10 +54,8 @@ def list_workers(db: Database, *, tenant: str, include_stopped: bool = False,
             q = q.where(Worker.stopped_at.is_(None))
         out = []
         for w, number, study, owner in s.execute(q):
-            beat = w.heartbeat_at if w.heartbeat_at.tzinfo else w.heartbeat_at.replace(
-                tzinfo=now.tzinfo)
             status = "stopped" if w.stopped_at else (
-                "live" if beat > now - timedelta(seconds=LOST_AFTER_S) else "lost")
+                "live" if w.heartbeat_at > now - timedelta(seconds=lost_after_s) else "lost")
             mine = owner == tenant
             out.append(WorkerView(
                 id=w.id, host=w.host, slot=w.slot, device=w.device, pid=w.pid, status=status,

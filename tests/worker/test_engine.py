@@ -12,7 +12,6 @@ import optuna
 import pytest
 import torch
 
-from seqtune.hparams import HPARAMS
 from seqtune.spec import SyntheticData, parse_spec
 from service.store.optuna import distributions, make_pruner
 from worker import datasets
@@ -25,7 +24,8 @@ F = (0.7, 0.15, 0.15)
 
 @pytest.fixture(scope="module")
 def sun():  # type: ignore[no-untyped-def]
-    return prepare(datasets.sunspots(), task="forecast", seq_len=12, horizon=2, fractions=F)
+    return prepare(datasets.builtin("sunspots"), task="forecast", seq_len=12, horizon=2,
+                   fractions=F)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,6 @@ def waves():  # type: ignore[no-untyped-def]
 
 def fast(**kw) -> Hyper:  # type: ignore[no-untyped-def]
     return Hyper(**{"hidden_size": 8, "max_epochs": 2, "batch_size": 64, **kw})
-
-
-def test_hyper_has_exactly_the_catalog_names_and_defaults() -> None:
-    fields = {f.name: f.default for f in dataclasses.fields(Hyper)}
-    assert fields == {name: hp.default for name, hp in HPARAMS.items()}
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw", "rmsprop", "sgd"])
@@ -93,7 +88,7 @@ def test_early_stopping_restores_the_best_epoch(sun) -> None:  # type: ignore[no
     # The checkpoint holds the best epoch's weights: its validation predictions reproduce it.
     pred = Predictor(r.checkpoint)  # type: ignore[arg-type]
     a, b, c, _ = sun.bounds
-    frame = datasets.sunspots()
+    frame = datasets.builtin("sunspots")
     out = pred.predict(frame.iloc[b - 12:c])  # validation windows reach back into training
     n = len(sun.val.x)
     truth = sun.val.truth
@@ -134,13 +129,13 @@ def test_checkpoint_round_trip_predicts_the_same(sun, tmp_path: Path) -> None:  
     r = train(TrainConfig(hp=fast(max_epochs=3)), sun)
     path = tmp_path / "model.pt"
     torch.save(r.checkpoint, path)
-    frame = datasets.sunspots().iloc[-40:]
+    frame = datasets.builtin("sunspots").iloc[-40:]
     a = Predictor(r.checkpoint).predict(frame)  # type: ignore[arg-type]
     b = Predictor.load(str(path)).predict(frame)
     assert a.shape == (40 - 12 + 1, 2, 1) and np.array_equal(a, b)
     # Test RMSE recomputed from the checkpoint on raw data equals the engine's.
     _, _, c, d = sun.bounds
-    out = Predictor.load(str(path)).predict(datasets.sunspots().iloc[c - 12:d])
+    out = Predictor.load(str(path)).predict(datasets.builtin("sunspots").iloc[c - 12:d])
     out = out[: len(sun.test.x)]
     assert float(np.sqrt(np.mean((out - sun.test.truth) ** 2))) == pytest.approx(
         r.test["test_rmse"], rel=1e-4)
@@ -150,7 +145,7 @@ def test_checkpoint_round_trip_predicts_the_same(sun, tmp_path: Path) -> None:  
 @pytest.mark.parametrize("transform", ["none", "diff", "window_norm", "residual"])
 def test_each_target_transform_round_trips_through_predict(transform: str,
                                                            tmp_path: Path) -> None:
-    co2 = datasets.co2().interpolate()
+    co2 = datasets.builtin("co2").interpolate()
     data = prepare(co2, task="forecast", seq_len=16, horizon=3, fractions=F,
                    target_transform=transform)
     r = train(TrainConfig(hp=fast(max_epochs=2, target_transform=transform)), data)
@@ -173,7 +168,7 @@ def test_walk_forward_reports_fold_by_fold_and_averages_the_folds() -> None:
                        "pruner": {"name": "none"}})
     steps: list[tuple[int, int]] = []
     study = optuna.create_study()
-    r = run(spec, study.ask(), datasets.sunspots(),
+    r = run(spec, study.ask(), datasets.builtin("sunspots"),
             on_epoch=lambda e, rec: steps.append((e, int(rec["fold"]))))
     assert steps == [(k * 4 + e, k) for k in range(3) for e in range(4)]
     assert r.folds is not None and [f["fold"] for f in r.folds] == [0, 1, 2]
@@ -184,7 +179,7 @@ def test_walk_forward_reports_fold_by_fold_and_averages_the_folds() -> None:
     pruned = parse_spec({**spec.model_dump(), "pruner": {"name": "threshold",
                                                          "options": {"upper": 1.0}}})
     study = optuna.create_study(pruner=make_pruner(pruned.pruner))
-    r = run(pruned, study.ask(), datasets.sunspots())
+    r = run(pruned, study.ask(), datasets.builtin("sunspots"))
     assert r.reason == "pruned" and r.folds is not None and len(r.folds) == 1
 
 
@@ -195,7 +190,7 @@ def test_optuna_pruner_prunes_through_the_objective() -> None:
                        "pruner": {"name": "threshold", "options": {"upper": 1.0}}})
     study = optuna.create_study(pruner=make_pruner(spec.pruner))
     trial = study.ask()
-    r = run(spec, trial, datasets.sunspots())
+    r = run(spec, trial, datasets.builtin("sunspots"))
     assert r.reason == "pruned" and r.epochs == 1  # val RMSE (~30 sunspots) is over 1.0
 
 
@@ -210,7 +205,7 @@ def test_small_search_on_sunspots_beats_persistence() -> None:
         "early_stopping": {"patience": 8},
         "sampler": {"name": "tpe", "seed": 0}, "pruner": {"name": "none"},
     })
-    frame = datasets.sunspots()
+    frame = datasets.builtin("sunspots")
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     results = {}
     for _ in range(6):

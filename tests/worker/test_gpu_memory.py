@@ -43,7 +43,7 @@ def test_estimate_grows_with_every_dimension_and_shrinks_in_half_precision() -> 
 
 
 def test_shape_of_a_prepared_trial() -> None:
-    data = prepare(datasets.sunspots(), task="forecast", seq_len=12, horizon=2,
+    data = prepare(datasets.builtin("sunspots"), task="forecast", seq_len=12, horizon=2,
                    fractions=(0.7, 0.15, 0.15))
     s = shape_of(Hyper(hidden_size=32, num_layers=2, batch_size=16), data, "cpu")
     assert (s.hidden, s.layers, s.seq_len, s.batch, s.n_in, s.n_out) == (32, 2, 12, 16, 1, 2)

@@ -1,0 +1,289 @@
+"""The server's ``seqtune`` verbs: ``serve``, ``up`` (the service and local workers), ``db
+upgrade``, ``keys create`` / ``keys revoke``.
+
+``seqtune.cli`` loads this module by name, only when one of these verbs runs; importing it
+needs the server extra (uvicorn, SQLAlchemy, pydantic-settings), and failing to is how a base
+install finds out that it lacks it. Each verb reads its Settings once (``_settings``), sets up
+logging from them, and hands child processes their settings from them (``Settings.child_env``).
+A database error that reaches a verb becomes one line and an exit code (``database_problem``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import importlib.util
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import uvicorn
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+from seqtune.errors import CommandFailed, Exit, Invalid, MissingExtra
+from service.logs import setup_logging
+from service.settings import Settings
+from service.store import keys, migrate
+from service.store.db import Database
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
+    """Give ``seqtune.cli``'s verb ``verb`` (serve, up, db, keys) its options, subcommands and
+    function (the parsers' default ``fn``). KeyError for any other verb."""
+    {"serve": _serve_arguments, "up": _up_arguments, "db": _db_arguments,
+     "keys": _keys_arguments}[verb](parser)
+
+
+def _database_url_option(parser: argparse.ArgumentParser) -> None:
+    # Also after the verb; SUPPRESS keeps a value given before it.
+    parser.add_argument("--database-url", default=argparse.SUPPRESS,
+                        help="overrides SEQTUNE_DATABASE_URL")
+
+
+def _reports_database_errors(fn: Command) -> Command:
+    """``fn``, with a database error it lets through turned into CommandFailed: one line that
+    says what to fix instead of the driver's traceback (``database_problem``)."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except sa_exc.DBAPIError as exc:
+            message, exit_ = database_problem(exc, _database_url(args))
+            raise CommandFailed(message, exit_) from None
+
+    return run
+
+
+# -- settings ------------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and ``--database-url`` (Invalid for a bad value, naming
+    its variable), with this process's logging set up from them."""
+    url = getattr(args, "database_url", None)
+    settings = Settings.load(**({"database_url": url} if url else {}))
+    setup_logging(settings)
+    # Alembic announces each of its plugins at INFO on every migration: noise around the one
+    # line a command prints.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    return settings
+
+
+def _database_url(args: argparse.Namespace) -> str | None:
+    url = getattr(args, "database_url", None)
+    try:
+        return Settings.load(**({"database_url": url} if url else {})).url
+    except Invalid:
+        return None
+
+
+def _replace_environ(env: Mapping[str, str]) -> None:
+    """Make this process's environment exactly ``env``."""
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
+# -- failures as one line ------------------------------------------------------------------------
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``CommandFailed`` (exit 6) naming ``host``:``port`` when the service could not
+    listen there. Binds the way uvicorn does (SO_REUSEADDR, IPv6 for a host with a colon), so
+    the answer is uvicorn's; checked before anything starts, since uvicorn itself would log the
+    error and exit with its code 3, which seqtune's exit codes read as "not found"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandFailed(
+                    f"port {port} on {host} is already in use (another seqtune?); stop what "
+                    f"listens there or pick another with --port", Exit.UNAVAILABLE) from None
+            raise CommandFailed(f"cannot listen on {host}:{port}: "
+                                f"{exc.strerror or exc}; check --host and --port",
+                                Exit.UNAVAILABLE) from None
+
+
+def database_problem(exc: sa_exc.DBAPIError, url: str | None) -> tuple[str, Exit]:
+    """One line and an exit code for a database error that reached the command line. A
+    database that does not exist, or a login it refuses, is bad input (2: the URL must change;
+    retrying will not help); a server that cannot be reached, or another operational failure,
+    is 6, as an unreachable service is."""
+    driver = str(exc.orig if exc.orig is not None else exc).strip()
+    first = driver.splitlines()[0] if driver else type(exc).__name__
+    reason = first.split(" failed: ", 1)[-1].removeprefix("FATAL:").strip()
+    host = port = user = name = "?"
+    sqlite = False
+    try:
+        u = make_url(url or "")
+        sqlite = u.drivername.startswith("sqlite")
+        host, port = u.host or "localhost", str(u.port or 5432)
+        user, name = u.username or "postgres", u.database or "?"
+    except Exception:  # noqa: BLE001 - the message is still useful without the URL's parts
+        pass
+    where = "--database-url or SEQTUNE_DATABASE_URL"
+    low = driver.lower()
+    if sqlite:
+        return (f"the SQLite database {name} failed ({reason}); check {where} or "
+                "SEQTUNE_DATA_DIR",
+                Exit.BAD_INPUT if "unable to open" in low else Exit.UNAVAILABLE)
+    if re.search(r'database ".*" does not exist', low):
+        return (f"the database '{name}' does not exist on {host}:{port}; create it "
+                f"(createdb -h {host} -p {port} -U {user} {name}, or CREATE DATABASE \"{name}\")"
+                f" or fix {where}", Exit.BAD_INPUT)
+    if any(m in low for m in ("password authentication failed", "role", "pg_hba.conf",
+                              "authentication")):
+        return (f"Postgres at {host}:{port} refused the login ({reason}); fix {where}",
+                Exit.BAD_INPUT)
+    if isinstance(exc, sa_exc.OperationalError):
+        return (f"cannot reach the database at {host}:{port} ({reason}); is Postgres running "
+                f"there? check {where}", Exit.UNAVAILABLE)
+    return f"the database refused the command: {reason}", Exit.BAD_INPUT
+
+
+# -- seqtune serve -------------------------------------------------------------------------------
+def _serve_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--no-auth", action="store_true",
+                   help="turn authentication off (local use only; logs a warning)")
+    s.add_argument("--access-log", action="store_true")
+    s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    _database_url_option(s)
+    s.set_defaults(fn=_reports_database_errors(cmd_serve))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the REST service until it is stopped; CommandFailed (6) when it cannot start."""
+    # Here, not at the top: the app brings FastAPI, Optuna and the plots, which the db and
+    # keys verbs never need.
+    from service.api.app import create_app
+
+    settings = _settings(args)
+    if args.no_auth:
+        settings = settings.model_copy(update={"auth_enabled": False})
+    host = args.host or settings.host
+    port = args.port or settings.port
+    check_port_free(host, port)
+    common = {"host": host, "port": port, "log_level": settings.log_level.lower(),
+              "access_log": args.access_log}
+    if args.workers > 1:
+        if settings.migrate_on_start:  # once, before the processes race for it
+            migrate.upgrade(Database(settings).engine)
+        # uvicorn spawns the server processes itself, and each builds its app (the factory
+        # below) from the environment it inherits: the one way to hand them these settings
+        # (--database-url, --no-auth, migrations done) is to make this process's environment
+        # their rendering.
+        _replace_environ(settings.model_copy(update={"migrate_on_start": False}).child_env())
+        target: Any = "service.api.app:create_app"
+        options: dict[str, Any] = {"factory": True, "workers": args.workers}
+    else:
+        target, options = create_app(settings), {}
+    try:
+        uvicorn.run(target, **options, **common)
+    except SystemExit as exc:
+        # uvicorn exits with its code 3 (STARTUP_FAILURE) after logging why (the port was
+        # taken since the check above, the app's startup failed): the service is failing (6).
+        if exc.code == 3:
+            raise CommandFailed(f"the service failed to start on {host}:{port} (its log above "
+                                "says why)", Exit.UNAVAILABLE) from None
+        raise
+    return Exit.OK
+
+
+# -- seqtune up ----------------------------------------------------------------------------------
+def _up_arguments(u: argparse.ArgumentParser) -> None:
+    u.add_argument("--host")
+    u.add_argument("--port", type=int)
+    u.add_argument("--auth", action="store_true", help="keep API-key authentication on")
+    u.add_argument("--gpus", default="all")
+    u.add_argument("--slots-per-gpu", type=int, default=1)
+    u.add_argument("--access-log", action="store_true")
+    u.add_argument("--workers", type=int, default=1, help="server processes")
+    _database_url_option(u)
+    u.set_defaults(fn=_reports_database_errors(cmd_up))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Service plus local workers in one command (the laptop default: SQLite, auth off).
+    MissingExtra without the worker's torch: `up` runs both halves."""
+    if importlib.util.find_spec("torch") is None:  # looked up, not imported: service ↛ torch
+        raise MissingExtra("seqtune up", "all")
+    settings = _settings(args)
+    # Before migrating or starting the worker: a port in use is the common failure of `up`.
+    check_port_free(args.host or settings.host, args.port or settings.port)
+    db = Database(settings)
+    migrate.upgrade(db.engine)  # before the worker starts, so neither races the other
+    db.dispose()
+    # The worker runs with these settings (a --database-url included), rendered into its
+    # environment. It stops its slots and exits once this process is gone (kill -9 included),
+    # and each slot stops once the worker is gone: no trials trained by orphans.
+    worker = subprocess.Popen([sys.executable, "-m", "seqtune.cli", "worker", "--gpus",
+                               args.gpus, "--slots-per-gpu", str(args.slots_per_gpu),
+                               "--exit-with-pid", str(os.getpid())],
+                              env=settings.child_env())
+    args.no_auth = not args.auth
+    # uvicorn shuts down on SIGTERM and then re-raises it; with the default action that would
+    # kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return cmd_serve(args)
+    finally:
+        worker.terminate()  # the worker hands its trial back at the next epoch boundary
+        try:
+            worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+# -- seqtune db, seqtune keys --------------------------------------------------------------------
+def _db_arguments(db: argparse.ArgumentParser) -> None:
+    sub = db.add_subparsers(dest="db_cmd", required=True)
+    up = sub.add_parser("upgrade", help="apply seqtune's migrations")
+    _database_url_option(up)
+    up.set_defaults(fn=_reports_database_errors(cmd_db_upgrade))
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    db = Database(_settings(args))
+    migrate.upgrade(db.engine)
+    print(f"seqtune schema at {migrate.current_revision(db.engine)}")
+    return Exit.OK
+
+
+def _keys_arguments(k: argparse.ArgumentParser) -> None:
+    sub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = sub.add_parser("create", help="create a key; printed alone on the last line")
+    kc.add_argument("--tenant", required=True)
+    _database_url_option(kc)
+    kc.set_defaults(fn=_reports_database_errors(cmd_keys_create))
+    kr = sub.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key")
+    _database_url_option(kr)
+    kr.set_defaults(fn=_reports_database_errors(cmd_keys_revoke))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    db = Database(_settings(args))
+    migrate.upgrade(db.engine)
+    key = keys.create_key(db, tenant=args.tenant)
+    print(f"created a key for tenant '{args.tenant}'; it is shown once, keep it:",
+          file=sys.stderr)
+    print(key)
+    return Exit.OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    keys.revoke_key(Database(_settings(args)), key=args.key)
+    print("revoked")
+    return Exit.OK
