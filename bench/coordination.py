@@ -36,7 +36,7 @@ def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
     from service.settings import Settings
     from service.store import leases
     from service.store.db import Database
-    from service.store.optuna import make_storage
+    from service.store.optuna import make_storage, optuna_study
 
     settings = Settings(database_url=url, pool_size=2, max_overflow=2)
     db, storage = Database(settings), make_storage(settings)
@@ -49,14 +49,14 @@ def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
                 break
             time.sleep(0.01)
             continue
-        ostudy = leases.optuna_study(storage, c.optuna_study_name,
-                                     StudySpec.model_validate(c.spec))
+        ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
         for e in range(EPOCHS):
-            leases.report(db, c, trial, epoch=e, record={"epoch": e, "val_rmse": 1.0 / (e + 1)},
-                          value=1.0 / (e + 1))
+            leases.report(db, claim=c, trial=trial, epoch=e,
+                          record={"epoch": e, "val_rmse": 1.0 / (e + 1)}, value=1.0 / (e + 1))
             trial.should_prune()
-        leases.finish(db, ostudy, c, state="COMPLETE", values=[float(np.random.rand())])
+        leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE",
+                      values=[float(np.random.rand())])
         now = time.perf_counter()
         times.append(now - last)
         last = now

@@ -83,7 +83,7 @@ def run_trials(url: str, data_dir: Path, name: str, values: list[list[float]]) -
     from service.settings import Settings
     from service.store import leases
     from service.store.db import Database
-    from service.store.optuna import make_storage
+    from service.store.optuna import make_storage, optuna_study
 
     settings = Settings(database_url=url, data_dir=data_dir)
     db, storage = Database(settings), make_storage(settings)
@@ -91,17 +91,17 @@ def run_trials(url: str, data_dir: Path, name: str, values: list[list[float]]) -
         for vals in values:
             c = leases.claim(db, storage, owner="seed", studies=[name])
             assert c is not None, f"nothing to claim in {name}"
-            ostudy = leases.optuna_study(storage, c.optuna_study_name,
-                                         StudySpec.model_validate(c.spec))
+            ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
             single = len(vals) == 1
             trial = optuna.trial.Trial(ostudy, c.optuna_trial_id) if single else None
             for e in range(3):
-                leases.report(db, c, trial, epoch=e, value=vals[0] + 3 - e if single else None,
+                leases.report(db, claim=c, trial=trial, epoch=e,
+                              value=vals[0] + 3 - e if single else None,
                               record={"epoch": e, "train_loss": 1.0 / (e + 1),
                                       "val_loss": vals[0] + e})
-            leases.save_checkpoint(db, c, kind="best", epoch=2, data=b"seeded-model")
-            leases.finish(db, ostudy, c, state="COMPLETE", values=vals, reason="max_epochs",
-                          test_metrics={"test_rmse": vals[0] * 1.1})
+            leases.save_checkpoint(db, claim=c, kind="best", epoch=2, data=b"seeded-model")
+            leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=vals,
+                          reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
     finally:
         db.dispose()
 

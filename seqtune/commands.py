@@ -87,10 +87,6 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # SQLite hands back naive UTC
-
-
 def _duration(s: float | None) -> str:
     if s is None:
         return "?"
@@ -137,8 +133,8 @@ def status_line(view: StudyView, best: tuple[str, float, int] | None,
     width = 24
     filled = int(width * t.finished / t.budget) if t.budget else width
     bar = "#" * filled + "-" * (width - filled)
-    end = _aware(view.finished_at or now or datetime.now(UTC))
-    elapsed = max((end - _aware(view.created_at)).total_seconds(), 0.0)
+    end = view.finished_at or now or datetime.now(UTC)  # the API's times are aware (UTC)
+    elapsed = max((end - view.created_at).total_seconds(), 0.0)
     if view.status in FINAL_STATUSES:
         left = "done"
     elif t.finished:

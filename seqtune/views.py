@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from seqtune.states import StudyPhase, StudyStatus, TrialState
 
@@ -67,9 +66,9 @@ class StudyView(BaseModel):
     priority: int
     trials: TrialCounts
     spec: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
     # Classical baselines (see service.store.baselines): None until a worker claims them, then
     # {"status": "computing" | "done" | "failed", ...}.
     baselines: dict[str, Any] | None = None
@@ -91,9 +90,9 @@ class TrialView(BaseModel):
     worker: str | None = None
     attempts: int = 0
     error: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: AwareDatetime
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
     duration_s: float | None = None
     final_of: int | None = None  # a final-phase re-train of this search trial's params
 
@@ -130,7 +129,7 @@ class DatasetView(BaseModel):
     size_bytes: int
     n_rows: int
     columns: list[dict[str, Any]]
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class Readiness(BaseModel):
@@ -149,8 +148,8 @@ class WorkerView(BaseModel):
     pid: int
     status: str  # live | lost | stopped
     versions: dict[str, Any]
-    started_at: Any
-    heartbeat_at: Any
+    started_at: AwareDatetime
+    heartbeat_at: AwareDatetime
     trials_done: int
     study: str | None = None  # the trial it runs, when the study is the caller's
     trial: int | None = None

@@ -24,6 +24,7 @@ from seqtune.spec import StudySpec
 from service.settings import Settings
 from service.store import keys, leases, migrate
 from service.store.db import Database
+from service.store.optuna import optuna_study
 
 ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -131,20 +132,20 @@ def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestCl
     c = leases.claim(db, storage, owner=owner, studies=[name])
     assert c is not None, f"nothing to claim in {name}"
     spec = StudySpec.model_validate(c.spec)
-    ostudy = leases.optuna_study(storage, c.optuna_study_name, spec)
+    ostudy = optuna_study(storage, c.optuna_study_name, spec)
     trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
     vals = values(c.params) if callable(values) else values
     vals = vals if isinstance(vals, list) else [vals]
     single = len(vals) == 1
     for e in range(epochs):
-        leases.report(db, c, trial if single else None, epoch=e,
+        leases.report(db, claim=c, trial=trial if single else None, epoch=e,
                       record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e},
                       value=vals[0] + (epochs - e) if single else None)
     if state == "COMPLETE":
-        leases.finish(db, ostudy, c, state="COMPLETE", values=vals, reason="max_epochs",
-                      test_metrics={"test_rmse": vals[0] * 1.1})
+        leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=vals,
+                      reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
     else:
-        leases.finish(db, ostudy, c, state=state,
+        leases.finish(db, ostudy=ostudy, claim=c, state=state,
                       reason="pruned" if state == "PRUNED" else "error")
     return c.number
 

@@ -18,6 +18,7 @@ from seqtune.spec import StudySpec
 from seqtune.views import StudyView
 from service.store import leases, workers
 from service.store.db import Database
+from service.store.optuna import optuna_study
 from tests.conftest import run_trial, study_body
 
 
@@ -117,9 +118,9 @@ def test_models_download_and_workers(api: Client, db: Database, storage: Any,
     # a worker saves the best model of the trial it finishes; here, bytes stand for it
     c = leases.claim(db, storage, owner="w1", studies=["m"])
     assert c is not None
-    leases.save_checkpoint(db, c, kind="best", epoch=2, data=b"model-bytes")
-    ostudy = leases.optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
-    leases.finish(db, ostudy, c, state="COMPLETE", values=[1.0], reason="max_epochs")
+    leases.save_checkpoint(db, claim=c, kind="best", epoch=2, data=b"model-bytes")
+    ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
+    leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=[1.0], reason="max_epochs")
     assert api.download_model("m", tmp_path / "b.pt").read_bytes() == b"model-bytes"
     assert api.download_model("m", tmp_path / "t.pt", trial=c.number).read_bytes() == \
         b"model-bytes"

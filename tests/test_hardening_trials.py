@@ -33,9 +33,9 @@ from seqtune.errors import SeqtuneError
 from seqtune.spec import check_spec, parse_spec
 from service import plots
 from service.settings import Settings
-from service.store import leases, studies, trials
+from service.store import leases, recovery, studies, trials
 from service.store.db import Database
-from service.store.optuna import make_storage
+from service.store.optuna import ASKED_BY, make_storage
 from service.store.tables import Checkpoint, Study, Trial, utcnow
 from tests.conftest import free_port
 from tests.test_fleet import create, wait_for
@@ -61,7 +61,7 @@ def _study(db: Database, name: str) -> Study:
 def _steal(db: Database, storage: Any, old: leases.Claim) -> leases.Claim:
     """The lease of ``old`` expires, the reaper frees the trial, another worker resumes it."""
     age_lease(db, old)
-    assert leases.reap(db, storage).freed == 1
+    assert recovery.reap(db, storage).freed == 1
     new = leases.claim(db, storage, owner="alive")
     assert new is not None and new.number == old.number and new.fence > old.fence
     return new
@@ -76,17 +76,18 @@ def test_a_stale_attempt_cannot_store_a_model_for_a_trial_another_attempt_finish
     old = leases.claim(db, storage, owner="dead")
     assert old is not None
     trial = optuna.trial.Trial(ostudy(storage, old), old.optuna_trial_id)
-    leases.report(db, old, trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0}, value=9.0)
+    leases.report(db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0},
+                  value=9.0)
     new = _steal(db, storage, old)
     # The live attempt stores its model while it holds the lease, then finishes.
-    leases.save_checkpoint(db, new, kind="best", epoch=0,
+    leases.save_checkpoint(db, claim=new, kind="best", epoch=0,
                            data=b"weights of the attempt that scored 1.5")
-    leases.finish(db, ostudy(storage, new), new, state="COMPLETE", values=[1.5])
+    leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[1.5])
     # The stale attempt ends its training later and tries to store its own model.
     with pytest.raises(leases.Fenced):
-        leases.save_checkpoint(db, old, kind="best", epoch=3, data=b"stale weights")
+        leases.save_checkpoint(db, claim=old, kind="best", epoch=3, data=b"stale weights")
     with pytest.raises(leases.Fenced):
-        leases.finish(db, ostudy(storage, old), old, state="COMPLETE", values=[0.1],
+        leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.1],
                       model=b"stale weights")
     number, served = trials.model_checkpoint(db, tenant="acme", name="L", number=new.number)
     assert number == new.number and served == b"weights of the attempt that scored 1.5"
@@ -102,11 +103,11 @@ def test_a_refused_finish_stores_no_model_and_the_winner_stores_model_and_value_
     new = _steal(db, storage, old)
     # The stale attempt finishes first: its result and its model are refused together.
     with pytest.raises(leases.Fenced):
-        leases.finish(db, ostudy(storage, old), old, state="COMPLETE", values=[0.1],
+        leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.1],
                       model=b"stale weights", model_epoch=4)
     with pytest.raises(SeqtuneError):  # no model yet: nothing of the stale attempt landed
         trials.model_checkpoint(db, tenant="acme", name="L", number=new.number)
-    leases.finish(db, ostudy(storage, new), new, state="COMPLETE", values=[2.5],
+    leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[2.5],
                   model=b"live weights", model_epoch=2)
     assert trials.model_checkpoint(db, tenant="acme", name="L")[1] == b"live weights"
     ck = db.run(lambda s: s.scalar(select(Checkpoint).where(
@@ -129,10 +130,10 @@ def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_
     t1 = optuna.trial.Trial(ostudy(storage, first), first.optuna_trial_id)
     for e in range(5):
         value = 10.0 + e  # a poor start: above the pruner's threshold
-        leases.report(db, first, t1, epoch=e, record={"epoch": e, "val_rmse": value},
+        leases.report(db, claim=first, trial=t1, epoch=e, record={"epoch": e, "val_rmse": value},
                       value=value)
         if e == 1:
-            leases.save_checkpoint(db, first, kind="resume", epoch=1, data=b"after epoch 1")
+            leases.save_checkpoint(db, claim=first, kind="resume", epoch=1, data=b"after epoch 1")
     second = _steal(db, storage, first)
     assert second.resumed
     # The slot builds a fresh Optuna Trial per attempt: it sees attempt 1's values.
@@ -141,8 +142,8 @@ def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_
         warnings.simplefilter("error")  # Optuna's "already reported" warning fails the test
         for e in range(2, 5):
             value = 1.0 + e / 10
-            leases.report(db, second, t2, epoch=e, record={"epoch": e, "val_rmse": value},
-                          value=value)
+            leases.report(db, claim=second, trial=t2, epoch=e,
+                          record={"epoch": e, "val_rmse": value}, value=value)
     curve = _row(db, second.trial_row_id).curve
     assert [r["epoch"] for r in curve] == [0, 1, 2, 3, 4]
     assert [r["attempt"] for r in curve] == [1, 1, 2, 2, 2]
@@ -313,13 +314,13 @@ def test_the_reaper_fails_only_trials_seqtune_asked(db: Database, storage: Any) 
     outside = optuna.load_study(study_name="acme/L", storage=storage)
     live = outside.ask()  # a plain Optuna client's trial, still training
     live.suggest_float("x", 0, 1)
-    report = leases.reap(db, storage, now=_later(3600))  # long past the lease timeout
+    report = recovery.reap(db, storage, now=_later(3600))  # long past the lease timeout
     assert report.orphans == 0
     assert storage.get_trial(live._trial_id).state == TrialState.RUNNING  # left alone
     # A seqtune claim that died between Optuna's ask and its own commit.
     dead = outside.ask()
-    storage.set_trial_system_attr(dead._trial_id, leases.ASKED_BY, "dead-worker")
-    report = leases.reap(db, storage, now=_later(3600))
+    storage.set_trial_system_attr(dead._trial_id, ASKED_BY, "dead-worker")
+    report = recovery.reap(db, storage, now=_later(3600))
     assert report.orphans == 1
     assert storage.get_trial(dead._trial_id).state == TrialState.FAIL
     assert storage.get_trial(live._trial_id).state == TrialState.RUNNING
@@ -334,7 +335,7 @@ def test_a_claim_marks_the_trials_it_asks(db: Database, storage: Any) -> None:
     c = leases.claim(db, storage, owner="w1")
     assert c is not None
     ft = storage.get_trial(c.optuna_trial_id)
-    assert ft.system_attrs[leases.ASKED_BY] == "w1" and set(ft.params) == {"hidden_size"}
+    assert ft.system_attrs[ASKED_BY] == "w1" and set(ft.params) == {"hidden_size"}
 
 
 def test_a_queued_trial_run_by_an_outside_client_is_followed_counted_once_and_never_rerun(
@@ -353,21 +354,21 @@ def test_a_queued_trial_run_by_an_outside_client_is_followed_counted_once_and_ne
     assert leases.claim(db, storage, owner="w") is None
     assert len(outside.get_trials(deepcopy=False)) == 3
     for c, v in ((a, 1.0), (b, 2.0)):
-        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[v])
+        leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="COMPLETE", values=[v])
     assert _study(db, "L").status == "running"  # the queued trial is not done yet
     # Past the lease timeout, the outside client is still training: followed, not failed.
-    report = leases.reap(db, storage, now=_later(3600))
+    report = recovery.reap(db, storage, now=_later(3600))
     assert report.orphans == 0 and report.outside == 1
     assert storage.get_trial(ot._trial_id).state == TrialState.RUNNING
     row = db.run(lambda s: s.scalar(select(Trial).where(Trial.number == queued.number)))
-    assert row.state == "RUNNING" and row.lease_owner == leases.OUTSIDE
+    assert row.state == "RUNNING" and row.lease_owner == recovery.OUTSIDE
     view = studies.get_study(db, tenant="acme", name="L")
     assert (view.trials.waiting, view.trials.running, view.trials.remaining) == (0, 1, 0)
     outside.tell(ot, 0.25)
-    assert leases.reap(db, storage).outside == 1
+    assert recovery.reap(db, storage).outside == 1
     row = db.run(lambda s: s.scalar(select(Trial).where(Trial.number == queued.number)))
-    assert (row.state, row.value, row.reason) == ("COMPLETE", 0.25, leases.OUTSIDE_REASON)
-    assert row.params == {"hidden_size": 7} and row.worker == leases.OUTSIDE
+    assert (row.state, row.value, row.reason) == ("COMPLETE", 0.25, recovery.OUTSIDE_REASON)
+    assert row.params == {"hidden_size": 7} and row.worker == recovery.OUTSIDE
     st = _study(db, "L")
     assert st.status == "completed" and st.n_claimed == 3 and st.n_complete == 3
     assert st.n_waiting == 0 and st.n_running == 0
@@ -388,10 +389,10 @@ def test_a_queued_trial_an_outside_client_finished_is_recorded_by_the_next_claim
     assert c is not None and c.number != queued.number
     assert leases.claim(db, storage, owner="w") is None  # 2 of 2 started
     row = db.run(lambda s: s.scalar(select(Trial).where(Trial.number == queued.number)))
-    assert (row.state, row.reason) == ("PRUNED", leases.OUTSIDE_REASON)
+    assert (row.state, row.reason) == ("PRUNED", recovery.OUTSIDE_REASON)
     st = _study(db, "L")
     assert (st.n_waiting, st.n_pruned, st.n_running, st.n_claimed) == (0, 1, 1, 2)
-    leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[1.0])
+    leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="COMPLETE", values=[1.0])
     assert _study(db, "L").status == "completed"
 
 
@@ -402,7 +403,7 @@ def test_trials_an_outside_client_asked_stay_out_of_trials_best_plots_and_import
     for v in (5.0, 4.0, 3.0, 2.0, 1.0):
         c = leases.claim(db, storage, owner="w")
         assert c is not None
-        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[v])
+        leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="COMPLETE", values=[v])
     # A plain Optuna client adds a better trial over a parameter seqtune does not search.
     outside = optuna.load_study(study_name="acme/L", storage=storage)
     outside.optimize(lambda t: t.suggest_float("outside_param", 0, 1) * 0 + 0.001, n_trials=1)

@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, select, text, update
 
 from seqtune.errors import Unavailable
 from service.settings import Settings
-from service.store import leases, migrate
+from service.store import migrate, recovery
 from service.store.db import Database, engine_kwargs, session_limits
 from service.store.optuna import make_storage
 from service.store.tables import Study, Trial, Worker, utcnow
@@ -372,7 +372,7 @@ def _assert_handed_back(db: Database, settings: Settings, name: str,
         assert now.state == "RUNNING", now.state
         if now.lease_owner is not None:  # left for the reaper: its lease is not renewed
             later = utcnow() + timedelta(seconds=LONG_LEASE_S + 1)
-            leases.reap(db, make_storage(settings), now=later)
+            recovery.reap(db, make_storage(settings), now=later)
             (now,) = [x for x in trials(db, name) if x.id == t.id]
         assert now.lease_owner is None and now.fence > t.fence
 

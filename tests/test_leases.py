@@ -12,9 +12,9 @@ from sqlalchemy import select, update
 
 from seqtune.spec import StudySpec, check_spec, parse_spec
 from service.settings import Settings
-from service.store import leases, studies, workers
+from service.store import leases, recovery, studies, workers
 from service.store.db import Database
-from service.store.optuna import make_storage
+from service.store.optuna import ASKED_BY, make_storage, optuna_study
 from service.store.tables import Study, Trial, utcnow
 
 
@@ -36,7 +36,7 @@ def storage(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def ostudy(storage, c: leases.Claim) -> optuna.Study:  # type: ignore[no-untyped-def]
-    return leases.optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
+    return optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
 
 
 def age_lease(db: Database, c: leases.Claim, seconds: float = 3600) -> None:
@@ -102,7 +102,7 @@ def test_paused_and_stopped_studies_hand_out_nothing(db: Database, storage) -> N
     assert c is not None
     studies.update_study(db, tenant="acme", name="L", status="paused")
     assert leases.claim(db, storage, owner="w") is None
-    leases.release(db, c)  # even a trial waiting to resume stays put while paused
+    leases.release(db, claim=c)  # even a trial waiting to resume stays put while paused
     assert leases.claim(db, storage, owner="w") is None
     studies.update_study(db, tenant="acme", name="L", status="running")
     again = leases.claim(db, storage, owner="w2")
@@ -116,21 +116,22 @@ def test_a_fenced_attempt_is_refused_and_changes_nothing(db: Database, storage) 
     old = leases.claim(db, storage, owner="dead")
     assert old is not None
     trial = optuna.trial.Trial(ostudy(storage, old), old.optuna_trial_id)
-    leases.report(db, old, trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0}, value=9.0)
+    leases.report(db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0},
+                  value=9.0)
     age_lease(db, old)
-    assert leases.reap(db, storage).freed == 1
+    assert recovery.reap(db, storage).freed == 1
     new = leases.claim(db, storage, owner="alive")
     assert new is not None and new.number == old.number and new.fence > old.fence
     with pytest.raises(leases.Fenced):
-        leases.finish(db, ostudy(storage, old), old, state="COMPLETE", values=[0.001])
+        leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.001])
     with pytest.raises(leases.Fenced):
-        leases.report(db, old, trial, epoch=1, record={"epoch": 1}, value=0.5)
+        leases.report(db, claim=old, trial=trial, epoch=1, record={"epoch": 1}, value=0.5)
     with pytest.raises(leases.Fenced):
-        leases.save_checkpoint(db, old, kind="resume", epoch=1, data=b"stale")
+        leases.save_checkpoint(db, claim=old, kind="resume", epoch=1, data=b"stale")
     frozen = storage.get_trial(old.optuna_trial_id)
     assert frozen.state == optuna.trial.TrialState.RUNNING and frozen.intermediate_values == {
         0: 9.0}
-    leases.finish(db, ostudy(storage, new), new, state="COMPLETE", values=[1.5])
+    leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[1.5])
     assert storage.get_trial(new.optuna_trial_id).values == [1.5]
     row = db.run(lambda s: s.scalar(select(Trial).where(Trial.id == new.trial_row_id)))
     assert row.state == "COMPLETE" and row.value == 1.5 and row.attempts == 2
@@ -142,7 +143,7 @@ def test_lost_leases_fail_after_max_retries(db: Database, storage) -> None:  # t
         c = leases.claim(db, storage, owner=f"w{attempt}")
         assert c is not None and c.attempt == attempt
         age_lease(db, c)
-        leases.reap(db, storage)
+        recovery.reap(db, storage)
     view = studies.get_study(db, tenant="acme", name="L")
     assert view.trials.failed == 1 and view.trials.running == 0
     assert view.status == "completed"
@@ -156,8 +157,8 @@ def test_reaper_reconciles_orphans_and_deadlines(db: Database, storage) -> None:
     # A worker that died between Optuna's ask and its own commit leaves an orphan: a RUNNING
     # trial that seqtune's claim marked as its own, with no seqtune record.
     orphan = optuna.load_study(study_name="acme/L", storage=storage).ask()
-    storage.set_trial_system_attr(orphan._trial_id, leases.ASKED_BY, "dead-worker")
-    report = leases.reap(db, storage, now=utcnow() + timedelta(seconds=90))
+    storage.set_trial_system_attr(orphan._trial_id, ASKED_BY, "dead-worker")
+    report = recovery.reap(db, storage, now=utcnow() + timedelta(seconds=90))
     assert report.orphans == 1 and report.timed_out == 1
     assert storage.get_trial(orphan._trial_id).state == optuna.trial.TrialState.FAIL
     assert studies.get_study(db, tenant="acme", name="L").status == "timed_out"
@@ -211,7 +212,7 @@ def test_final_phase_retrains_the_top_k_with_seeds_then_completes(db: Database, 
     for v in (5.0, 1.0, 3.0, 2.0):  # trial numbers 0..3; the two best are #1 (1.0), #3 (2.0)
         c = leases.claim(db, storage, owner="w")
         assert c is not None and c.final_of is None
-        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[v])
+        leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="COMPLETE", values=[v])
         values[c.number] = (v, c.params)
     st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "F")))
     assert st.status == "running" and st.phase == "final" and st.n_trials == 4 + 2 * 3
@@ -219,7 +220,7 @@ def test_final_phase_retrains_the_top_k_with_seeds_then_completes(db: Database, 
     while (c := leases.claim(db, storage, owner="w")) is not None:
         assert c.final_of is not None and c.params == values[c.final_of][1]
         retrains.append((c.final_of, c.number))
-        leases.finish(db, ostudy(storage, c), c, state="COMPLETE", values=[1.5])
+        leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="COMPLETE", values=[1.5])
     assert [r[0] for r in retrains] == [1, 1, 1, 3, 3, 3]
     assert len({r[1] for r in retrains}) == 6  # each re-train its own number, so its own seed
     st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "F")))
@@ -235,6 +236,6 @@ def test_no_final_phase_without_a_completed_trial(db: Database, storage) -> None
     for _ in range(2):
         c = leases.claim(db, storage, owner="w")
         assert c is not None
-        leases.finish(db, ostudy(storage, c), c, state="PRUNED", reason="pruned")
+        leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="PRUNED", reason="pruned")
     st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "G")))
     assert st.status == "completed" and st.phase == "search" and st.n_trials == 2

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from service.logs import log_context, setup_logging
 from service.settings import Settings
-from service.store import leases, workers
+from service.store import leases, recovery, workers
 from service.store.db import Database
 from service.store.tables import Trial
 from tests.conftest import run_trial, study_body
@@ -68,7 +68,7 @@ def test_metrics_follow_trials_workers_and_reaps(client: TestClient, auth: dict[
     # the dying worker's lease expires; the reaper takes it and the counter moves
     db.run(lambda s: s.execute(update(Trial).where(Trial.lease_owner == "dead").values(
         lease_renewed_at=datetime.now(UTC) - timedelta(hours=1))))
-    assert leases.reap(db, storage).freed == 1
+    assert recovery.reap(db, storage).freed == 1
     assert scrape(client)[("seqtune_lease_reaps_total", ())] == 1
 
 

@@ -52,7 +52,7 @@ def decode_snapshot(data: bytes) -> dict[str, Any]:
 def save_snapshot(db: Database, c: leases.Claim, state: dict[str, Any]) -> None:
     """Store ``state`` (with its ``epoch``) as the trial's resume snapshot, replacing the
     previous one. Raises Fenced when this attempt no longer holds the lease."""
-    leases.save_checkpoint(db, c, kind=RESUME, epoch=state["epoch"], data=encode(state))
+    leases.save_checkpoint(db, claim=c, kind=RESUME, epoch=state["epoch"], data=encode(state))
 
 
 def load_resume(db: Database, *, trial_row_id: int) -> Snapshot | None:

@@ -37,9 +37,9 @@ from service.logs import log_context, setup_logging
 from service.settings import Settings
 from service.store import baselines as service_baselines
 from service.store import datasets as service_datasets
-from service.store import leases, workers
+from service.store import leases, recovery, workers
 from service.store.db import Database
-from service.store.optuna import make_storage
+from service.store.optuna import make_storage, optuna_study
 from worker import admission, checkpoints, datasets, runner
 from worker.objective import prepare_for, resolve, study_baselines
 
@@ -152,7 +152,7 @@ class _Heartbeat(threading.Thread):
                                   trial_row_id=c.trial_row_id if c else None)
                 if c is not None and self.progress != self._seen:
                     self._seen = self.progress
-                    leases.renew(self.db, c)
+                    leases.renew(self.db, claim=c)
             except leases.Fenced:
                 self.fenced = True
             except Exception:  # noqa: BLE001 - a missed beat is logged, the next one retries
@@ -306,7 +306,7 @@ class Slot:
             return
         self._last_reap = time.monotonic()
         try:
-            report = leases.reap(self.db, self.storage)
+            report = recovery.reap(self.db, self.storage)
             if report.freed or report.failed or report.orphans:
                 log.info("reaped: %s", report)
         except Exception:  # noqa: BLE001 - reaping is best effort here; the service reaps too
@@ -332,7 +332,7 @@ class Slot:
 
     def _run_trial(self, c: leases.Claim) -> None:
         spec = StudySpec.model_validate(c.spec)
-        ostudy = leases.optuna_study(self.storage, c.optuna_study_name, spec)
+        ostudy = optuna_study(self.storage, c.optuna_study_name, spec)
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
         self.hb.watch(c)
         log.info("trial %s#%d attempt %d: %s", c.study_name, c.number, c.attempt, c.params)
@@ -412,8 +412,8 @@ class Slot:
         def report(step: int, record: dict[str, float], value: float | None) -> None:
             if self.hb.fenced:
                 raise leases.Fenced("the lease was taken from this attempt")
-            leases.report(self.db, c, trial if value is not None else None, epoch=step,
-                          record=record, value=value)
+            leases.report(self.db, claim=c, trial=trial if value is not None else None,
+                          epoch=step, record=record, value=value)
             if tb is not None:
                 for k, v in record.items():
                     if k != "epoch" and isinstance(v, int | float):
@@ -455,7 +455,7 @@ class Slot:
 
     def _finish(self, ostudy: optuna.Study, c: leases.Claim, **kw: Any) -> None:
         try:
-            leases.finish(self.db, ostudy, c, **kw)
+            leases.finish(self.db, ostudy=ostudy, claim=c, **kw)
             workers.trial_done(self.db, worker_id=self.worker_id)
             log.info("trial %s#%d: %s (%s)", c.study_name, c.number, kw.get("state"),
                      kw.get("reason"))
@@ -464,7 +464,7 @@ class Slot:
 
     def _release(self, c: leases.Claim) -> None:
         try:
-            leases.release(self.db, c)
+            leases.release(self.db, claim=c)
             log.info("trial %s#%d handed back for another worker", c.study_name, c.number)
         except leases.Fenced:
             pass

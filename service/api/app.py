@@ -19,7 +19,7 @@ from service.api.deps import TENANT_SCOPE_KEY, AppState, request_key, resolve_te
 from service.logs import redact_access_log
 from service.metrics import LatencyMiddleware, Metrics
 from service.settings import Settings, get_settings
-from service.store import health, leases, migrate
+from service.store import health, migrate, recovery
 from service.store.db import Database
 from service.store.optuna import make_storage
 
@@ -149,7 +149,7 @@ class Reaper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                report = leases.reap(self.db, self.storage)
+                report = recovery.reap(self.db, self.storage)
                 if report.freed or report.failed or report.orphans or report.timed_out:
                     log.info("reaper: %s", report)
             except Exception:  # noqa: BLE001 - the loop must survive a bad round; logged

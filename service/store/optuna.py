@@ -1,4 +1,5 @@
-"""Optuna objects made from a study spec: storage, sampler, pruner, distributions.
+"""Optuna objects made from a study spec: storage, sampler, pruner, distributions, and the
+per-process cache of Optuna study objects.
 
 The service and the workers both build their Optuna objects here, so a study behaves the same
 wherever it is driven from.
@@ -16,6 +17,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import TrialState as OptunaState
 
 from seqtune import search
 from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec
@@ -23,6 +25,9 @@ from service.settings import Settings
 from service.store.db import engine_kwargs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Optuna system attribute on every trial seqtune's claim asks: the owner that asked it.
+ASKED_BY = "seqtune_asked_by"
 
 
 def make_storage(settings: Settings) -> optuna.storages.RDBStorage:
@@ -65,3 +70,31 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
     """The study's pruner, from the one table (``seqtune.search.PRUNERS``)."""
     return search.make_pruner(p)
+
+
+_STUDIES: dict[tuple[int, str], optuna.Study] = {}
+
+
+def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec,
+                 seed_offset: int = 0) -> optuna.Study:
+    """The Optuna study with the spec's sampler and pruner, cached per process (loading costs
+    queries; a study's name, directions and spec never change). The sampler is made afresh,
+    seeded per budget slot: samplers sharing one seed in many processes would propose the
+    same points, and a fresh one per slot keeps a seeded study reproducible."""
+    key = (id(storage), optuna_name)
+    study = _STUDIES.get(key)
+    if study is None:
+        study = optuna.load_study(study_name=optuna_name, storage=storage,
+                                  pruner=make_pruner(spec.pruner))
+        # Optuna's storage reads every trial of the study into this process the first time
+        # (seconds at 10^4 trials); do it now, not later inside ask() under the study lock.
+        study.get_trials(deepcopy=False, states=(OptunaState.WAITING,))
+        if len(_STUDIES) > 256:
+            _STUDIES.clear()
+        _STUDIES[key] = study
+    sampler_spec = spec.sampler
+    if sampler_spec.seed is not None:
+        spec = spec.model_copy(update={"sampler": sampler_spec.model_copy(
+            update={"seed": (sampler_spec.seed + seed_offset) % 2**32})})
+    study.sampler = make_sampler(spec)
+    return study

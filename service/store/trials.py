@@ -1,5 +1,5 @@
 """Trials: listing, enqueueing given hyperparameters; counters and Pareto flags shared with
-``service.store.leases``, which moves trials through their lifecycle.
+``service.store.leases``, ``budget`` and ``recovery``, which move trials through their lifecycle.
 
 Optuna holds each trial's params and values (its tools read them there); ``seqtune_trials``
 holds seqtune's record beside it: curves, stop reason, worker, attempts, test metrics. The
@@ -170,7 +170,7 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
     return db.run(txn)
 
 
-# ---- helpers shared with service.store.leases ----------------------------------------------------
+# ---- helpers shared with service.store.leases, budget and recovery -------------------------------
 
 
 def count_move(s: Session, study_id: int, old: str | None, new: str | None) -> None:
