@@ -49,22 +49,32 @@ def fresh_database() -> str:
 def load_trials(db: Database, study_name: str, n: int) -> None:
     """n finished trials in seqtune_trials and in Optuna's trials/values/params tables."""
     with db.engine.begin() as c:
-        sid, osid = c.execute(text("SELECT id, optuna_study_id FROM seqtune_studies "
-                                   "WHERE name = :n"), {"n": study_name}).one()
-        c.execute(text("""
+        sid, osid = c.execute(
+            text("SELECT id, optuna_study_id FROM seqtune_studies WHERE name = :n"),
+            {"n": study_name},
+        ).one()
+        c.execute(
+            text("""
             INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete)
             SELECT g, :osid, 'COMPLETE', now(), now() FROM generate_series(0, :n - 1) g"""),
-                  {"osid": osid, "n": n})
-        c.execute(text("""
+            {"osid": osid, "n": n},
+        )
+        c.execute(
+            text("""
             INSERT INTO trial_values (trial_id, objective, value, value_type)
             SELECT trial_id, 0, 1.0 + random(), 'FINITE' FROM trials WHERE study_id = :osid"""),
-                  {"osid": osid})
-        c.execute(text("""
+            {"osid": osid},
+        )
+        c.execute(
+            text("""
             INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
             SELECT trial_id, 'hidden_size', 8 + (random() * 56)::int,
               '{"name": "IntDistribution", "attributes": {"log": false, "step": 1, "low": 8, "high": 64}}'
-            FROM trials WHERE study_id = :osid"""), {"osid": osid})
-        c.execute(text("""
+            FROM trials WHERE study_id = :osid"""),
+            {"osid": osid},
+        )
+        c.execute(
+            text("""
             INSERT INTO seqtune_trials (study_id, number, optuna_trial_id, state, params, value,
               "values", on_front, curve, epochs, info, attempts, created_at, started_at,
               finished_at)
@@ -74,9 +84,13 @@ def load_trials(db: Database, study_name: str, n: int) -> None:
               now() - interval '1 minute', now()
             FROM trials t JOIN trial_values v USING (trial_id)
               JOIN trial_params p USING (trial_id)
-            WHERE t.study_id = :osid"""), {"sid": sid, "osid": osid})
-        c.execute(text("UPDATE seqtune_studies SET n_complete = :n, n_trials = :n "
-                       "WHERE id = :sid"), {"n": n, "sid": sid})
+            WHERE t.study_id = :osid"""),
+            {"sid": sid, "osid": osid},
+        )
+        c.execute(
+            text("UPDATE seqtune_studies SET n_complete = :n, n_trials = :n WHERE id = :sid"),
+            {"n": n, "sid": sid},
+        )
         c.execute(text("ANALYZE"))
 
 
@@ -90,9 +104,21 @@ def _ms(s: str) -> float:
 
 
 def run_wrk(url: str, key: str, clients: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency",
-                          "-H", f"Authorization: Bearer {key}", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{clients}",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {key}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -120,19 +146,40 @@ def main() -> None:
     storage = make_storage(settings)
     key = keys.create_key(db, tenant="bench")
     for n in sizes:
-        spec = parse_spec({"name": f"bench-{n}", "dataset": {"kind": "builtin",
-                           "name": "sunspots"}, "objectives": [{"metric": "val_rmse"}],
-                           "search_space": {"hidden_size": {"type": "int", "low": 8,
-                                                            "high": 64}}})
+        spec = parse_spec(
+            {
+                "name": f"bench-{n}",
+                "dataset": {"kind": "builtin", "name": "sunspots"},
+                "objectives": [{"metric": "val_rmse"}],
+                "search_space": {"hidden_size": {"type": "int", "low": 8, "high": 64}},
+            }
+        )
         create_study(db, storage, tenant="bench", spec=spec)
         t0 = time.perf_counter()
         load_trials(db, f"bench-{n}", n)
         print(f"loaded {n} trials in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
-    env = {**os.environ, "SEQTUNE_DATABASE_URL": url, "SEQTUNE_LOG_LEVEL": "WARNING",
-           "SEQTUNE_POOL_SIZE": "20", "SEQTUNE_MAX_OVERFLOW": "50"}
-    server = subprocess.Popen([sys.executable, "-m", "seqtune.cli", "serve", "--port",
-                               str(args.port), "--workers", str(args.workers)], env=env, cwd=Path(__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "SEQTUNE_DATABASE_URL": url,
+        "SEQTUNE_LOG_LEVEL": "WARNING",
+        "SEQTUNE_POOL_SIZE": "20",
+        "SEQTUNE_MAX_OVERFLOW": "50",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "seqtune.cli",
+            "serve",
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     base = f"http://127.0.0.1:{args.port}"
     try:
         for _ in range(100):
@@ -144,9 +191,11 @@ def main() -> None:
             time.sleep(0.2)
         rows = []
         for n in sizes:
-            for label, path in [("GET /healthz", "/healthz"),
-                                ("GET /v1/studies/{name}/best", f"/v1/studies/bench-{n}/best"),
-                                ("GET /v1/studies/{name}", f"/v1/studies/bench-{n}")]:
+            for label, path in [
+                ("GET /healthz", "/healthz"),
+                ("GET /v1/studies/{name}/best", f"/v1/studies/bench-{n}/best"),
+                ("GET /v1/studies/{name}", f"/v1/studies/bench-{n}"),
+            ]:
                 r = httpx.get(base + path, headers={"Authorization": f"Bearer {key}"})
                 assert r.status_code == 200, (path, r.text)
                 m = run_wrk(base + path, key, args.clients, args.seconds)
@@ -155,17 +204,25 @@ def main() -> None:
             t0 = time.perf_counter()
             optuna_best = study.best_trial
             dt = (time.perf_counter() - t0) * 1e3
-            api_best = httpx.get(base + f"/v1/studies/bench-{n}/best",
-                                 headers={"Authorization": f"Bearer {key}"}).json()
+            api_best = httpx.get(
+                base + f"/v1/studies/bench-{n}/best", headers={"Authorization": f"Bearer {key}"}
+            ).json()
             assert api_best["best"]["number"] == optuna_best.number
-            rows.append((n, "optuna study.best_trial (one call, in-process)",
-                         {"rps": float("nan"), "p50": dt, "p99": float("nan"), "errors": 0}))
+            rows.append(
+                (
+                    n,
+                    "optuna study.best_trial (one call, in-process)",
+                    {"rps": float("nan"), "p50": dt, "p99": float("nan"), "errors": 0},
+                )
+            )
     finally:
         server.terminate()
         server.wait(10)
 
-    print(f"\nMachine: {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
-          f"Postgres local, uvicorn {args.workers} process(es), wrk -t2 -c{args.clients} -d{args.seconds}s\n")
+    print(
+        f"\nMachine: {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
+        f"Postgres local, uvicorn {args.workers} process(es), wrk -t2 -c{args.clients} -d{args.seconds}s\n"
+    )
     print("| trials in study | endpoint | requests/s | p50 ms | p99 ms | non-2xx |")
     print("|---:|---|---:|---:|---:|---:|")
     for n, label, m in rows:

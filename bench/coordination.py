@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ADMIN = os.environ.get("SEQTUNE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 EPOCHS = 20
-SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 64},
-         "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}
+SPACE = {
+    "hidden_size": {"type": "int", "low": 8, "high": 64},
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+}
 
 
 def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
@@ -52,11 +54,18 @@ def seqtune_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
         ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
         for e in range(EPOCHS):
-            leases.report(db, claim=c, trial=trial, epoch=e,
-                          record={"epoch": e, "val_rmse": 1.0 / (e + 1)}, value=1.0 / (e + 1))
+            leases.report(
+                db,
+                claim=c,
+                trial=trial,
+                epoch=e,
+                record={"epoch": e, "val_rmse": 1.0 / (e + 1)},
+                value=1.0 / (e + 1),
+            )
             trial.should_prune()
-        leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE",
-                      values=[float(np.random.rand())])
+        leases.finish(
+            db, ostudy=ostudy, claim=c, state="COMPLETE", values=[float(np.random.rand())]
+        )
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -68,8 +77,12 @@ def optuna_worker(url: str, name: str, n: int, out: mp.Queue) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=optuna.samplers.RandomSampler(),
+        pruner=optuna.pruners.NopPruner(),
+    )
     times, last = [], [time.perf_counter()]
 
     def objective(trial: optuna.Trial) -> float:
@@ -93,25 +106,37 @@ def prefill(engine, optuna_study_id: int, seqtune_study_id: int | None, n: int) 
     from sqlalchemy import text
 
     with engine.begin() as c:
-        c.execute(text("""INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete)
+        c.execute(
+            text("""INSERT INTO trials (number, study_id, state, datetime_start, datetime_complete)
             SELECT g, :o, 'COMPLETE', now(), now() FROM generate_series(0, :n - 1) g"""),
-                  {"o": optuna_study_id, "n": n})
-        c.execute(text("""INSERT INTO trial_values (trial_id, objective, value, value_type)
+            {"o": optuna_study_id, "n": n},
+        )
+        c.execute(
+            text("""INSERT INTO trial_values (trial_id, objective, value, value_type)
             SELECT trial_id, 0, random(), 'FINITE' FROM trials WHERE study_id = :o"""),
-                  {"o": optuna_study_id})
-        c.execute(text("""INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
+            {"o": optuna_study_id},
+        )
+        c.execute(
+            text("""INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
             SELECT trial_id, 'hidden_size', 8 + (random() * 56)::int,
               '{"name": "IntDistribution", "attributes": {"log": false, "step": 1, "low": 8, "high": 64}}'
-            FROM trials WHERE study_id = :o"""), {"o": optuna_study_id})
+            FROM trials WHERE study_id = :o"""),
+            {"o": optuna_study_id},
+        )
         if seqtune_study_id is not None:
-            c.execute(text("""INSERT INTO seqtune_trials (study_id, number, optuna_trial_id, state,
+            c.execute(
+                text("""INSERT INTO seqtune_trials (study_id, number, optuna_trial_id, state,
                   params, value, "values", on_front, curve, epochs, info, attempts, fence,
                   created_at, started_at, finished_at)
                 SELECT :s, number, trial_id, 'COMPLETE', '{}'::jsonb, 0.5, '[0.5]'::jsonb, false,
                   '[]'::jsonb, 20, '{}'::jsonb, 1, 2, now(), now(), now()
-                FROM trials WHERE study_id = :o"""), {"s": seqtune_study_id, "o": optuna_study_id})
-            c.execute(text("UPDATE seqtune_studies SET n_claimed = :n, n_complete = :n "
-                           "WHERE id = :s"), {"n": n, "s": seqtune_study_id})
+                FROM trials WHERE study_id = :o"""),
+                {"s": seqtune_study_id, "o": optuna_study_id},
+            )
+            c.execute(
+                text("UPDATE seqtune_studies SET n_claimed = :n, n_complete = :n WHERE id = :s"),
+                {"n": n, "s": seqtune_study_id},
+            )
         c.execute(text("ANALYZE"))
 
 
@@ -137,13 +162,23 @@ def run_case(kind: str, workers: int, pre: int, per_worker: int) -> list[float]:
     storage = make_storage(settings)
     total = pre + workers * per_worker
     if kind == "seqtune":
-        spec = parse_spec({"name": "coord", "dataset": {"kind": "builtin", "name": "sunspots"},
-                           "objectives": [{"metric": "val_rmse"}], "search_space": SPACE,
-                           "sampler": {"name": "random"}, "pruner": {"name": "none"},
-                           "budget": {"n_trials": total}})
+        spec = parse_spec(
+            {
+                "name": "coord",
+                "dataset": {"kind": "builtin", "name": "sunspots"},
+                "objectives": [{"metric": "val_rmse"}],
+                "search_space": SPACE,
+                "sampler": {"name": "random"},
+                "pruner": {"name": "none"},
+                "budget": {"n_trials": total},
+            }
+        )
         view = create_study(db, storage, tenant="b", spec=spec)
-        sid = db.run(lambda s: s.execute(text(
-            "SELECT id, optuna_study_id FROM seqtune_studies WHERE name='coord'")).one())
+        sid = db.run(
+            lambda s: s.execute(
+                text("SELECT id, optuna_study_id FROM seqtune_studies WHERE name='coord'")
+            ).one()
+        )
         prefill(db.engine, sid[1], sid[0], pre)
         name, target = "coord", seqtune_worker
         assert view.name == "coord"
@@ -180,8 +215,10 @@ def main() -> None:
                 t = np.array(run_case(kind, w, pre, per)) * 1e3
                 rows.append((pre, w, kind, len(t), np.percentile(t, 50), np.percentile(t, 99)))
                 print(rows[-1], file=sys.stderr, flush=True)
-    print(f"\nMachine: {platform.node()} ({os.cpu_count()} CPUs), Postgres 15 local; "
-          f"{EPOCHS} reports per trial, RandomSampler, NopPruner\n")
+    print(
+        f"\nMachine: {platform.node()} ({os.cpu_count()} CPUs), Postgres 15 local; "
+        f"{EPOCHS} reports per trial, RandomSampler, NopPruner\n"
+    )
     print("| trials before | workers | loop | trials timed | p50 ms | p99 ms | p50 vs Optuna |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     base: dict[tuple[int, int], float] = {}

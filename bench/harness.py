@@ -39,15 +39,23 @@ def fresh_database(url: str) -> None:
 
 def service_env(database_url: str, data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    env.update(SEQTUNE_DATABASE_URL=database_url, SEQTUNE_LOG_LEVEL="WARNING",
-               SEQTUNE_DATA_DIR=str(data_dir))
+    env.update(
+        SEQTUNE_DATABASE_URL=database_url,
+        SEQTUNE_LOG_LEVEL="WARNING",
+        SEQTUNE_DATA_DIR=str(data_dir),
+    )
     return env
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A `seqtune` subcommand in its own session, its output in ``log``."""
-    return subprocess.Popen([*EXE, *args], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*EXE, *args],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(*procs: subprocess.Popen[bytes], timeout: float = 120) -> None:

@@ -51,23 +51,42 @@ from bench import harness  # noqa: E402
 ADMIN = os.environ.get("SEQTUNE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 DB_NAME = "seqtune_schemathesis"
 TENANT = "fuzz"
-SEEDED = "seeded"            # single objective, finished trials with models
+SEEDED = "seeded"  # single objective, finished trials with models
 SEEDED_MULTI = "seeded-multi"  # two objectives: a Pareto front, no single best model
 SEEDED_EMPTY = "seeded-empty"  # no trial yet: /best and the models answer 409
-SEMANTIC_BODIES = (("POST", "/v1/studies"), ("POST", "/v1/studies/{name}/trials"),
-                   ("POST", "/v1/datasets"))
+SEMANTIC_BODIES = (
+    ("POST", "/v1/studies"),
+    ("POST", "/v1/studies/{name}/trials"),
+    ("POST", "/v1/datasets"),
+)
 BODIES = (*SEMANTIC_BODIES, ("PATCH", "/v1/studies/{name}"))
 # schemathesis's default rejections for negative_data_rejection, plus 413 (see the docstring)
-REJECTIONS = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428",
-              "429", "5xx"]
+REJECTIONS = [
+    "400",
+    "401",
+    "403",
+    "404",
+    "405",
+    "406",
+    "409",
+    "413",
+    "415",
+    "422",
+    "428",
+    "429",
+    "5xx",
+]
 
 
 def study(name: str, **over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "name": name, "dataset": {"kind": "builtin", "name": "sunspots"},
-        "search_space": {"hidden_size": {"type": "int", "low": 8, "high": 64},
-                         "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-                         "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}},
+        "name": name,
+        "dataset": {"kind": "builtin", "name": "sunspots"},
+        "search_space": {
+            "hidden_size": {"type": "int", "low": 8, "high": 64},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+        },
         "budget": {"n_trials": 40},
     }
     body.update(over)
@@ -95,13 +114,24 @@ def run_trials(url: str, data_dir: Path, name: str, values: list[list[float]]) -
             single = len(vals) == 1
             trial = optuna.trial.Trial(ostudy, c.optuna_trial_id) if single else None
             for e in range(3):
-                leases.report(db, claim=c, trial=trial, epoch=e,
-                              value=vals[0] + 3 - e if single else None,
-                              record={"epoch": e, "train_loss": 1.0 / (e + 1),
-                                      "val_loss": vals[0] + e})
+                leases.report(
+                    db,
+                    claim=c,
+                    trial=trial,
+                    epoch=e,
+                    value=vals[0] + 3 - e if single else None,
+                    record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e},
+                )
             leases.save_checkpoint(db, claim=c, kind="best", epoch=2, data=b"seeded-model")
-            leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=vals,
-                          reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
+            leases.finish(
+                db,
+                ostudy=ostudy,
+                claim=c,
+                state="COMPLETE",
+                values=vals,
+                reason="max_epochs",
+                test_metrics={"test_rmse": vals[0] * 1.1},
+            )
     finally:
         db.dispose()
 
@@ -109,22 +139,32 @@ def run_trials(url: str, data_dir: Path, name: str, values: list[list[float]]) -
 def seed(base: str, key: str, url: str, data_dir: Path) -> dict[str, list[Any]]:
     auth = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=base, headers=auth, timeout=60) as c:
-        for body in (study(SEEDED), study(SEEDED_EMPTY),
-                     study(SEEDED_MULTI, objectives=[{"metric": "val_rmse"},
-                                                     {"metric": "val_mae"}])):
+        for body in (
+            study(SEEDED),
+            study(SEEDED_EMPTY),
+            study(SEEDED_MULTI, objectives=[{"metric": "val_rmse"}, {"metric": "val_mae"}]),
+        ):
             c.post("/v1/studies", json=body).raise_for_status()
         csv = "t,y,x\n" + "".join(f"{i},{math.sin(i / 7):.5f},{i % 13}\n" for i in range(300))
-        r = c.post("/v1/datasets", files={"file": ("seeded.csv", csv.encode(), "text/csv")},
-                   data={"name": "seeded"})
+        r = c.post(
+            "/v1/datasets",
+            files={"file": ("seeded.csv", csv.encode(), "text/csv")},
+            data={"name": "seeded"},
+        )
         r.raise_for_status()
         dataset_id = r.json()["id"]
     run_trials(url, data_dir, SEEDED, [[v] for v in (0.9, 0.4, 0.7, 0.2, 0.6, 0.5)])
     run_trials(url, data_dir, SEEDED_MULTI, [[0.3, 0.9], [0.6, 0.2], [0.5, 0.5]])
     with httpx.Client(base_url=base, headers=auth, timeout=60) as c:
-        c.post(f"/v1/studies/{SEEDED}/trials", json={"params": {
-            "hidden_size": 32, "lr": 0.01, "optimizer": "adam"}}).raise_for_status()
-    return {"studies": [SEEDED, SEEDED_MULTI, SEEDED_EMPTY], "trials": list(range(8)),
-            "datasets": [dataset_id]}
+        c.post(
+            f"/v1/studies/{SEEDED}/trials",
+            json={"params": {"hidden_size": 32, "lr": 0.01, "optimizer": "adam"}},
+        ).raise_for_status()
+    return {
+        "studies": [SEEDED, SEEDED_MULTI, SEEDED_EMPTY],
+        "trials": list(range(8)),
+        "datasets": [dataset_id],
+    }
 
 
 def config(seeded: dict[str, list[Any]], args: argparse.Namespace) -> str:
@@ -133,18 +173,30 @@ def config(seeded: dict[str, list[Any]], args: argparse.Namespace) -> str:
     check (see the module's docstring)."""
     lines = ["[dictionaries]"]
     lines += [f"{k} = {{ values = {json.dumps(v)} }}" for k, v in seeded.items()]
-    binding = ('parameters = {{ "path.name" = {{ dictionary = "studies", probability = {p} }}, '
-               '"path.number" = {{ dictionary = "trials", probability = {p} }}, '
-               '"path.dataset_id" = {{ dictionary = "datasets", probability = {p} }} }}')
-    lines += ["", "[[operations]]", 'include-method = ["GET", "PATCH", "POST"]',
-              binding.format(p=args.seeded_share)]
+    binding = (
+        'parameters = {{ "path.name" = {{ dictionary = "studies", probability = {p} }}, '
+        '"path.number" = {{ dictionary = "trials", probability = {p} }}, '
+        '"path.dataset_id" = {{ dictionary = "datasets", probability = {p} }} }}'
+    )
+    lines += [
+        "",
+        "[[operations]]",
+        'include-method = ["GET", "PATCH", "POST"]',
+        binding.format(p=args.seeded_share),
+    ]
     for method, path in BODIES:
-        lines += ["", "[[operations]]", f'include-method = "{method}"',
-                  f'include-path = "{path}"',
-                  f"checks.negative_data_rejection.expected-statuses = {json.dumps(REJECTIONS)}"]
+        lines += [
+            "",
+            "[[operations]]",
+            f'include-method = "{method}"',
+            f'include-path = "{path}"',
+            f"checks.negative_data_rejection.expected-statuses = {json.dumps(REJECTIONS)}",
+        ]
         if (method, path) in SEMANTIC_BODIES:
-            lines += ['checks.positive_data_acceptance.expected-statuses = '
-                      '["2xx", "401", "403", "404", "409", "422", "429"]']
+            lines += [
+                "checks.positive_data_acceptance.expected-statuses = "
+                '["2xx", "401", "403", "404", "409", "422", "429"]'
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -165,18 +217,29 @@ def served(base: str) -> Counter[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max-examples", type=int, default=25,
-                    help="test cases per operation and phase (schemathesis -n)")
+    ap.add_argument(
+        "--max-examples",
+        type=int,
+        default=25,
+        help="test cases per operation and phase (schemathesis -n)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", default="2", help="schemathesis workers")
     ap.add_argument("--max-time", type=int, help="seconds; fuzzing and stateful repeat to it")
     ap.add_argument("--phases", help="schemathesis phases (default: all)")
-    ap.add_argument("--seeded-share", type=float, default=0.5,
-                    help="how often a path parameter takes a seeded value")
+    ap.add_argument(
+        "--seeded-share",
+        type=float,
+        default=0.5,
+        help="how often a path parameter takes a seeded value",
+    )
     ap.add_argument("--port", type=int, default=18766)
     ap.add_argument("--out", type=Path, help="keep the reports and logs here")
-    ap.add_argument("--ndjson", action="store_true",
-                    help="also write schemathesis's NDJSON event log (every request; large)")
+    ap.add_argument(
+        "--ndjson",
+        action="store_true",
+        help="also write schemathesis's NDJSON event log (every request; large)",
+    )
     args = ap.parse_args()
 
     work = (args.out or Path(tempfile.mkdtemp(prefix="seqtune-st-"))).resolve()
@@ -185,8 +248,13 @@ def main() -> int:
     harness.fresh_database(url)
     env = harness.service_env(url, work / "data")
     subprocess.run([*harness.EXE, "db", "upgrade"], env=env, check=True, capture_output=True)
-    made = subprocess.run([*harness.EXE, "keys", "create", "--tenant", TENANT], env=env,
-                          check=True, capture_output=True, text=True)
+    made = subprocess.run(
+        [*harness.EXE, "keys", "create", "--tenant", TENANT],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     key = made.stdout.strip().splitlines()[-1]
     base = f"http://127.0.0.1:{args.port}"
     proc = harness.start(["serve", "--port", str(args.port)], env, work / "serve.log")
@@ -203,11 +271,30 @@ def main() -> int:
         seeded = seed(base, key, url, work / "data")
         (work / "schemathesis.toml").write_text(config(seeded, args))
         before = served(base)
-        cmd = ["st", "--config-file", str(work / "schemathesis.toml"), "run",
-               f"{base}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {key}",
-               "-n", str(args.max_examples), "--seed", str(args.seed), "-w", str(args.workers),
-               "--request-timeout", "120", "--report", "json", "--report-json-path",
-               str(work / "report.json"), "--no-color"]
+        cmd = [
+            "st",
+            "--config-file",
+            str(work / "schemathesis.toml"),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "-H",
+            f"Authorization: Bearer {key}",
+            "-n",
+            str(args.max_examples),
+            "--seed",
+            str(args.seed),
+            "-w",
+            str(args.workers),
+            "--request-timeout",
+            "120",
+            "--report",
+            "json",
+            "--report-json-path",
+            str(work / "report.json"),
+            "--no-color",
+        ]
         if args.max_time:
             cmd += ["--max-time", str(args.max_time)]
         if args.phases:
@@ -231,15 +318,21 @@ def main() -> int:
     report = json.loads((work / "report.json").read_text())
     cases = report["test_cases"]
     by_check = Counter({f"{f['code']} {f['title']}": f["count"] for f in report["failures"]})
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; schemathesis "
-          f"{report['schemathesis_version']}; seed {args.seed}; {took:.0f} s")
-    print(f"operations tested: {report['operations']['tested']}/"
-          f"{report['operations']['selected']}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; schemathesis "
+        f"{report['schemathesis_version']}; seed {args.seed}; {took:.0f} s"
+    )
+    print(f"operations tested: {report['operations']['tested']}/{report['operations']['selected']}")
     server_errors = sum(n for status, n in answered.items() if status.startswith("5"))
-    print(f"requests answered by the service: {sum(answered.values())} ("
-          + ", ".join(f"{k}: {v}" for k, v in sorted(answered.items())) + ")")
-    print(f"test cases: {cases['generated']} generated, {cases['with_failures']} with failures, "
-          f"{cases['errored']} errored")
+    print(
+        f"requests answered by the service: {sum(answered.values())} ("
+        + ", ".join(f"{k}: {v}" for k, v in sorted(answered.items()))
+        + ")"
+    )
+    print(
+        f"test cases: {cases['generated']} generated, {cases['with_failures']} with failures, "
+        f"{cases['errored']} errored"
+    )
     print(f"server errors (5xx): {server_errors}")
     print(f"conformance failures: {sum(by_check.values())}")
     for check, n in sorted(by_check.items()):

@@ -37,16 +37,19 @@ from seqtune.client import ApiError, Client  # noqa: E402
 STRATEGIES: dict[str, dict[str, Any]] = {
     "random": {"sampler": {"name": "random"}, "pruner": {"name": "none"}},
     "tpe": {"sampler": {"name": "tpe"}, "pruner": {"name": "none"}},
-    "tpe+median": {"sampler": {"name": "tpe"},
-                   "pruner": {"name": "median", "options": {"n_startup_trials": 5,
-                                                           "n_warmup_steps": 5}}},
-    "tpe+hyperband": {"sampler": {"name": "tpe"},
-                      "pruner": {"name": "hyperband", "options": {"min_resource": 3,
-                                                                  "reduction_factor": 3}}},
+    "tpe+median": {
+        "sampler": {"name": "tpe"},
+        "pruner": {"name": "median", "options": {"n_startup_trials": 5, "n_warmup_steps": 5}},
+    },
+    "tpe+hyperband": {
+        "sampler": {"name": "tpe"},
+        "pruner": {"name": "hyperband", "options": {"min_resource": 3, "reduction_factor": 3}},
+    },
     # hyperband from the first epoch (the defaults' first rule, max_epochs / 20 with no floor)
-    "tpe+hyperband-min1": {"sampler": {"name": "tpe"},
-                           "pruner": {"name": "hyperband", "options": {"min_resource": 1,
-                                                                       "reduction_factor": 3}}},
+    "tpe+hyperband-min1": {
+        "sampler": {"name": "tpe"},
+        "pruner": {"name": "hyperband", "options": {"min_resource": 1, "reduction_factor": 3}},
+    },
     # Optuna's MedianPruner as it comes (5 startup trials, no warm-up): seqtune's old default
     "tpe+median-w0": {"sampler": {"name": "tpe"}, "pruner": {"name": "median"}},
     "defaults": {},
@@ -66,15 +69,28 @@ SPACE = {
 
 def problem(name: str, mg_points: int) -> dict[str, Any]:
     if name == "sunspots":
-        return {"dataset": {"kind": "builtin", "name": "sunspots"}, "search_space": SPACE,
-                "fixed": {"max_epochs": 60, "clip_norm": 1.0}}
+        return {
+            "dataset": {"kind": "builtin", "name": "sunspots"},
+            "search_space": SPACE,
+            "fixed": {"max_epochs": 60, "clip_norm": 1.0},
+        }
     if name == "mackey_glass":
-        space = dict(SPACE, hidden_size={"type": "int", "low": 8, "high": 64, "log": True},
-                     batch_size={"type": "categorical", "choices": [128, 256, 512]},
-                     seq_len={"type": "int", "low": 8, "high": 48, "step": 8})
-        return {"dataset": {"kind": "synthetic", "generator": "mackey_glass",
-                            "n_points": mg_points, "seed": 0},
-                "search_space": space, "fixed": {"max_epochs": 20, "clip_norm": 1.0}}
+        space = dict(
+            SPACE,
+            hidden_size={"type": "int", "low": 8, "high": 64, "log": True},
+            batch_size={"type": "categorical", "choices": [128, 256, 512]},
+            seq_len={"type": "int", "low": 8, "high": 48, "step": 8},
+        )
+        return {
+            "dataset": {
+                "kind": "synthetic",
+                "generator": "mackey_glass",
+                "n_points": mg_points,
+                "seed": 0,
+            },
+            "search_space": space,
+            "fixed": {"max_epochs": 20, "clip_norm": 1.0},
+        }
     raise SystemExit(f"unknown problem {name}")
 
 
@@ -98,23 +114,31 @@ def run_study(c: Client, name: str, body: dict[str, Any], epochs: int) -> list[A
 
 def curve(trials: list[Any], epochs: int, minimize: bool = True) -> dict[str, Any]:
     """Best-so-far validation value and that trial's test RMSE against cumulative epochs."""
-    done = sorted((t for t in trials if t.finished_at is not None),
-                  key=lambda t: t.finished_at)
+    done = sorted((t for t in trials if t.finished_at is not None), key=lambda t: t.finished_at)
     xs, best, test = [], [], []
     cum, b, bt = 0, None, None
     for t in done:
         cum += t.epochs
         if cum > epochs:
             break
-        if t.state == "COMPLETE" and t.value is not None and (
-                b is None or (t.value < b if minimize else t.value > b)):
+        if (
+            t.state == "COMPLETE"
+            and t.value is not None
+            and (b is None or (t.value < b if minimize else t.value > b))
+        ):
             b, bt = t.value, (t.test_metrics or {}).get("test_rmse")
         xs.append(cum)
         best.append(b)
         test.append(bt)
-    return {"epochs": xs, "best": best, "test": test, "final_best": b, "final_test": bt,
-            "n_trials": len(xs), "n_pruned": sum(1 for t in done[:len(xs)]
-                                                 if t.state == "PRUNED")}
+    return {
+        "epochs": xs,
+        "best": best,
+        "test": test,
+        "final_best": b,
+        "final_test": bt,
+        "n_trials": len(xs),
+        "n_pruned": sum(1 for t in done[: len(xs)] if t.state == "PRUNED"),
+    }
 
 
 def epochs_to_reach(cur: dict[str, Any], target: float) -> int | None:
@@ -132,13 +156,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1500, help="epoch budget per study")
     ap.add_argument("--mg-points", type=int, default=20000)
     ap.add_argument("--slots", type=int, default=2, help="worker slots (trials at once)")
-    ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/"
-                    "seqtune_bench_search")
+    ap.add_argument(
+        "--database-url", default="postgresql://postgres@127.0.0.1:5432/seqtune_bench_search"
+    )
     ap.add_argument("--port", type=int, default=8977)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the runs already in search-<problem>.json (same budget) and "
-                    "run only the missing ones")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs already in search-<problem>.json (same budget) and "
+        "run only the missing ones",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,8 +174,11 @@ def main() -> None:
     harness.fresh_database(args.database_url)
     env = harness.service_env(args.database_url, out / "data")
     with harness.service(env, args.port, out / "serve.log") as c:
-        worker = harness.start(["worker", "--gpus", "none", "--slots-per-gpu", str(args.slots)],
-                               env, out / "worker.log")
+        worker = harness.start(
+            ["worker", "--gpus", "none", "--slots-per-gpu", str(args.slots)],
+            env,
+            out / "worker.log",
+        )
         try:
             run_all(c, args, out)
         finally:
@@ -156,25 +187,36 @@ def main() -> None:
 
 def run_all(c: Client, args: argparse.Namespace, out: Path) -> None:
     for prob in args.problems:
-        results: dict[str, Any] = {"problem": prob, "epochs": args.epochs,
-                                   "slots": args.slots, "machine": platform.node(),
-                                   "started": datetime.now().isoformat(), "runs": {}}
+        results: dict[str, Any] = {
+            "problem": prob,
+            "epochs": args.epochs,
+            "slots": args.slots,
+            "machine": platform.node(),
+            "started": datetime.now().isoformat(),
+            "runs": {},
+        }
         old = out / f"search-{prob}.json"
         if args.merge and old.exists():
             kept = json.loads(old.read_text())
             if kept["epochs"] != args.epochs:
-                raise SystemExit(f"{old} has a budget of {kept['epochs']} epochs, not "
-                                 f"{args.epochs}; cannot merge")
+                raise SystemExit(
+                    f"{old} has a budget of {kept['epochs']} epochs, not "
+                    f"{args.epochs}; cannot merge"
+                )
             results["runs"] = kept["runs"]
         for seed in args.seeds:  # seed-major: a cut-short run still compares every strategy
             for strat in args.strategies:
                 if f"{strat}/{seed}" in results["runs"] and args.merge:
                     continue  # kept from the merged file
-                body = {"name": f"{prob}-{strat.replace('+', '-')}-s{seed}",
-                        "task": "forecast", "objectives": [{"metric": "val_rmse"}],
-                        "early_stopping": {"patience": 10},
-                        "budget": {"n_trials": 100000, "max_concurrent_trials": args.slots},
-                        **problem(prob, args.mg_points), **STRATEGIES[strat]}
+                body = {
+                    "name": f"{prob}-{strat.replace('+', '-')}-s{seed}",
+                    "task": "forecast",
+                    "objectives": [{"metric": "val_rmse"}],
+                    "early_stopping": {"patience": 10},
+                    "budget": {"n_trials": 100000, "max_concurrent_trials": args.slots},
+                    **problem(prob, args.mg_points),
+                    **STRATEGIES[strat],
+                }
                 if "sampler" in body:
                     body["sampler"] = dict(body["sampler"], seed=seed)
                 else:
@@ -185,9 +227,12 @@ def run_all(c: Client, args: argparse.Namespace, out: Path) -> None:
                 cur["wall_s"] = time.perf_counter() - t0
                 results["runs"][f"{strat}/{seed}"] = cur
                 (out / f"search-{prob}.json").write_text(json.dumps(results, indent=1))
-                print(f"{prob} {strat} seed {seed}: best val {cur['final_best']:.4g} "
-                      f"test {cur['final_test']} trials {cur['n_trials']} "
-                      f"pruned {cur['n_pruned']} ({cur['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"{prob} {strat} seed {seed}: best val {cur['final_best']:.4g} "
+                    f"test {cur['final_test']} trials {cur['n_trials']} "
+                    f"pruned {cur['n_pruned']} ({cur['wall_s']:.0f} s)",
+                    flush=True,
+                )
         (out / f"search-{prob}.json").write_text(json.dumps(results, indent=1))
         report(results, out)
 
@@ -198,8 +243,10 @@ def report(results: dict[str, Any], out: Path) -> None:
     strats = [s for s in STRATEGIES if any(k.startswith(s + "/") for k in runs)]
     seeds = sorted({int(k.split("/")[1]) for k in runs})
     print(f"\n### {results['problem']}: budget {E} epochs per study, {len(seeds)} seeds\n")
-    print("| strategy | best val RMSE (mean ± sd) | its test RMSE | trials | pruned | "
-          "epochs to reach random's final best (share of budget) |")
+    print(
+        "| strategy | best val RMSE (mean ± sd) | its test RMSE | trials | pruned | "
+        "epochs to reach random's final best (share of budget) |"
+    )
     print("|---|---|---|---|---|---|")
     for s in strats:
         rs = [runs[f"{s}/{seed}"] for seed in seeds]
@@ -210,9 +257,11 @@ def report(results: dict[str, Any], out: Path) -> None:
             target = runs.get(f"random/{seed}", {}).get("final_best")
             reach.append(None if target is None else epochs_to_reach(r, target))
         shown = ", ".join("never" if x is None else f"{x} ({x / E:.0%})" for x in reach)
-        print(f"| {s} | {best.mean():.4g} ± {best.std():.2g} | {np.nanmean(test):.4g} | "
-              f"{np.mean([r['n_trials'] for r in rs]):.0f} | "
-              f"{np.mean([r['n_pruned'] for r in rs]):.0f} | {shown} |")
+        print(
+            f"| {s} | {best.mean():.4g} ± {best.std():.2g} | {np.nanmean(test):.4g} | "
+            f"{np.mean([r['n_trials'] for r in rs]):.0f} | "
+            f"{np.mean([r['n_pruned'] for r in rs]):.0f} | {shown} |"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,8 +276,7 @@ def report(results: dict[str, Any], out: Path) -> None:
             y = np.full_like(grid, np.nan)
             for x, b in zip(r["epochs"], r["best"], strict=True):
                 if b is not None:
-                    y[grid >= x] = np.fmin(np.where(np.isnan(y[grid >= x]), b, y[grid >= x]),
-                                           b)
+                    y[grid >= x] = np.fmin(np.where(np.isnan(y[grid >= x]), b, y[grid >= x]), b)
             ys.append(y)
         with warnings.catch_warnings():  # before a strategy's first result: all NaN
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -44,15 +44,24 @@ class WindowDataset(Dataset):
         return len(self.s) - self.L
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(self.s[i:i + self.L, None]),
-                torch.from_numpy(self.s[i + self.L:i + self.L + 1, None]))
+        return (
+            torch.from_numpy(self.s[i : i + self.L, None]),
+            torch.from_numpy(self.s[i + self.L : i + self.L + 1, None]),
+        )
 
 
 EPOCHS = 3  # the first is warm-up; throughput is measured over the rest
 
 
-def reference(series: np.ndarray, hidden: int, layers: int, batch: int, seq_len: int,
-              device: str, epochs: int = EPOCHS) -> float:
+def reference(
+    series: np.ndarray,
+    hidden: int,
+    layers: int,
+    batch: int,
+    seq_len: int,
+    device: str,
+    epochs: int = EPOCHS,
+) -> float:
     torch.manual_seed(0)
     loader = DataLoader(WindowDataset(series, seq_len), batch_size=batch, shuffle=True)
     model = LSTMModel(ModelArgs(1, hidden, layers, 0.0, False, 0.0, 1)).to(device)
@@ -77,23 +86,52 @@ def reference(series: np.ndarray, hidden: int, layers: int, batch: int, seq_len:
     return n / seconds
 
 
-def engine(series: np.ndarray, hidden: int, layers: int, batch: int, seq_len: int,
-           device: str, precision: str) -> float:
+def engine(
+    series: np.ndarray,
+    hidden: int,
+    layers: int,
+    batch: int,
+    seq_len: int,
+    device: str,
+    precision: str,
+) -> float:
     # fractions put (almost) everything in train; val/test just big enough for one window
     n = len(series)
     small = (seq_len + 2) / n
     frame = pd.DataFrame({"y": series})
-    data = prepare(frame, task="forecast", seq_len=seq_len, horizon=1,
-                   fractions=(1 - 2 * small, small, small), scaler="none", device=device)
-    hp = Hyper(hidden_size=hidden, num_layers=layers, batch_size=batch, seq_len=seq_len,
-               max_epochs=EPOCHS, clip_norm=0.0, precision=precision)
+    data = prepare(
+        frame,
+        task="forecast",
+        seq_len=seq_len,
+        horizon=1,
+        fractions=(1 - 2 * small, small, small),
+        scaler="none",
+        device=device,
+    )
+    hp = Hyper(
+        hidden_size=hidden,
+        num_layers=layers,
+        batch_size=batch,
+        seq_len=seq_len,
+        max_epochs=EPOCHS,
+        clip_norm=0.0,
+        precision=precision,
+    )
     r = train(TrainConfig(hp=hp, patience=None, device=device), data)
     steady = r.curve[1:]
     return len(data.train.x) * len(steady) / sum(c["train_seconds"] for c in steady)
 
 
-def graphed(series: np.ndarray, hidden: int, layers: int, batch: int, seq_len: int,
-            device: str, precision: str, epochs: int = EPOCHS) -> float:
+def graphed(
+    series: np.ndarray,
+    hidden: int,
+    layers: int,
+    batch: int,
+    seq_len: int,
+    device: str,
+    precision: str,
+    epochs: int = EPOCHS,
+) -> float:
     """The engine's step (gather a batch of windows on the device, forward, MSE, backward,
     Adam) captured once as a CUDA graph and replayed: one launch per step instead of dozens.
     Full batches only (a graph has static shapes). Raises if the capture fails."""
@@ -133,7 +171,7 @@ def graphed(series: np.ndarray, hidden: int, layers: int, batch: int, seq_len: i
         t0 = time.perf_counter()
         perm = torch.randperm(n, device=device)
         for i in range(0, n, batch):
-            idx.copy_(perm[i:i + batch])
+            idx.copy_(perm[i : i + batch])
             graph.replay()  # backward refills .grad in place: no zero_grad needed
         torch.cuda.synchronize()
         if epoch > 0:
@@ -157,31 +195,57 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="hidden 32/128 only")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="median of this many runs")
-    ap.add_argument("--graphs", action="store_true",
-                    help="CUDA only: also time the step captured as a CUDA graph")
-    ap.add_argument("--peak-tflops", type=float, default=0.0,
-                    help="GPU peak for MFU (e.g. 989 for H100 bf16 dense)")
+    ap.add_argument(
+        "--graphs",
+        action="store_true",
+        help="CUDA only: also time the step captured as a CUDA graph",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="GPU peak for MFU (e.g. 989 for H100 bf16 dense)",
+    )
     args = ap.parse_args()
     hiddens = [32, 128] if args.quick else [32, 128, 512]
     rows = []
-    for hidden, batch, seq_len, layers in itertools.product(hiddens, [32, 256], [50, 200],
-                                                            [1, 2]):
+    for hidden, batch, seq_len, layers in itertools.product(hiddens, [32, 256], [50, 200], [1, 2]):
         steps = 2 if hidden >= 512 and not args.device.startswith("cuda") else args.steps
         n = batch * steps + seq_len + 1
-        series = np.sin(np.arange(n + 2 * (seq_len + 2)) / 7.0) + \
-            0.1 * np.random.default_rng(0).standard_normal(n + 2 * (seq_len + 2))
+        series = np.sin(np.arange(n + 2 * (seq_len + 2)) / 7.0) + 0.1 * np.random.default_rng(
+            0
+        ).standard_normal(n + 2 * (seq_len + 2))
         heavy = hidden >= 512 and not args.device.startswith("cuda")
         reps = 1 if heavy else args.repeats  # CPU at hidden 512: minutes per run
-        ref = float(np.median([reference(series[:n], hidden, layers, batch, seq_len,
-                                         args.device) for _ in range(reps)]))
-        eng = float(np.median([engine(series, hidden, layers, batch, seq_len, args.device,
-                                      args.precision) for _ in range(reps)]))
+        ref = float(
+            np.median(
+                [
+                    reference(series[:n], hidden, layers, batch, seq_len, args.device)
+                    for _ in range(reps)
+                ]
+            )
+        )
+        eng = float(
+            np.median(
+                [
+                    engine(series, hidden, layers, batch, seq_len, args.device, args.precision)
+                    for _ in range(reps)
+                ]
+            )
+        )
         graph: float | str = "—"
         if args.graphs and args.device.startswith("cuda"):
             try:
-                graph = float(np.median([graphed(series, hidden, layers, batch, seq_len,
-                                                 args.device, args.precision)
-                                         for _ in range(reps)]))
+                graph = float(
+                    np.median(
+                        [
+                            graphed(
+                                series, hidden, layers, batch, seq_len, args.device, args.precision
+                            )
+                            for _ in range(reps)
+                        ]
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - a failed capture is a result too
                 graph = f"capture failed: {type(exc).__name__}"
         mfu = ""
@@ -189,18 +253,27 @@ def main() -> None:
             mfu = f"{100 * eng * lstm_flops_per_sample(hidden, layers, seq_len) / (args.peak_tflops * 1e12):.2f}%"
         rows.append((hidden, batch, seq_len, layers, ref, eng, eng / ref, mfu, graph))
         print(rows[-1], file=sys.stderr, flush=True)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    print(f"\nDevice: {dev}; torch {torch.__version__}; {args.steps} batches/epoch (2 at hidden 512 on CPU), epochs 2-3 timed, median of {args.repeats} runs (1 at hidden 512 on CPU)\n")
+    dev = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    )
+    print(
+        f"\nDevice: {dev}; torch {torch.__version__}; {args.steps} batches/epoch (2 at hidden 512 on CPU), epochs 2-3 timed, median of {args.repeats} runs (1 at hidden 512 on CPU)\n"
+    )
     print(f"Precision: {args.precision}\n")
-    print("| hidden | batch | seq_len | layers | reference samples/s | engine samples/s | "
-          "speed-up | MFU | CUDA-graph samples/s | graph vs engine |")
+    print(
+        "| hidden | batch | seq_len | layers | reference samples/s | engine samples/s | "
+        "speed-up | MFU | CUDA-graph samples/s | graph vs engine |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for h, b, s, layer, ref, eng, ratio, mfu, graph in rows:
         vs = f"{graph / eng:.2f}x" if isinstance(graph, float) else "—"
         shown = f"{graph:,.0f}" if isinstance(graph, float) else graph
-        print(f"| {h} | {b} | {s} | {layer} | {ref:,.0f} | {eng:,.0f} | {ratio:.2f}x | "
-              f"{mfu or '—'} | {shown} | {vs} |")
+        print(
+            f"| {h} | {b} | {s} | {layer} | {ref:,.0f} | {eng:,.0f} | {ratio:.2f}x | "
+            f"{mfu or '—'} | {shown} | {vs} |"
+        )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,12 @@ def valid_file(path: Path, quote: str = "") -> int:
             lines = []
             for j in range(i, i + 10_000):
                 missing = "" if j % 97 == 0 else f"{(j * 7919) % 100_000 / 13:.4f}"
-                lines.append(f"{quote}2024-01-01T{j % 24:02d}:{j % 60:02d}:00{quote},"
-                             f"{j * 0.5:.3f},{missing},"
-                             f"{(j % 1000) / 7:.5f},{j % 13},{j % 17}.25,{-j % 19}.5,"
-                             f"{j % 23},{(j * 31) % 1009 / 3:.6f}\n")
+                lines.append(
+                    f"{quote}2024-01-01T{j % 24:02d}:{j % 60:02d}:00{quote},"
+                    f"{j * 0.5:.3f},{missing},"
+                    f"{(j % 1000) / 7:.5f},{j % 13},{j % 17}.25,{-j % 19}.5,"
+                    f"{j % 23},{(j * 31) % 1009 / 3:.6f}\n"
+                )
             chunk = "".join(lines).encode()
             if size + len(chunk) > VALID_BYTES:
                 chunk = chunk[: chunk.rfind(b"\n", 0, VALID_BYTES - size) + 1]
@@ -110,15 +112,24 @@ def measure(base: str, pid: int, path: Path) -> dict[str, object]:
     before = _status(pid, "VmRSS")
     t0 = time.perf_counter()
     with path.open("rb") as fh:
-        r = httpx.post(base + "/v1/datasets", files={"file": (path.name, fh, "text/csv")},
-                       timeout=600)
+        r = httpx.post(
+            base + "/v1/datasets", files={"file": (path.name, fh, "text/csv")}, timeout=600
+        )
     wall = time.perf_counter() - t0
     peak = _status(pid, "VmHWM")
     body = r.json()
-    msg = body.get("error", {}).get("message") if r.status_code >= 400 else \
-        f"{body['n_rows']} rows, {len(body['columns'])} columns"
-    return {"status": r.status_code, "wall_s": wall, "peak": peak, "growth": peak - before,
-            "message": str(msg)[:90]}
+    msg = (
+        body.get("error", {}).get("message")
+        if r.status_code >= 400
+        else f"{body['n_rows']} rows, {len(body['columns'])} columns"
+    )
+    return {
+        "status": r.status_code,
+        "wall_s": wall,
+        "peak": peak,
+        "growth": peak - before,
+        "message": str(msg)[:90],
+    }
 
 
 def main() -> None:
@@ -138,8 +149,10 @@ def main() -> None:
             else:
                 valid_file(files[case], quote='"' if case == "quoted" else "")
         env = harness.service_env(url, Path(tmp))
-        print(f"machine: {platform.node()} ({os.cpu_count()} cores), python "
-              f"{platform.python_version()}, Postgres at {make_url(ADMIN).host}")
+        print(
+            f"machine: {platform.node()} ({os.cpu_count()} cores), python "
+            f"{platform.python_version()}, Postgres at {make_url(ADMIN).host}"
+        )
         print("| case | bytes | status | wall s | server peak RSS MiB | growth MiB | answer |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for case, path in files.items():
@@ -150,9 +163,12 @@ def main() -> None:
                     base = f"http://127.0.0.1:{port}"
                     pid = _server_pid(port)
                     m = measure(base, pid, path)
-                print(f"| {case} | {path.stat().st_size:,} | {m['status']} | "
-                      f"{m['wall_s']:.2f} | {m['peak'] / 2**20:.0f} | "  # type: ignore[operator]
-                      f"{m['growth'] / 2**20:.0f} | {m['message']} |", flush=True)  # type: ignore[operator]
+                print(
+                    f"| {case} | {path.stat().st_size:,} | {m['status']} | "
+                    f"{m['wall_s']:.2f} | {m['peak'] / 2**20:.0f} | "  # type: ignore[operator]
+                    f"{m['growth'] / 2**20:.0f} | {m['message']} |",
+                    flush=True,
+                )  # type: ignore[operator]
         harness.fresh_database(url)  # leave no 49 MB rows behind
 
 

@@ -77,34 +77,48 @@ def _realgdp() -> pd.DataFrame:
 
 BUILTIN: dict[str, DatasetInfo] = {
     "sunspots": DatasetInfo(
-        "sunspots", ("forecast",), ("SUNACTIVITY",), ("SUNACTIVITY",),
+        "sunspots",
+        ("forecast",),
+        ("SUNACTIVITY",),
+        ("SUNACTIVITY",),
         description="yearly sunspot numbers 1700-2008 (statsmodels), 309 points",
-        n_points=309, load=_sunspots,
+        n_points=309,
+        load=_sunspots,
     ),
     "co2": DatasetInfo(
-        "co2", ("forecast",), ("co2",), ("co2",),
+        "co2",
+        ("forecast",),
+        ("co2",),
+        ("co2",),
         description="weekly Mauna Loa CO2 1958-2001 (statsmodels), 2284 points, 59 missing",
-        n_points=2284, load=_co2,
+        n_points=2284,
+        load=_co2,
     ),
     "elnino": DatasetInfo(
-        "elnino", ("forecast",), ("sst",), ("sst",),
+        "elnino",
+        ("forecast",),
+        ("sst",),
+        ("sst",),
         description="monthly El Nino sea surface temperature 1950-2010 (statsmodels), 732 "
-                    "points, seasonal",
-        n_points=732, load=_elnino,
+        "points, seasonal",
+        n_points=732,
+        load=_elnino,
     ),
     "realgdp": DatasetInfo(
-        "realgdp", ("forecast",), ("realgdp",), ("realgdp",),
-        description="quarterly US real GDP 1959-2009 (statsmodels macrodata), 203 points, "
-                    "trending",
-        n_points=203, load=_realgdp,
+        "realgdp",
+        ("forecast",),
+        ("realgdp",),
+        ("realgdp",),
+        description="quarterly US real GDP 1959-2009 (statsmodels macrodata), 203 points, trending",
+        n_points=203,
+        load=_realgdp,
     ),
 }
 
 # ---- seeded synthetic generators ------------------------------------------------------------
 
 
-def _sine(n: int, rng: np.random.Generator, n_components: float, noise: float
-          ) -> pd.DataFrame:
+def _sine(n: int, rng: np.random.Generator, n_components: float, noise: float) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
@@ -132,8 +146,9 @@ def _mackey_glass(n: int, rng: np.random.Generator, tau: float, noise: float) ->
     return pd.DataFrame({"x": series + noise * rng.standard_normal(n)})
 
 
-def _ar(n: int, rng: np.random.Generator, n_series: float, order: float, noise: float
-        ) -> pd.DataFrame:
+def _ar(
+    n: int, rng: np.random.Generator, n_series: float, order: float, noise: float
+) -> pd.DataFrame:
     """A stable VAR(order) process: coefficients rescaled until the companion matrix's spectral
     radius is below 0.95."""
     import numpy as np
@@ -165,8 +180,9 @@ def _parity(n: int, rng: np.random.Generator, k: float) -> pd.DataFrame:
     return pd.DataFrame({"bit": bits.astype(np.float64), "label": label})
 
 
-def _waveforms(n: int, rng: np.random.Generator, n_classes: float, noise: float,
-               segment: float) -> pd.DataFrame:
+def _waveforms(
+    n: int, rng: np.random.Generator, n_classes: float, noise: float, segment: float
+) -> pd.DataFrame:
     """Segments of sine/square/sawtooth/triangle waves with random period and noise; the label
     of each step is the wave it belongs to."""
     import numpy as np
@@ -185,36 +201,54 @@ def _waveforms(n: int, rng: np.random.Generator, n_classes: float, noise: float,
         c = int(rng.integers(len(shapes)))
         m = min(seg, n - t)
         phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(m) / rng.uniform(6, 30)
-        signal[t:t + m] = shapes[c](phase) + noise * rng.standard_normal(m)
-        label[t:t + m] = c
+        signal[t : t + m] = shapes[c](phase) + noise * rng.standard_normal(m)
+        label[t : t + m] = c
         t += m
     return pd.DataFrame({"signal": signal, "label": label})
 
 
 SYNTHETIC: dict[str, DatasetInfo] = {
     "sine": DatasetInfo(
-        "sine", ("forecast",), ("y",), ("y",),
+        "sine",
+        ("forecast",),
+        ("y",),
+        ("y",),
         {"n_components": (1, 32, 3), "noise": (0.0, 10.0, 0.1)},
-        "mixture of sines of random periods plus Gaussian noise", load=_sine,
+        "mixture of sines of random periods plus Gaussian noise",
+        load=_sine,
     ),
     "mackey_glass": DatasetInfo(
-        "mackey_glass", ("forecast",), ("x",), ("x",),
+        "mackey_glass",
+        ("forecast",),
+        ("x",),
+        ("x",),
         {"tau": (1, 200, 17), "noise": (0.0, 10.0, 0.0)},
-        "Mackey-Glass delay differential equation (chaotic for tau >= 17)", load=_mackey_glass,
+        "Mackey-Glass delay differential equation (chaotic for tau >= 17)",
+        load=_mackey_glass,
     ),
     "ar": DatasetInfo(
-        "ar", ("forecast",), tuple(f"x{i}" for i in range(64)), ("x0",),
+        "ar",
+        ("forecast",),
+        tuple(f"x{i}" for i in range(64)),
+        ("x0",),
         {"n_series": (1, 64, 3), "order": (1, 16, 3), "noise": (0.0, 10.0, 0.5)},
-        "stable multivariate VAR(order) process; columns x0..x{n_series-1}", load=_ar,
+        "stable multivariate VAR(order) process; columns x0..x{n_series-1}",
+        load=_ar,
     ),
     "parity": DatasetInfo(
-        "parity", ("classify",), ("bit",), ("label",),
+        "parity",
+        ("classify",),
+        ("bit",),
+        ("label",),
         {"k": (1, 64, 4)},
         "random bits; the label is the parity of the last k bits (harder as k grows)",
         load=_parity,
     ),
     "waveforms": DatasetInfo(
-        "waveforms", ("classify",), ("signal",), ("label",),
+        "waveforms",
+        ("classify",),
+        ("signal",),
+        ("label",),
         {"n_classes": (2, 4, 4), "noise": (0.0, 10.0, 0.3), "segment": (8, 10000, 64)},
         "noisy segments of sine/square/sawtooth/triangle waves; label = the current wave",
         load=_waveforms,

@@ -42,11 +42,20 @@ class Verb:
 
 
 EXTRA_VERBS: tuple[Verb, ...] = (
-    Verb("predict", "forecast or classify a CSV with a trained model", "worker.cli", "worker",
-         client=True),
+    Verb(
+        "predict",
+        "forecast or classify a CSV with a trained model",
+        "worker.cli",
+        "worker",
+        client=True,
+    ),
     Verb("serve", "run the REST service", "service.cli", "server"),
-    Verb("up", "service + local workers in one command (auth off unless --auth)", "service.cli",
-         "all"),
+    Verb(
+        "up",
+        "service + local workers in one command (auth off unless --auth)",
+        "service.cli",
+        "all",
+    ),
     Verb("worker", "run trials: one process per GPU slot (CPU if none)", "worker.cli", "worker"),
     Verb("db", "database schema", "service.cli", "server"),
     Verb("keys", "API keys", "service.cli", "server"),
@@ -79,21 +88,26 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     from seqtune.commands import EXIT_CODES, add_client_commands
 
     p = argparse.ArgumentParser(
-        prog="seqtune", description="Hyperparameter search for LSTMs.", epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="seqtune",
+        description="Hyperparameter search for LSTMs.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--database-url", help="overrides SEQTUNE_DATABASE_URL")
-    timeout_help = ("client commands: seconds to wait for each answer of the service (default "
-                    "$SEQTUNE_TIMEOUT or 60); a slower answer is reported as a timeout")
+    timeout_help = (
+        "client commands: seconds to wait for each answer of the service (default "
+        "$SEQTUNE_TIMEOUT or 60); a slower answer is reported as a timeout"
+    )
     p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=timeout_help)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="the service (default $SEQTUNE_URL or "
-                        "http://127.0.0.1:8000)")
+    common.add_argument("--url", help="the service (default $SEQTUNE_URL or http://127.0.0.1:8000)")
     common.add_argument("--key", help="API key (default $SEQTUNE_API_KEY)")
     common.add_argument("--json", action="store_true", help="JSON for scripts")
     # Also after the command name; SUPPRESS keeps a value given before it.
-    common.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                        default=argparse.SUPPRESS, help=timeout_help)
+    common.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", default=argparse.SUPPRESS, help=timeout_help
+    )
     add_client_commands(sub, common)
 
     for verb in EXTRA_VERBS:
@@ -124,8 +138,12 @@ def _verb_of(argv: Sequence[str]) -> str | None:
     such an option's value (abbreviated options included, as argparse takes them)."""
     words = iter(argv)
     for word in words:
-        if word.startswith("--") and "=" not in word and len(word) > 2 \
-                and any(opt.startswith(word) for opt in _GLOBAL_VALUED):
+        if (
+            word.startswith("--")
+            and "=" not in word
+            and len(word) > 2
+            and any(opt.startswith(word) for opt in _GLOBAL_VALUED)
+        ):
             next(words, None)  # its value
         elif not word.startswith("-"):
             return word

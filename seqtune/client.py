@@ -49,12 +49,18 @@ class ApiError(Exception):
     error page), it is the code the HTTP status stands for (``ErrorCode.for_status``);
     ``raw_code`` keeps the code as the answer spelled it."""
 
-    def __init__(self, status: int, code: ErrorCode | str, message: str,
-                 details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode | str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         known = ErrorCode.of(str(code))
-        self.code: ErrorCode = known if known not in (None, ErrorCode.ERROR) \
-            else ErrorCode.for_status(status)
+        self.code: ErrorCode = (
+            known if known not in (None, ErrorCode.ERROR) else ErrorCode.for_status(status)
+        )
         self.raw_code = str(code)
         self.status, self.message = status, message
         self.details = details or []
@@ -86,8 +92,7 @@ def timeout_from_env(value: float | None = None) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"SEQTUNE_TIMEOUT must be a number of seconds, not {raw!r}") \
-                from None
+            raise ValueError(f"SEQTUNE_TIMEOUT must be a number of seconds, not {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{source} must be a positive number of seconds, not {value!r}")
     return value
@@ -96,8 +101,14 @@ def timeout_from_env(value: float | None = None) -> float:
 class Client:
     """A seqtune service at ``url``, called with API key ``key`` (None when auth is off)."""
 
-    def __init__(self, url: str | None = None, key: str | None = None, *,
-                 timeout_s: float | None = None, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
         """``timeout_s``: how long to wait for each answer (default ``SEQTUNE_TIMEOUT``, else
         60; ValueError when not a positive number). ``http``: an httpx.Client to send through
         instead (FastAPI's TestClient, a proxy), with its own timeouts."""
@@ -109,8 +120,7 @@ class Client:
             http.headers.update(headers)
             self._http = http
         else:
-            self._http = httpx.Client(base_url=self.url, headers=headers,
-                                      timeout=self.timeout_s)
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout_s)
 
     def close(self) -> None:
         self._http.close()
@@ -130,18 +140,26 @@ class Client:
             raise ServiceTimeout(
                 f"the seqtune service at {self.url} did not answer {method} {path} within "
                 f"{self.timeout_s:g} s; it may still be working on it: retry with a longer "
-                "--timeout (or SEQTUNE_TIMEOUT)") from None
+                "--timeout (or SEQTUNE_TIMEOUT)"
+            ) from None
         except httpx.TransportError as exc:  # refused, DNS, connect timeout: not reached
-            raise ServiceUnreachable(f"cannot reach the seqtune service at {self.url} ({exc}); "
-                                     "start it with `seqtune up` or set SEQTUNE_URL") from None
+            raise ServiceUnreachable(
+                f"cannot reach the seqtune service at {self.url} ({exc}); "
+                "start it with `seqtune up` or set SEQTUNE_URL"
+            ) from None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]
-                raise ApiError(r.status_code, err.get("code", ErrorCode.ERROR), err["message"],
-                               err.get("details"))
+                raise ApiError(
+                    r.status_code,
+                    err.get("code", ErrorCode.ERROR),
+                    err["message"],
+                    err.get("details"),
+                )
             except (ValueError, KeyError, TypeError):
-                raise ApiError(r.status_code, ErrorCode.ERROR,
-                               f"HTTP {r.status_code}: {r.text[:200]}") from None
+                raise ApiError(
+                    r.status_code, ErrorCode.ERROR, f"HTTP {r.status_code}: {r.text[:200]}"
+                ) from None
         return r
 
     def _model(self, cls: type[M], method: str, path: str, **kw: Any) -> M:
@@ -162,12 +180,14 @@ class Client:
             try:
                 spec = load_yaml(Path(spec).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-                raise ApiError(0, ErrorCode.INVALID,
-                               f"cannot read study file {spec}: {exc}") from None
+                raise ApiError(
+                    0, ErrorCode.INVALID, f"cannot read study file {spec}: {exc}"
+                ) from None
         return self._model(StudyView, "POST", "/v1/studies", json=spec)
 
-    def studies(self, *, status: str | None = None, limit: int = 50,
-                offset: int = 0) -> Page[StudyView]:
+    def studies(
+        self, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> Page[StudyView]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
@@ -176,10 +196,19 @@ class Client:
     def study(self, name: str) -> StudyView:
         return self._model(StudyView, "GET", f"/v1/studies/{self._q(name)}")
 
-    def update(self, name: str, *, status: str | None = None, n_trials: int | None = None,
-               priority: int | None = None) -> StudyView:
-        body = {k: v for k, v in (("status", status), ("n_trials", n_trials),
-                                  ("priority", priority)) if v is not None}
+    def update(
+        self,
+        name: str,
+        *,
+        status: str | None = None,
+        n_trials: int | None = None,
+        priority: int | None = None,
+    ) -> StudyView:
+        body = {
+            k: v
+            for k, v in (("status", status), ("n_trials", n_trials), ("priority", priority))
+            if v is not None
+        }
         return self._model(StudyView, "PATCH", f"/v1/studies/{self._q(name)}", json=body)
 
     def pause(self, name: str) -> StudyView:
@@ -194,8 +223,14 @@ class Client:
     def delete(self, name: str, *, force: bool = False) -> None:
         self._call("DELETE", f"/v1/studies/{self._q(name)}", params={"force": force})
 
-    def wait(self, name: str, *, poll_s: float = 2.0, timeout_s: float | None = None,
-             on_update: Callable[[StudyView], None] | None = None) -> StudyView:
+    def wait(
+        self,
+        name: str,
+        *,
+        poll_s: float = 2.0,
+        timeout_s: float | None = None,
+        on_update: Callable[[StudyView], None] | None = None,
+    ) -> StudyView:
         """Poll until the study is completed, stopped, failed or timed out."""
         t0 = time.monotonic()
         while True:
@@ -209,13 +244,21 @@ class Client:
             time.sleep(poll_s)
 
     # -- trials ---------------------------------------------------------------------------------
-    def trials(self, name: str, *, state: str | None = None, sort: str = "number",
-               limit: int = 100, offset: int = 0) -> Page[TrialView]:
+    def trials(
+        self,
+        name: str,
+        *,
+        state: str | None = None,
+        sort: str = "number",
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page[TrialView]:
         params: dict[str, Any] = {"sort": sort, "limit": limit, "offset": offset}
         if state:
             params["state"] = state
-        return self._model(Page[TrialView], "GET", f"/v1/studies/{self._q(name)}/trials",
-                           params=params)
+        return self._model(
+            Page[TrialView], "GET", f"/v1/studies/{self._q(name)}/trials", params=params
+        )
 
     def iter_trials(self, name: str, **kw: Any) -> Iterator[TrialView]:
         """Every trial, page by page."""
@@ -229,27 +272,35 @@ class Client:
         return self._model(TrialView, "GET", f"/v1/studies/{self._q(name)}/trials/{number}")
 
     def enqueue(self, name: str, params: dict[str, Any]) -> TrialView:
-        return self._model(TrialView, "POST", f"/v1/studies/{self._q(name)}/trials",
-                           json={"params": params})
+        return self._model(
+            TrialView, "POST", f"/v1/studies/{self._q(name)}/trials", json={"params": params}
+        )
 
     def best(self, name: str) -> BestView:
         return self._model(BestView, "GET", f"/v1/studies/{self._q(name)}/best")
 
     def importance(self, name: str, *, objective: int = 0) -> dict[str, Any]:
-        r = self._call("GET", f"/v1/studies/{self._q(name)}/importance",
-                       params={"objective": objective})
+        r = self._call(
+            "GET", f"/v1/studies/{self._q(name)}/importance", params={"objective": objective}
+        )
         return dict(r.json())
 
     def plot(self, name: str, kind: str, *, fmt: str = "png", objective: int = 0) -> bytes:
         """A plot of the study as PNG bytes (``fmt='html'`` for an interactive page)."""
-        return self._call("GET", f"/v1/studies/{self._q(name)}/plots/{kind}",
-                          params={"format": fmt, "objective": objective}).content
+        return self._call(
+            "GET",
+            f"/v1/studies/{self._q(name)}/plots/{kind}",
+            params={"format": fmt, "objective": objective},
+        ).content
 
     # -- models ---------------------------------------------------------------------------------
     def download_model(self, name: str, dest: str | Path, *, trial: int | None = None) -> Path:
         """Save a trained model (the best trial's unless ``trial``) to ``dest``; returns it."""
-        path = (f"/v1/studies/{self._q(name)}/best/model" if trial is None
-                else f"/v1/studies/{self._q(name)}/trials/{trial}/model")
+        path = (
+            f"/v1/studies/{self._q(name)}/best/model"
+            if trial is None
+            else f"/v1/studies/{self._q(name)}/trials/{trial}/model"
+        )
         dest = Path(dest)
         dest.write_bytes(self._call("GET", path).content)
         return dest
@@ -270,13 +321,18 @@ class Client:
     def upload_dataset(self, path: str | Path, *, name: str | None = None) -> DatasetView:
         path = Path(path)
         with path.open("rb") as fh:
-            return self._model(DatasetView, "POST", "/v1/datasets",
-                               files={"file": (path.name, fh, "text/csv")},
-                               data={"name": name} if name else None)
+            return self._model(
+                DatasetView,
+                "POST",
+                "/v1/datasets",
+                files={"file": (path.name, fh, "text/csv")},
+                data={"name": name} if name else None,
+            )
 
     def datasets(self, *, limit: int = 50, offset: int = 0) -> Page[DatasetView]:
-        return self._model(Page[DatasetView], "GET", "/v1/datasets",
-                           params={"limit": limit, "offset": offset})
+        return self._model(
+            Page[DatasetView], "GET", "/v1/datasets", params={"limit": limit, "offset": offset}
+        )
 
     def dataset(self, dataset_id: str) -> DatasetView:
         return self._model(DatasetView, "GET", f"/v1/datasets/{self._q(dataset_id)}")
@@ -288,4 +344,3 @@ class Client:
     def workers(self, *, include_stopped: bool = False) -> list[WorkerView]:
         r = self._call("GET", "/v1/workers", params={"include_stopped": include_stopped})
         return [WorkerView.model_validate(w) for w in r.json()]
-

@@ -50,8 +50,11 @@ def client_of(args: argparse.Namespace) -> Client:
     """The Client for a command's ``--url``, ``--key`` and ``--timeout`` (each falling back to
     its SEQTUNE_* variable). A bad SEQTUNE_TIMEOUT is bad input (exit 2)."""
     try:
-        return Client(getattr(args, "url", None), getattr(args, "key", None),
-                      timeout_s=getattr(args, "timeout", None))
+        return Client(
+            getattr(args, "url", None),
+            getattr(args, "key", None),
+            timeout_s=getattr(args, "timeout", None),
+        )
     except ValueError as exc:
         raise ApiError(0, ErrorCode.INVALID, str(exc)) from None
 
@@ -69,8 +72,10 @@ def table(rows: list[list[Any]], headers: list[str], out: TextIO | None = None) 
     out = out or sys.stdout
     cells = [[_cell(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-          file=out)
+    print(
+        "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+        file=out,
+    )
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
@@ -105,8 +110,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.json and not args.watch:
             print(_dump(view))
             return 0
-        print(f"submitted study '{view.name}': {view.trials.budget} trials "
-              f"({view.optuna_study_name} in Optuna)", file=sys.stderr)
+        print(
+            f"submitted study '{view.name}': {view.trials.budget} trials "
+            f"({view.optuna_study_name} in Optuna)",
+            file=sys.stderr,
+        )
         if not args.watch:
             print(view.name)
             return 0
@@ -119,14 +127,32 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(page))
         return 0
-    table([[s.name, s.status, s.task, f"{s.trials.finished}/{s.trials.budget}", s.trials.running,
-            s.trials.pruned, s.trials.failed, s.created_at] for s in page.items],
-          ["name", "status", "task", "done", "running", "pruned", "failed", "created"])
+    table(
+        [
+            [
+                s.name,
+                s.status,
+                s.task,
+                f"{s.trials.finished}/{s.trials.budget}",
+                s.trials.running,
+                s.trials.pruned,
+                s.trials.failed,
+                s.created_at,
+            ]
+            for s in page.items
+        ],
+        ["name", "status", "task", "done", "running", "pruned", "failed", "created"],
+    )
     return 0
 
 
-def status_line(view: StudyView, best: tuple[str, float, int] | None,
-                now: datetime | None = None, *, verdict: dict[str, Any] | None = None) -> str:
+def status_line(
+    view: StudyView,
+    best: tuple[str, float, int] | None,
+    now: datetime | None = None,
+    *,
+    verdict: dict[str, Any] | None = None,
+) -> str:
     """One line of progress: bar, counts, best so far (against the best baseline when
     ``verdict``, BestView.verdict, is given), elapsed and remaining time."""
     t = view.trials
@@ -143,16 +169,17 @@ def status_line(view: StudyView, best: tuple[str, float, int] | None,
         left = "? left"
     best_s = f"best {best[0]}={best[1]:.6g} (#{best[2]})" if best else "best -"
     if best and verdict:
-        best_s += (f" vs {verdict['baseline']} {verdict['metric']}="
-                   f"{verdict['baseline_val']:.6g}"
-                   + ("" if verdict["beats_baseline"] else " NOT BEATEN"))
-    return (f"{view.name} {view.status} [{bar}] {t.finished}/{t.budget} | complete {t.complete} "
-            f"pruned {t.pruned} failed {t.failed} running {t.running} | {best_s} | "
-            f"{_duration(elapsed)} elapsed, {left}")
+        best_s += f" vs {verdict['baseline']} {verdict['metric']}={verdict['baseline_val']:.6g}" + (
+            "" if verdict["beats_baseline"] else " NOT BEATEN"
+        )
+    return (
+        f"{view.name} {view.status} [{bar}] {t.finished}/{t.budget} | complete {t.complete} "
+        f"pruned {t.pruned} failed {t.failed} running {t.running} | {best_s} | "
+        f"{_duration(elapsed)} elapsed, {left}"
+    )
 
 
-def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None,
-                                             dict[str, Any] | None]:
+def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None, dict[str, Any] | None]:
     """(metric, value, trial number) of the best so far, or None; and BestView.verdict."""
     try:
         b = c.best(name)
@@ -176,12 +203,17 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
             view = c.study(name)
             best, verdict = _best_of(c, name)
             if args.json:
-                line = json.dumps({"name": view.name, "status": view.status,
-                                   "trials": view.trials.model_dump(),
-                                   "best": None if best is None else
-                                   {"metric": best[0], "value": best[1], "trial": best[2]},
-                                   "beats_baseline": None if verdict is None else
-                                   verdict["beats_baseline"]})
+                line = json.dumps(
+                    {
+                        "name": view.name,
+                        "status": view.status,
+                        "trials": view.trials.model_dump(),
+                        "best": None
+                        if best is None
+                        else {"metric": best[0], "value": best[1], "trial": best[2]},
+                        "beats_baseline": None if verdict is None else verdict["beats_baseline"],
+                    }
+                )
             else:
                 line = status_line(view, best, verdict=verdict)
             if tty and not args.json:
@@ -195,8 +227,10 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
                 break
             time.sleep(args.interval)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; '{name}' keeps running (seqtune status {name} --watch)",
-              file=sys.stderr)
+        print(
+            f"\nstopped watching; '{name}' keeps running (seqtune status {name} --watch)",
+            file=sys.stderr,
+        )
         return Exit.INTERRUPTED
     if tty and not args.json:
         print()
@@ -232,8 +266,10 @@ def print_best(b: BestView, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     trials = [b.best] if b.best else list(b.pareto_front or [])
     if b.pareto_front:
-        print(f"{b.study}: Pareto front of {len(trials)} trial(s) over "
-              f"{', '.join(b.metrics)}", file=out)
+        print(
+            f"{b.study}: Pareto front of {len(trials)} trial(s) over {', '.join(b.metrics)}",
+            file=out,
+        )
     for t in trials:
         _print_trial(t, b.metrics, out)
     _print_baselines(b, out)
@@ -241,20 +277,32 @@ def print_best(b: BestView, out: TextIO | None = None) -> None:
 
 
 # The baselines table's row order, simplest first (Postgres' JSONB does not keep key order).
-_BASELINE_ORDER = ("persistence", "seasonal_naive", "mean", "ets", "ar", "arima", "majority",
-                   "logistic")
+_BASELINE_ORDER = (
+    "persistence",
+    "seasonal_naive",
+    "mean",
+    "ets",
+    "ar",
+    "arima",
+    "majority",
+    "logistic",
+)
 
 
 def _print_baselines(b: BestView, out: TextIO) -> None:
     bl = b.baselines
     if bl is None:
-        print("baselines: not computed yet (the first worker to claim a trial computes them)",
-              file=out)
+        print(
+            "baselines: not computed yet (the first worker to claim a trial computes them)",
+            file=out,
+        )
         return
     status = bl.get("status")
     if status == "computing":
-        print(f"baselines: still computing (by {bl.get('owner', '?')} since "
-              f"{bl.get('since', '?')})", file=out)
+        print(
+            f"baselines: still computing (by {bl.get('owner', '?')} since {bl.get('since', '?')})",
+            file=out,
+        )
         return
     if status != "done":
         print(f"baselines: failed: {bl.get('error') or status}", file=out)
@@ -264,26 +312,43 @@ def _print_baselines(b: BestView, out: TextIO) -> None:
     classify = bl.get("task") == "classify"
     # (column title, split, metric): the baseline's models[name][split][metric], the trial's
     # info['val']['val_' + metric] or test_metrics['test_' + metric].
-    cols = ([("val accuracy", "val", "accuracy"), ("test accuracy", "test", "accuracy"),
-             ("test F1", "test", "f1")] if classify else
-            [("val RMSE", "val", "rmse"), ("test RMSE", "test", "rmse"),
-             ("test MASE", "test", "mase")])
+    cols = (
+        [
+            ("val accuracy", "val", "accuracy"),
+            ("test accuracy", "test", "accuracy"),
+            ("test F1", "test", "f1"),
+        ]
+        if classify
+        else [
+            ("val RMSE", "val", "rmse"),
+            ("test RMSE", "test", "rmse"),
+            ("test MASE", "test", "mase"),
+        ]
+    )
     rows: list[list[Any]] = []
     order = {n: i for i, n in enumerate(_BASELINE_ORDER)}
     for name, m in sorted(models.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         mark = " *" if name == best_name else ""
-        rows.append([baseline_label(name, bl) + mark,
-                     *((m.get(split) or {}).get(k) for _, split, k in cols)])
+        rows.append(
+            [
+                baseline_label(name, bl) + mark,
+                *((m.get(split) or {}).get(k) for _, split, k in cols),
+            ]
+        )
     t = b.best
     if t is not None:  # the trial's own row, for the comparison at a glance
         val, tm = (t.info.get("val") or {}), (t.test_metrics or {})
         scale = bl.get("mase_scale")
-        cells: list[Any] = [val.get(f"val_{k}") if split == "val" else tm.get(f"test_{k}")
-                            for _, split, k in cols]
+        cells: list[Any] = [
+            val.get(f"val_{k}") if split == "val" else tm.get(f"test_{k}") for _, split, k in cols
+        ]
         if not classify:
             mae = tm.get("test_mae")
-            cells[2] = (mae / scale if isinstance(mae, int | float)
-                        and isinstance(scale, int | float) and scale > 0 else None)
+            cells[2] = (
+                mae / scale
+                if isinstance(mae, int | float) and isinstance(scale, int | float) and scale > 0
+                else None
+            )
         rows.append([f"trial {t.number}", *cells])
     what = [f"{bl.get('n_val_targets', '?')} val / {bl.get('n_test_targets', '?')} test targets"]
     if not classify:
@@ -317,16 +382,29 @@ def _print_final(b: BestView, out: TextIO) -> None:
         return
     metric = b.metrics[0] if b.metrics else "value"
     winner = f.get("winner")
-    print(f"final phase: {len(groups)} configuration(s) re-trained with "
-          f"seeds; mean ± sd of {metric} over the re-trains", file=out)
-    table([[f"{g['trial']}{' *' if g['trial'] == winner else ''}", g["n"],
-            _pm({"mean": g.get("value_mean"), "sd": g.get("value_sd")})] for g in groups],
-          ["trial", "seeds", metric], out)
+    print(
+        f"final phase: {len(groups)} configuration(s) re-trained with "
+        f"seeds; mean ± sd of {metric} over the re-trains",
+        file=out,
+    )
+    table(
+        [
+            [
+                f"{g['trial']}{' *' if g['trial'] == winner else ''}",
+                g["n"],
+                _pm({"mean": g.get("value_mean"), "sd": g.get("value_sd")}),
+            ]
+            for g in groups
+        ],
+        ["trial", "seeds", metric],
+        out,
+    )
     won = next((g for g in groups if g["trial"] == winner), None)
     if won is not None:
         tests = "  ".join(f"{k}={_pm(v)}" for k, v in (won.get("test") or {}).items())
-        print(f"winner: trial {winner} ({won['n']} re-trains); test metrics: {tests or '-'}",
-              file=out)
+        print(
+            f"winner: trial {winner} ({won['n']} re-trains); test metrics: {tests or '-'}", file=out
+        )
     print(file=out)
 
 
@@ -352,10 +430,22 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(page))
         return 0
-    table([[t.number, t.state, t.value if t.values is None or len(t.values) < 2 else t.values,
-            t.epochs, t.reason, _duration(t.duration_s) if t.duration_s is not None else None,
-            t.attempts, t.params] for t in page.items],
-          ["#", "state", "value", "epochs", "reason", "time", "tries", "params"])
+    table(
+        [
+            [
+                t.number,
+                t.state,
+                t.value if t.values is None or len(t.values) < 2 else t.values,
+                t.epochs,
+                t.reason,
+                _duration(t.duration_s) if t.duration_s is not None else None,
+                t.attempts,
+                t.params,
+            ]
+            for t in page.items
+        ],
+        ["#", "state", "value", "epochs", "reason", "time", "tries", "params"],
+    )
     return 0
 
 
@@ -396,8 +486,11 @@ def cmd_datasets_upload(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(d))
     else:
-        print(f"uploaded '{d.name}': {d.n_rows} rows, columns "
-              f"{', '.join(col['name'] for col in d.columns)}", file=sys.stderr)
+        print(
+            f"uploaded '{d.name}': {d.n_rows} rows, columns "
+            f"{', '.join(col['name'] for col in d.columns)}",
+            file=sys.stderr,
+        )
         print(d.id)
     return 0
 
@@ -408,8 +501,10 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(page))
         return 0
-    table([[d.id, d.name, d.n_rows, len(d.columns), d.size_bytes, d.created_at]
-           for d in page.items], ["id", "name", "rows", "columns", "bytes", "created"])
+    table(
+        [[d.id, d.name, d.n_rows, len(d.columns), d.size_bytes, d.created_at] for d in page.items],
+        ["id", "name", "rows", "columns", "bytes", "created"],
+    )
     return 0
 
 
@@ -419,14 +514,28 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(ws))
         return 0
-    table([[w.id, w.host, w.slot, w.device, w.status, w.trials_done,
-            f"{w.study}#{w.trial}" if w.study else None, w.heartbeat_at] for w in ws],
-          ["id", "host", "slot", "device", "status", "done", "running", "heartbeat"])
+    table(
+        [
+            [
+                w.id,
+                w.host,
+                w.slot,
+                w.device,
+                w.status,
+                w.trials_done,
+                f"{w.study}#{w.trial}" if w.study else None,
+                w.heartbeat_at,
+            ]
+            for w in ws
+        ],
+        ["id", "host", "slot", "device", "status", "done", "running", "heartbeat"],
+    )
     return 0
 
 
 def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register the client commands on ``sub``; ``common`` carries --url/--key/--json."""
+
     def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_, parents=[common])
         p.set_defaults(fn=fn)
@@ -438,8 +547,9 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
     p = add("studies", cmd_studies, "list your studies")
-    p.add_argument("--status", type=str.lower,
-                   help="only studies in this state (running, paused, completed…)")
+    p.add_argument(
+        "--status", type=str.lower, help="only studies in this state (running, paused, completed…)"
+    )
     p.add_argument("--limit", type=int, default=50)
 
     p = add("status", cmd_status, "a study's progress: trials, best so far, time left")
@@ -453,13 +563,18 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add("trials", cmd_trials, "a study's trials")
     p.add_argument("name")
     p.add_argument("--state", type=str.upper, help="WAITING, RUNNING, COMPLETE, PRUNED or FAIL")
-    p.add_argument("--sort", default="number", help="number, value, started_at, finished_at; "
-                   "'-' prefix for descending")
+    p.add_argument(
+        "--sort",
+        default="number",
+        help="number, value, started_at, finished_at; '-' prefix for descending",
+    )
     p.add_argument("--limit", type=int, default=100)
 
-    for verb, what in (("pause", "hold new trials (running ones finish)"),
-                       ("resume", "hand out trials again"),
-                       ("stop", "end the study (running trials finish)")):
+    for verb, what in (
+        ("pause", "hold new trials (running ones finish)"),
+        ("resume", "hand out trials again"),
+        ("stop", "end the study (running trials finish)"),
+    ):
         add(verb, cmd_steer, what).add_argument("name")
 
     p = add("model", cmd_model, "download a trained model (the best trial's by default)")
@@ -475,7 +590,8 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output")
 
     d = sub.add_parser("datasets", help="uploaded CSV datasets").add_subparsers(
-        dest="datasets_cmd", required=True)
+        dest="datasets_cmd", required=True
+    )
     p = d.add_parser("upload", help="upload a CSV; prints its id", parents=[common])
     p.add_argument("file")
     p.add_argument("--name")

@@ -76,7 +76,8 @@ class Hyper:
     momentum: float = real(0.9, 0.0, 0.999, help="sgd and rmsprop momentum")
     nesterov: bool = boolean(False, help="Nesterov momentum (sgd)")
     scheduler: str = choice(
-        "none", ("none", "plateau", "exponential", "step", "cosine", "onecycle", "cyclic"))
+        "none", ("none", "plateau", "exponential", "step", "cosine", "onecycle", "cyclic")
+    )
     scheduler_gamma: float = real(0.95, 0.01, 1.0, help="exponential/step decay factor")
     scheduler_step_size: int = integer(10, 1, 10000, help="step scheduler period (epochs)")
     scheduler_patience: int = integer(5, 0, 1000, help="plateau scheduler patience")
@@ -84,10 +85,14 @@ class Hyper:
     max_lr_factor: float = real(10.0, 1.0, 1000.0, help="onecycle/cyclic peak = lr*factor")
     clip_norm: float = real(1.0, 0.0, 1e4, help="gradient-norm clip; 0 turns it off")
     clip_value: float = real(0.0, 0.0, 1e4, help="gradient-value clip; 0 turns it off")
-    loss: str = choice("mse", ("mse", "mae", "huber"),
-                       help="forecast loss (classification always uses cross-entropy)")
-    precision: str = choice("auto", ("auto", "fp32", "bf16", "fp16"),
-                            help="auto: bf16 on CUDA, fp32 on CPU")
+    loss: str = choice(
+        "mse",
+        ("mse", "mae", "huber"),
+        help="forecast loss (classification always uses cross-entropy)",
+    )
+    precision: str = choice(
+        "auto", ("auto", "fp32", "bf16", "fp16"), help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     batch_size: int = integer(64, 1, 65536)
     seq_len: int = integer(24, 2, 20000, help="input window length")
     max_epochs: int = integer(50, 1, 100000)
@@ -95,9 +100,11 @@ class Hyper:
     curriculum: bool = boolean(False, help="train on shorter windows in early epochs")
     scaler: str = choice("standard", ("standard", "minmax", "none"))
     target_transform: str = choice(
-        "none", ("none", "diff", "window_norm", "residual"),
+        "none",
+        ("none", "diff", "window_norm", "residual"),
         help="forecast targets as levels, first differences, relative to the window's last "
-             "value, or levels in and the change from the last value out")
+        "value, or levels in and the change from the last value out",
+    )
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Hyper:
@@ -106,13 +113,15 @@ class Hyper:
         unknown = set(params) - set(HPARAMS)
         if unknown:
             raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
-        cast: dict[str, Any] = {k: (int(v) if HPARAMS[k].kind == "int" else v)
-                                for k, v in params.items()}
+        cast: dict[str, Any] = {
+            k: (int(v) if HPARAMS[k].kind == "int" else v) for k, v in params.items()
+        }
         return cls(**cast)
 
 
 HPARAMS: dict[str, HParam] = {
-    f.name: replace(f.metadata["hparam"], name=f.name) for f in fields(Hyper)}
+    f.name: replace(f.metadata["hparam"], name=f.name) for f in fields(Hyper)
+}
 
 
 def defaults() -> dict[str, int | float | bool | str]:

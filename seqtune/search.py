@@ -103,7 +103,8 @@ def _sampler(cls: str, **fixed: Any) -> Callable[[StudySpec, dict[str, Any]], Ba
         import optuna
 
         made: BaseSampler = getattr(optuna.samplers, cls)(
-            seed=spec.sampler.seed, **fixed, **options)
+            seed=spec.sampler.seed, **fixed, **options
+        )
         return made
 
     return build
@@ -113,8 +114,10 @@ def _grid(spec: StudySpec, options: dict[str, Any]) -> BaseSampler:
     import optuna
 
     # check_spec has made every dimension discrete (no None in the grid) and bounded its size.
-    return optuna.samplers.GridSampler(spec.grid_points(),  # type: ignore[arg-type]
-                                       seed=spec.sampler.seed)
+    return optuna.samplers.GridSampler(
+        spec.grid_points(),  # type: ignore[arg-type]
+        seed=spec.sampler.seed,
+    )
 
 
 def _pruner(cls: str) -> Callable[[dict[str, Any], BasePruner | None], BasePruner]:
@@ -147,55 +150,115 @@ def _lower_or_upper(options: Mapping[str, Any]) -> str | None:
 _NO_WARN = {"warn_independent_sampling": False}  # seqtune searches mixed spaces on purpose
 
 _SAMPLERS: tuple[Sampler, ...] = (
-    Sampler("tpe", {
-        "n_startup_trials": integer(0, 100_000), "n_ei_candidates": integer(1, 10_000),
-        "multivariate": flag(), "group": flag(), "constant_liar": flag(),
-        "consider_endpoints": flag(), "prior_weight": real(0.0, 1e6),
-    }, _sampler("TPESampler")),
+    Sampler(
+        "tpe",
+        {
+            "n_startup_trials": integer(0, 100_000),
+            "n_ei_candidates": integer(1, 10_000),
+            "multivariate": flag(),
+            "group": flag(),
+            "constant_liar": flag(),
+            "consider_endpoints": flag(),
+            "prior_weight": real(0.0, 1e6),
+        },
+        _sampler("TPESampler"),
+    ),
     Sampler("random", {}, _sampler("RandomSampler")),
     Sampler("grid", {}, _grid, grid=True),
-    Sampler("cmaes", {
-        "n_startup_trials": integer(0, 100_000), "sigma0": real(1e-12, 1e12),
-        "popsize": integer(2, 100_000), "use_separable_cma": flag(), "with_margin": flag(),
-        "lr_adapt": flag(), "consider_pruned_trials": flag(),
-        "restart_strategy": one_of("ipop", "bipop"),
-    }, _sampler("CmaEsSampler", **_NO_WARN), single_objective=True),
-    Sampler("gp", {"n_startup_trials": integer(0, 100_000), "deterministic_objective": flag()},
-            _sampler("GPSampler", **_NO_WARN)),
-    Sampler("qmc", {"qmc_type": one_of("sobol", "halton"), "scramble": flag()},
-            _sampler("QMCSampler", **_NO_WARN)),
-    Sampler("nsga2", {
-        "population_size": integer(2, 100_000), "mutation_prob": real(0.0, 1.0),
-        "crossover_prob": real(0.0, 1.0), "swapping_prob": real(0.0, 1.0),
-    }, _sampler("NSGAIISampler")),
+    Sampler(
+        "cmaes",
+        {
+            "n_startup_trials": integer(0, 100_000),
+            "sigma0": real(1e-12, 1e12),
+            "popsize": integer(2, 100_000),
+            "use_separable_cma": flag(),
+            "with_margin": flag(),
+            "lr_adapt": flag(),
+            "consider_pruned_trials": flag(),
+            "restart_strategy": one_of("ipop", "bipop"),
+        },
+        _sampler("CmaEsSampler", **_NO_WARN),
+        single_objective=True,
+    ),
+    Sampler(
+        "gp",
+        {"n_startup_trials": integer(0, 100_000), "deterministic_objective": flag()},
+        _sampler("GPSampler", **_NO_WARN),
+    ),
+    Sampler(
+        "qmc",
+        {"qmc_type": one_of("sobol", "halton"), "scramble": flag()},
+        _sampler("QMCSampler", **_NO_WARN),
+    ),
+    Sampler(
+        "nsga2",
+        {
+            "population_size": integer(2, 100_000),
+            "mutation_prob": real(0.0, 1.0),
+            "crossover_prob": real(0.0, 1.0),
+            "swapping_prob": real(0.0, 1.0),
+        },
+        _sampler("NSGAIISampler"),
+    ),
 )
 
 _COMMON_PRUNE: dict[str, Option] = {
-    "n_startup_trials": integer(0, 100_000), "n_warmup_steps": integer(0, 1_000_000),
-    "interval_steps": integer(1, 1_000_000), "n_min_trials": integer(1, 100_000),
+    "n_startup_trials": integer(0, 100_000),
+    "n_warmup_steps": integer(0, 1_000_000),
+    "interval_steps": integer(1, 1_000_000),
+    "n_min_trials": integer(1, 100_000),
 }
 
 _PRUNERS: tuple[Pruner, ...] = (
     Pruner("none", {}, _pruner("NopPruner")),
     Pruner("median", _COMMON_PRUNE, _pruner("MedianPruner")),
-    Pruner("percentile", {**_COMMON_PRUNE, "percentile": real(0.0, 100.0, required=True)},
-           _pruner("PercentilePruner")),
-    Pruner("successive_halving", {
-        "min_resource": integer_or_auto(1, 1_000_000), "reduction_factor": integer(2, 100),
-        "min_early_stopping_rate": integer(0, 100), "bootstrap_count": integer(0, 1000),
-    }, _pruner("SuccessiveHalvingPruner")),
-    Pruner("hyperband", {
-        "min_resource": integer(1, 1_000_000), "max_resource": integer_or_auto(1, 1_000_000),
-        "reduction_factor": integer(2, 100), "bootstrap_count": integer(0, 1000),
-    }, _pruner("HyperbandPruner")),
-    Pruner("threshold", {
-        "lower": real(-1e300, 1e300), "upper": real(-1e300, 1e300),
-        "n_warmup_steps": integer(0, 1_000_000), "interval_steps": integer(1, 1_000_000),
-    }, _pruner("ThresholdPruner"), check=_lower_or_upper),
-    Pruner("patient", {"patience": integer(0, 100_000, required=True),
-                       "min_delta": real(0.0, 1e300)}, _patient, wraps=True),
-    Pruner("wilcoxon", {"p_threshold": real(0.0, 1.0), "n_startup_steps": integer(0, 1_000_000)},
-           _pruner("WilcoxonPruner")),
+    Pruner(
+        "percentile",
+        {**_COMMON_PRUNE, "percentile": real(0.0, 100.0, required=True)},
+        _pruner("PercentilePruner"),
+    ),
+    Pruner(
+        "successive_halving",
+        {
+            "min_resource": integer_or_auto(1, 1_000_000),
+            "reduction_factor": integer(2, 100),
+            "min_early_stopping_rate": integer(0, 100),
+            "bootstrap_count": integer(0, 1000),
+        },
+        _pruner("SuccessiveHalvingPruner"),
+    ),
+    Pruner(
+        "hyperband",
+        {
+            "min_resource": integer(1, 1_000_000),
+            "max_resource": integer_or_auto(1, 1_000_000),
+            "reduction_factor": integer(2, 100),
+            "bootstrap_count": integer(0, 1000),
+        },
+        _pruner("HyperbandPruner"),
+    ),
+    Pruner(
+        "threshold",
+        {
+            "lower": real(-1e300, 1e300),
+            "upper": real(-1e300, 1e300),
+            "n_warmup_steps": integer(0, 1_000_000),
+            "interval_steps": integer(1, 1_000_000),
+        },
+        _pruner("ThresholdPruner"),
+        check=_lower_or_upper,
+    ),
+    Pruner(
+        "patient",
+        {"patience": integer(0, 100_000, required=True), "min_delta": real(0.0, 1e300)},
+        _patient,
+        wraps=True,
+    ),
+    Pruner(
+        "wilcoxon",
+        {"p_threshold": real(0.0, 1.0), "n_startup_steps": integer(0, 1_000_000)},
+        _pruner("WilcoxonPruner"),
+    ),
 )
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in _SAMPLERS}

@@ -187,8 +187,9 @@ class EarlyStopping(_Strict):
 
 class Budget(_Strict):
     n_trials: Int = Field(default=50, ge=1, le=1_000_000)
-    max_concurrent_trials: Annotated[int, Field(ge=1, le=100_000),
-                                     BeforeValidator(integral)] | None = None
+    max_concurrent_trials: (
+        Annotated[int, Field(ge=1, le=100_000), BeforeValidator(integral)] | None
+    ) = None
     timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400)
     trial_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
     max_retries: Int = Field(default=2, ge=0, le=100)
@@ -227,17 +228,19 @@ class StudySpec(_Strict):
         default_factory=lambda: [Objective(metric="val_loss")], min_length=1, max_length=4
     )
     search_space: dict[str, Distribution] = Field(
-        default_factory=dict, max_length=64,
-        json_schema_extra={"propertyNames": _one_of(HPARAMS)})
-    fixed: dict[str, Scalar] = Field(default_factory=dict, max_length=64,
-                                     json_schema_extra={"propertyNames": _one_of(HPARAMS)})
+        default_factory=dict, max_length=64, json_schema_extra={"propertyNames": _one_of(HPARAMS)}
+    )
+    fixed: dict[str, Scalar] = Field(
+        default_factory=dict, max_length=64, json_schema_extra={"propertyNames": _one_of(HPARAMS)}
+    )
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     budget: Budget = Field(default_factory=Budget)
     priority: Int = Field(default=0, ge=-100, le=100)
     season: Annotated[int, Field(ge=2, le=100_000), BeforeValidator(integral)] | None = Field(
-        default=None, description="season length for the baselines; null: detected")
+        default=None, description="season length for the baselines; null: detected"
+    )
     validation: Validation = Field(default_factory=Validation)
     final: Final | None = None
 
@@ -285,9 +288,14 @@ class StudySpec(_Strict):
                 self.pruner = PrunerSpec(name="none")
             else:
                 top = self.max_epochs_bound() * self.n_folds
-                self.pruner = PrunerSpec(name="hyperband", options={
-                    "min_resource": min(top, max(3, top // 20)), "max_resource": top,
-                    "reduction_factor": 3})
+                self.pruner = PrunerSpec(
+                    name="hyperband",
+                    options={
+                        "min_resource": min(top, max(3, top // 20)),
+                        "max_resource": top,
+                        "reduction_factor": 3,
+                    },
+                )
         elif self.pruner.name == "hyperband" and "max_resource" not in self.pruner.options:
             self.pruner.options["max_resource"] = self.max_epochs_bound() * self.n_folds
         return self
@@ -301,10 +309,16 @@ class StudySpec(_Strict):
     def max_epochs_bound(self) -> int:
         """The most epochs a trial of this study can run (fixed, searched high, or default)."""
         dist = self.search_space.get("max_epochs")
-        value: Any = dist.high if isinstance(dist, IntRange) else self.fixed.get(
-            "max_epochs", HPARAMS["max_epochs"].default)
-        return value if isinstance(value, int) and not isinstance(value, bool) and \
-            1 <= value <= 1_000_000 else int(HPARAMS["max_epochs"].default)
+        value: Any = (
+            dist.high
+            if isinstance(dist, IntRange)
+            else self.fixed.get("max_epochs", HPARAMS["max_epochs"].default)
+        )
+        return (
+            value
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_000_000
+            else int(HPARAMS["max_epochs"].default)
+        )
 
     def grid_points(self) -> dict[str, list[Any] | None]:
         """Each searched hyperparameter's grid values (``grid_values``), for a grid sampler."""
@@ -326,8 +340,7 @@ class StudySpec(_Strict):
 # ---- the default search space ---------------------------------------------------------------
 
 
-def default_search_space(spec: StudySpec, n_points: int | None = None
-                         ) -> dict[str, Distribution]:
+def default_search_space(spec: StudySpec, n_points: int | None = None) -> dict[str, Distribution]:
     """seqtune's search space for a study that names none, from the ranges LSTM guides
     recommend (units 16-256, 1-2 layers, dropout up to 0.5, Adam's lr 1e-4-1e-2, batch 32-128),
     plus ``target_transform`` for forecasting. ``seq_len`` is sized from the data: up to a fifth
@@ -346,7 +359,8 @@ def default_search_space(spec: StudySpec, n_points: int | None = None
     }
     if spec.task == "forecast":
         space["target_transform"] = Categorical(
-            type="categorical", choices=["none", "diff", "window_norm", "residual"])
+            type="categorical", choices=["none", "diff", "window_norm", "residual"]
+        )
     return {k: v for k, v in space.items() if k not in spec.fixed}
 
 
@@ -355,15 +369,24 @@ def default_search_space(spec: StudySpec, n_points: int | None = None
 MAX_GRID_POINTS = 1_000_000
 
 
-def _check_options(kind: str, name: str, options: dict[str, Any],
-                   allowed: Mapping[str, search.Option], where: str,
-                   errors: list[dict[str, str]]) -> None:
+def _check_options(
+    kind: str,
+    name: str,
+    options: dict[str, Any],
+    allowed: Mapping[str, search.Option],
+    where: str,
+    errors: list[dict[str, str]],
+) -> None:
     for key, value in options.items():
         field = f"{where}.options.{key}"
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            errors.append({"field": field,
-                           "reason": f"{kind} '{name}' takes no option '{key}' (known: {known})"})
+            errors.append(
+                {
+                    "field": field,
+                    "reason": f"{kind} '{name}' takes no option '{key}' (known: {known})",
+                }
+            )
             continue
         option = allowed[key]
         typ, low, high = option.type, option.low, option.high
@@ -375,15 +398,19 @@ def _check_options(kind: str, name: str, options: dict[str, Any],
             continue
         if typ == "str":
             if value not in option.choices:
-                errors.append({"field": field,
-                               "reason": f"must be one of {list(option.choices)}"})
+                errors.append({"field": field, "reason": f"must be one of {list(option.choices)}"})
             continue
         if typ == "int_or_auto" and value == "auto":
             continue
-        if typ in ("int", "int_or_auto") and (isinstance(value, bool) or
-                                               not isinstance(value, int)):
-            errors.append({"field": field, "reason": "must be an integer"
-                           + (" or 'auto'" if typ == "int_or_auto" else "")})
+        if typ in ("int", "int_or_auto") and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            errors.append(
+                {
+                    "field": field,
+                    "reason": "must be an integer" + (" or 'auto'" if typ == "int_or_auto" else ""),
+                }
+            )
             continue
         if typ == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
             errors.append({"field": field, "reason": "must be a number"})
@@ -393,35 +420,56 @@ def _check_options(kind: str, name: str, options: dict[str, Any],
             errors.append({"field": field, "reason": f"must be between {low} and {high}"})
 
 
-def _check_dataset(spec: StudySpec, errors: list[dict[str, str]],
-                   uploaded_columns: list[str] | None) -> tuple[str, ...] | None:
+def _check_dataset(
+    spec: StudySpec, errors: list[dict[str, str]], uploaded_columns: list[str] | None
+) -> tuple[str, ...] | None:
     """Returns the dataset's numeric columns when known, after checking the reference."""
     ds = spec.dataset
     if isinstance(ds, BuiltinData):
         info = catalog.BUILTIN.get(ds.name)
         if info is None:
-            errors.append({"field": "dataset.name", "reason":
-                           f"unknown built-in dataset; known: {sorted(catalog.BUILTIN)}"})
+            errors.append(
+                {
+                    "field": "dataset.name",
+                    "reason": f"unknown built-in dataset; known: {sorted(catalog.BUILTIN)}",
+                }
+            )
             return None
     elif isinstance(ds, SyntheticData):
         info = catalog.SYNTHETIC.get(ds.generator)
         if info is None:
-            errors.append({"field": "dataset.generator", "reason":
-                           f"unknown generator; known: {sorted(catalog.SYNTHETIC)}"})
+            errors.append(
+                {
+                    "field": "dataset.generator",
+                    "reason": f"unknown generator; known: {sorted(catalog.SYNTHETIC)}",
+                }
+            )
             return None
         for key, value in ds.options.items():
             if key not in info.options:
-                errors.append({"field": f"dataset.options.{key}", "reason":
-                               f"generator '{ds.generator}' takes {sorted(info.options)}"})
+                errors.append(
+                    {
+                        "field": f"dataset.options.{key}",
+                        "reason": f"generator '{ds.generator}' takes {sorted(info.options)}",
+                    }
+                )
             elif not info.options[key][0] <= value <= info.options[key][1]:
                 lo, hi, _ = info.options[key]
-                errors.append({"field": f"dataset.options.{key}",
-                               "reason": f"must be between {lo:g} and {hi:g}"})
+                errors.append(
+                    {
+                        "field": f"dataset.options.{key}",
+                        "reason": f"must be between {lo:g} and {hi:g}",
+                    }
+                )
     else:
         return tuple(uploaded_columns) if uploaded_columns is not None else None
     if spec.task not in info.tasks:
-        errors.append({"field": "task", "reason":
-                       f"dataset '{info.name}' supports task(s) {list(info.tasks)}"})
+        errors.append(
+            {
+                "field": "task",
+                "reason": f"dataset '{info.name}' supports task(s) {list(info.tasks)}",
+            }
+        )
     if isinstance(ds, SyntheticData):
         cols = catalog.synthetic_columns(ds.generator, ds.options)
         return cols + (("label",) if spec.task == "classify" else ())
@@ -440,8 +488,12 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
         for key in ("target", "features"):
             for i, col in enumerate(getattr(spec, key) or []):
                 if col not in columns:
-                    errors.append({"field": f"{key}[{i}]",
-                                   "reason": f"no column '{col}'; columns: {list(columns)}"})
+                    errors.append(
+                        {
+                            "field": f"{key}[{i}]",
+                            "reason": f"no column '{col}'; columns: {list(columns)}",
+                        }
+                    )
     if spec.task == "classify" and spec.target is not None and len(spec.target) != 1:
         errors.append({"field": "target", "reason": "classification takes exactly one label"})
     if spec.task == "classify" and spec.horizon != 1:
@@ -450,11 +502,19 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
     for i, obj in enumerate(spec.objectives):
         meta = catalog.METRICS.get(obj.metric)
         if meta is None:
-            errors.append({"field": f"objectives[{i}].metric",
-                           "reason": f"unknown metric; known: {sorted(catalog.METRICS)}"})
+            errors.append(
+                {
+                    "field": f"objectives[{i}].metric",
+                    "reason": f"unknown metric; known: {sorted(catalog.METRICS)}",
+                }
+            )
         elif spec.task not in meta[1]:
-            errors.append({"field": f"objectives[{i}].metric",
-                           "reason": f"'{obj.metric}' does not apply to task '{spec.task}'"})
+            errors.append(
+                {
+                    "field": f"objectives[{i}].metric",
+                    "reason": f"'{obj.metric}' does not apply to task '{spec.task}'",
+                }
+            )
     if len({o.metric for o in spec.objectives}) != len(spec.objectives):
         errors.append({"field": "objectives", "reason": "each metric may appear once"})
 
@@ -474,26 +534,45 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
 
     if spec.task == "classify":
         tt = spec.search_space.get("target_transform")
-        if (isinstance(tt, Categorical) and tt.choices != ["none"]) or \
-                spec.fixed.get("target_transform", "none") != "none":
-            errors.append({"field": "search_space.target_transform" if tt is not None else
-                           "fixed.target_transform",
-                           "reason": "target transforms apply to forecasting only"})
+        if (isinstance(tt, Categorical) and tt.choices != ["none"]) or spec.fixed.get(
+            "target_transform", "none"
+        ) != "none":
+            errors.append(
+                {
+                    "field": "search_space.target_transform"
+                    if tt is not None
+                    else "fixed.target_transform",
+                    "reason": "target transforms apply to forecasting only",
+                }
+            )
     if spec.final is not None and len(spec.objectives) > 1:
-        errors.append({"field": "final", "reason": "final re-training picks one winner, so it "
-                       "needs a single objective"})
+        errors.append(
+            {
+                "field": "final",
+                "reason": "final re-training picks one winner, so it needs a single objective",
+            }
+        )
     sampler = search.SAMPLERS[spec.sampler.name]
-    _check_options("sampler", sampler.name, spec.sampler.options, sampler.options, "sampler",
-                   errors)
+    _check_options(
+        "sampler", sampler.name, spec.sampler.options, sampler.options, "sampler", errors
+    )
     if sampler.grid:
         _check_grid(spec, errors)
     _check_pruner(spec.pruner, "pruner", errors)
     if len(spec.objectives) > 1 and spec.pruner.name != "none":
-        errors.append({"field": "pruner.name", "reason":
-                       "pruning needs a single objective; use 'none' with several objectives"})
+        errors.append(
+            {
+                "field": "pruner.name",
+                "reason": "pruning needs a single objective; use 'none' with several objectives",
+            }
+        )
     if sampler.single_objective and len(spec.objectives) > 1:
-        errors.append({"field": "sampler.name", "reason":
-                       f"'{sampler.name}' handles one objective; use 'tpe' or 'nsga2'"})
+        errors.append(
+            {
+                "field": "sampler.name",
+                "reason": f"'{sampler.name}' handles one objective; use 'tpe' or 'nsga2'",
+            }
+        )
     if errors:
         raise Invalid(f"the study definition has {len(errors)} problem(s)", details=errors)
 
@@ -515,8 +594,12 @@ def _check_distribution(name: str, dist: Any, errors: list[dict[str, str]]) -> N
                 errors.append({"field": f"{field}.choices[{i}]", "reason": reason})
         return
     if hp.kind in ("bool", "categorical"):
-        errors.append({"field": f"{field}.type",
-                       "reason": f"'{name}' is {hp.kind}; search it with type 'categorical'"})
+        errors.append(
+            {
+                "field": f"{field}.type",
+                "reason": f"'{name}' is {hp.kind}; search it with type 'categorical'",
+            }
+        )
         return
     if hp.kind == "int" and isinstance(dist, FloatRange):
         errors.append({"field": f"{field}.type", "reason": f"'{name}' is an integer; use 'int'"})
@@ -525,8 +608,9 @@ def _check_distribution(name: str, dist: Any, errors: list[dict[str, str]]) -> N
     for end in ("low", "high"):
         v = getattr(dist, end)
         if not hp.low <= v <= hp.high:
-            errors.append({"field": f"{field}.{end}",
-                           "reason": f"must be between {hp.low:g} and {hp.high:g}"})
+            errors.append(
+                {"field": f"{field}.{end}", "reason": f"must be between {hp.low:g} and {hp.high:g}"}
+            )
 
 
 def _value_problem(name: str, value: Any) -> str | None:
@@ -535,8 +619,11 @@ def _value_problem(name: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else "must be true or false"
     if hp.kind == "categorical":
         assert hp.choices is not None
-        return None if value in hp.choices and isinstance(value, str) else \
-            f"must be one of {list(hp.choices)}"
+        return (
+            None
+            if value in hp.choices and isinstance(value, str)
+            else f"must be one of {list(hp.choices)}"
+        )
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"must be a{'n integer' if hp.kind == 'int' else ' number'}"
     if hp.kind == "int" and not isinstance(value, int):
@@ -552,8 +639,11 @@ def grid_values(dist: Any) -> list[Any] | None:
     if isinstance(dist, Categorical):
         return list(dist.choices)
     if isinstance(dist, IntRange):
-        return list(range(dist.low, dist.high + 1, dist.step)) if not dist.log else \
-            list(range(dist.low, dist.high + 1))
+        return (
+            list(range(dist.low, dist.high + 1, dist.step))
+            if not dist.log
+            else list(range(dist.low, dist.high + 1))
+        )
     if dist.step is not None:
         n = int(math.floor((dist.high - dist.low) / dist.step + 1e-9)) + 1
         return [round(dist.low + i * dist.step, 12) for i in range(n)]
@@ -567,16 +657,24 @@ def _check_grid(spec: StudySpec, errors: list[dict[str, str]]) -> None:
             n = (dist.high - dist.low) // dist.step + 1
         elif isinstance(dist, FloatRange):
             if dist.step is None:
-                errors.append({"field": f"search_space.{name}",
-                               "reason": "grid search needs a step or choices for floats"})
+                errors.append(
+                    {
+                        "field": f"search_space.{name}",
+                        "reason": "grid search needs a step or choices for floats",
+                    }
+                )
                 return
             n = int((dist.high - dist.low) / dist.step + 1e-9) + 1
         else:
             n = len(dist.choices)
         size *= n
         if size > MAX_GRID_POINTS:
-            errors.append({"field": "search_space", "reason":
-                           f"the grid has over {MAX_GRID_POINTS} points; coarsen the steps"})
+            errors.append(
+                {
+                    "field": "search_space",
+                    "reason": f"the grid has over {MAX_GRID_POINTS} points; coarsen the steps",
+                }
+            )
             return
 
 
@@ -585,19 +683,28 @@ def _check_pruner(pruner: PrunerSpec, where: str, errors: list[dict[str, str]]) 
     _check_options("pruner", pruner.name, pruner.options, entry.options, where, errors)
     for key, option in entry.options.items():
         if option.required and key not in pruner.options:
-            errors.append({"field": f"{where}.options.{key}",
-                           "reason": f"pruner '{pruner.name}' needs option '{key}'"})
+            errors.append(
+                {
+                    "field": f"{where}.options.{key}",
+                    "reason": f"pruner '{pruner.name}' needs option '{key}'",
+                }
+            )
     reason = entry.check(pruner.options) if entry.check is not None else None
     if reason:
         errors.append({"field": f"{where}.options", "reason": reason})
     if pruner.wrapped is not None:
         if not entry.wraps:
             wrappers = " or ".join(f"'{p.name}'" for p in search.PRUNERS.values() if p.wraps)
-            errors.append({"field": f"{where}.wrapped",
-                           "reason": f"only the {wrappers} pruner wraps another"})
+            errors.append(
+                {"field": f"{where}.wrapped", "reason": f"only the {wrappers} pruner wraps another"}
+            )
         elif search.PRUNERS[pruner.wrapped.name].wraps:
-            errors.append({"field": f"{where}.wrapped.name",
-                           "reason": f"'{pruner.name}' cannot wrap '{pruner.wrapped.name}'"})
+            errors.append(
+                {
+                    "field": f"{where}.wrapped.name",
+                    "reason": f"'{pruner.name}' cannot wrap '{pruner.wrapped.name}'",
+                }
+            )
         else:
             _check_pruner(pruner.wrapped, f"{where}.wrapped", errors)
 
@@ -611,8 +718,11 @@ def errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"] if p not in ("body",)]
         # Discriminated unions add the tag to the path (search_space.lr.float.low): drop it.
-        loc = [p for p in loc if p not in ("int", "float", "categorical", "builtin",
-                                           "synthetic", "uploaded")]
+        loc = [
+            p
+            for p in loc
+            if p not in ("int", "float", "categorical", "builtin", "synthetic", "uploaded")
+        ]
         out.append({"field": ".".join(loc) or "(body)", "reason": err["msg"]})
     return out
 
@@ -625,8 +735,9 @@ def parse_spec(data: Any) -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as exc:
         details = errors_from_validation(exc)
-        raise Invalid(f"the study definition has {len(details)} problem(s)",
-                      details=details) from None
+        raise Invalid(
+            f"the study definition has {len(details)} problem(s)", details=details
+        ) from None
     return spec
 
 
@@ -637,12 +748,16 @@ class _YamlLoader(yaml.SafeLoader):
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(text: str) -> Any:

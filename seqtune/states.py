@@ -61,9 +61,11 @@ ACTIVE_STATUSES: frozenset[StudyStatus] = frozenset({StudyStatus.RUNNING, StudyS
 # Studies that start no more trials unless someone acts (raising a completed study's budget
 # resumes it): where a client watching a study stops watching.
 FINISHED_STATUSES: frozenset[StudyStatus] = frozenset(
-    {StudyStatus.COMPLETED, StudyStatus.STOPPED, StudyStatus.TIMED_OUT})
+    {StudyStatus.COMPLETED, StudyStatus.STOPPED, StudyStatus.TIMED_OUT}
+)
 FINISHED_STATES: frozenset[TrialState] = frozenset(
-    {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL})
+    {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+)
 
 S = TypeVar("S", StudyStatus, TrialState)
 
@@ -102,13 +104,17 @@ TRIAL_TRANSITIONS: dict[str, Transition[TrialState]] = {
 }
 
 # What PATCH /v1/studies/{name} may set, in the enum's order: status -> the action.
-SETTABLE_STATUSES: dict[StudyStatus, str] = dict(sorted(
-    ((to, action) for action, t in STUDY_TRANSITIONS.items() if t.by_user for to in t.targets),
-    key=lambda pair: list(StudyStatus).index(pair[0])))
+SETTABLE_STATUSES: dict[StudyStatus, str] = dict(
+    sorted(
+        ((to, action) for action, t in STUDY_TRANSITIONS.items() if t.by_user for to in t.targets),
+        key=lambda pair: list(StudyStatus).index(pair[0]),
+    )
+)
 
 
-def study_transition(action: str, current: str, *, name: str,
-                     target: StudyStatus | None = None) -> StudyStatus:
+def study_transition(
+    action: str, current: str, *, name: str, target: StudyStatus | None = None
+) -> StudyStatus:
     """The status ``action`` moves a study called ``name`` to from ``current``.
 
     ``target`` picks one when the action has several (none has today). Raises Conflict when

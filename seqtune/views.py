@@ -34,8 +34,16 @@ else:
     StudyPhaseName = Literal[_values(StudyPhase)]
 
 PlotKind = Literal["history", "importance", "intermediate", "parallel", "contour"]
-TrialSort = Literal["number", "-number", "value", "-value", "started_at", "-started_at",
-                    "finished_at", "-finished_at"]
+TrialSort = Literal[
+    "number",
+    "-number",
+    "value",
+    "-value",
+    "started_at",
+    "-started_at",
+    "finished_at",
+    "-finished_at",
+]
 Direction = Literal["minimize", "maximize"]
 
 
@@ -169,5 +177,9 @@ def baseline_label(name: str, baselines: dict[str, Any]) -> str:
     if name == "seasonal_naive":
         season = params.get("season", baselines.get("season"))
         return f"seasonal naive ({season})" if season else "seasonal naive"
-    return {"ar": "AR", "ets": "ETS", "majority": "majority-class",
-            "logistic": "logistic regression"}.get(name, name.replace("_", " "))
+    return {
+        "ar": "AR",
+        "ets": "ETS",
+        "majority": "majority-class",
+        "logistic": "logistic regression",
+    }.get(name, name.replace("_", " "))

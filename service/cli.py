@@ -40,14 +40,16 @@ Command = Callable[[argparse.Namespace], int]
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
     """Give ``seqtune.cli``'s verb ``verb`` (serve, up, db, keys) its options, subcommands and
     function (the parsers' default ``fn``). KeyError for any other verb."""
-    {"serve": _serve_arguments, "up": _up_arguments, "db": _db_arguments,
-     "keys": _keys_arguments}[verb](parser)
+    {"serve": _serve_arguments, "up": _up_arguments, "db": _db_arguments, "keys": _keys_arguments}[
+        verb
+    ](parser)
 
 
 def _database_url_option(parser: argparse.ArgumentParser) -> None:
     # Also after the verb; SUPPRESS keeps a value given before it.
-    parser.add_argument("--database-url", default=argparse.SUPPRESS,
-                        help="overrides SEQTUNE_DATABASE_URL")
+    parser.add_argument(
+        "--database-url", default=argparse.SUPPRESS, help="overrides SEQTUNE_DATABASE_URL"
+    )
 
 
 def _reports_database_errors(fn: Command) -> Command:
@@ -108,10 +110,13 @@ def check_port_free(host: str, port: int) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise CommandFailed(
                     f"port {port} on {host} is already in use (another seqtune?); stop what "
-                    f"listens there or pick another with --port", Exit.UNAVAILABLE) from None
-            raise CommandFailed(f"cannot listen on {host}:{port}: "
-                                f"{exc.strerror or exc}; check --host and --port",
-                                Exit.UNAVAILABLE) from None
+                    f"listens there or pick another with --port",
+                    Exit.UNAVAILABLE,
+                ) from None
+            raise CommandFailed(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port",
+                Exit.UNAVAILABLE,
+            ) from None
 
 
 def database_problem(exc: sa_exc.DBAPIError, url: str | None) -> tuple[str, Exit]:
@@ -134,20 +139,31 @@ def database_problem(exc: sa_exc.DBAPIError, url: str | None) -> tuple[str, Exit
     where = "--database-url or SEQTUNE_DATABASE_URL"
     low = driver.lower()
     if sqlite:
-        return (f"the SQLite database {name} failed ({reason}); check {where} or "
-                "SEQTUNE_DATA_DIR",
-                Exit.BAD_INPUT if "unable to open" in low else Exit.UNAVAILABLE)
+        return (
+            f"the SQLite database {name} failed ({reason}); check {where} or SEQTUNE_DATA_DIR",
+            Exit.BAD_INPUT if "unable to open" in low else Exit.UNAVAILABLE,
+        )
     if re.search(r'database ".*" does not exist', low):
-        return (f"the database '{name}' does not exist on {host}:{port}; create it "
-                f"(createdb -h {host} -p {port} -U {user} {name}, or CREATE DATABASE \"{name}\")"
-                f" or fix {where}", Exit.BAD_INPUT)
-    if any(m in low for m in ("password authentication failed", "role", "pg_hba.conf",
-                              "authentication")):
-        return (f"Postgres at {host}:{port} refused the login ({reason}); fix {where}",
-                Exit.BAD_INPUT)
+        return (
+            f"the database '{name}' does not exist on {host}:{port}; create it "
+            f'(createdb -h {host} -p {port} -U {user} {name}, or CREATE DATABASE "{name}")'
+            f" or fix {where}",
+            Exit.BAD_INPUT,
+        )
+    if any(
+        m in low
+        for m in ("password authentication failed", "role", "pg_hba.conf", "authentication")
+    ):
+        return (
+            f"Postgres at {host}:{port} refused the login ({reason}); fix {where}",
+            Exit.BAD_INPUT,
+        )
     if isinstance(exc, sa_exc.OperationalError):
-        return (f"cannot reach the database at {host}:{port} ({reason}); is Postgres running "
-                f"there? check {where}", Exit.UNAVAILABLE)
+        return (
+            f"cannot reach the database at {host}:{port} ({reason}); is Postgres running "
+            f"there? check {where}",
+            Exit.UNAVAILABLE,
+        )
     return f"the database refused the command: {reason}", Exit.BAD_INPUT
 
 
@@ -155,8 +171,11 @@ def database_problem(exc: sa_exc.DBAPIError, url: str | None) -> tuple[str, Exit
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
-    s.add_argument("--no-auth", action="store_true",
-                   help="turn authentication off (local use only; logs a warning)")
+    s.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="turn authentication off (local use only; logs a warning)",
+    )
     s.add_argument("--access-log", action="store_true")
     s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     _database_url_option(s)
@@ -175,8 +194,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     check_port_free(host, port)
-    common = {"host": host, "port": port, "log_level": settings.log_level.lower(),
-              "access_log": args.access_log}
+    common = {
+        "host": host,
+        "port": port,
+        "log_level": settings.log_level.lower(),
+        "access_log": args.access_log,
+    }
     if args.workers > 1:
         if settings.migrate_on_start:  # once, before the processes race for it
             migrate.upgrade(Database(settings).engine)
@@ -195,8 +218,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # uvicorn exits with its code 3 (STARTUP_FAILURE) after logging why (the port was
         # taken since the check above, the app's startup failed): the service is failing (6).
         if exc.code == 3:
-            raise CommandFailed(f"the service failed to start on {host}:{port} (its log above "
-                                "says why)", Exit.UNAVAILABLE) from None
+            raise CommandFailed(
+                f"the service failed to start on {host}:{port} (its log above says why)",
+                Exit.UNAVAILABLE,
+            ) from None
         raise
     return Exit.OK
 
@@ -228,10 +253,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     # The worker runs with these settings (a --database-url included), rendered into its
     # environment. It stops its slots and exits once this process is gone (kill -9 included),
     # and each slot stops once the worker is gone: no trials trained by orphans.
-    worker = subprocess.Popen([sys.executable, "-m", "seqtune.cli", "worker", "--gpus",
-                               args.gpus, "--slots-per-gpu", str(args.slots_per_gpu),
-                               "--exit-with-pid", str(os.getpid())],
-                              env=settings.child_env())
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "seqtune.cli",
+            "worker",
+            "--gpus",
+            args.gpus,
+            "--slots-per-gpu",
+            str(args.slots_per_gpu),
+            "--exit-with-pid",
+            str(os.getpid()),
+        ],
+        env=settings.child_env(),
+    )
     args.no_auth = not args.auth
     # uvicorn shuts down on SIGTERM and then re-raises it; with the default action that would
     # kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
@@ -277,8 +313,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     db = Database(_settings(args))
     migrate.upgrade(db.engine)
     key = keys.create_key(db, tenant=args.tenant)
-    print(f"created a key for tenant '{args.tenant}'; it is shown once, keep it:",
-          file=sys.stderr)
+    print(f"created a key for tenant '{args.tenant}'; it is shown once, keep it:", file=sys.stderr)
     print(key)
     return Exit.OK
 

@@ -21,15 +21,17 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "seqtune_log", default=None)
+    "seqtune_log", default=None
+)
 FIELDS = ("study", "trial", "attempt", "worker")
 
 
 @contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
     """Attach ``fields`` (study, trial, attempt, worker) to every record logged inside."""
-    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **{k: v for k, v in fields.items()
-                                                if v is not None}})
+    token = _CONTEXT.set(
+        {**(_CONTEXT.get() or {}), **{k: v for k, v in fields.items() if v is not None}}
+    )
     try:
         yield
     finally:
@@ -53,7 +55,8 @@ _KEY = re.compile(r"(?<![A-Za-z0-9_-])st(?:_|%5[fF])[A-Za-z0-9_-]{24,}")
 # Query parameters whose names say they hold a secret: the value goes, the name stays.
 _SECRET_PARAM = re.compile(
     r"(?i)([?&;][a-z0-9_.%-]*(?:key|token|secret|passw|auth|session|signature)[a-z0-9_.%-]*=)"
-    r"[^&;#\s\"]*")
+    r"[^&;#\s\"]*"
+)
 REDACTED = "[redacted]"
 
 
@@ -78,8 +81,9 @@ class RedactFilter(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: redact(v) if isinstance(v, str) else v
-                           for k, v in record.args.items()}
+            record.args = {
+                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
+            }
         return True
 
 
@@ -96,8 +100,11 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
-            "pid": record.process}
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
         for k in FIELDS:
             v = getattr(record, k, None)
             if v is not None:
@@ -113,8 +120,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        tags = " ".join(f"{k}={getattr(record, k)}" for k in FIELDS
-                        if getattr(record, k, None) is not None)
+        tags = " ".join(
+            f"{k}={getattr(record, k)}" for k in FIELDS if getattr(record, k, None) is not None
+        )
         return f"{line} [{tags}]" if tags else line
 
 
@@ -124,8 +132,9 @@ def setup_logging(settings: Settings, prefix: str = "") -> None:
     name (a slot's number). Safe to call more than once: it replaces its own handler."""
     level = settings.log_level.upper()
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json"
-                         else TextFormatter(prefix))
+    handler.setFormatter(
+        JsonFormatter() if settings.log_format == "json" else TextFormatter(prefix)
+    )
     handler.addFilter(ContextFilter())
     handler.addFilter(RedactFilter())  # no record of any logger prints an API key
     root = logging.getLogger()

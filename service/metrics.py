@@ -35,8 +35,11 @@ class FleetCollector(Collector):
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        yield from fleet_metrics(health.fleet_stats(
-            self.db, buckets=DURATION_BUCKETS, lost_after_s=self.db.settings.lost_after_s))
+        yield from fleet_metrics(
+            health.fleet_stats(
+                self.db, buckets=DURATION_BUCKETS, lost_after_s=self.db.settings.lost_after_s
+            )
+        )
 
 
 def fleet_metrics(stats: health.FleetStats) -> list[Metric]:
@@ -47,29 +50,42 @@ def fleet_metrics(stats: health.FleetStats) -> list[Metric]:
         g.add_metric([state], float(n))
     out.append(g)
     complete, pruned = float(stats.trials["complete"]), float(stats.trials["pruned"])
-    out.append(GaugeMetricFamily(
-        "seqtune_trials_pruned_ratio", "Pruned / (complete + pruned) over all trials",
-        value=pruned / (complete + pruned) if complete + pruned else 0.0))
-    c = CounterMetricFamily("seqtune_lease_reaps", "Leases taken from dead attempts "
-                            "(counted in the database, fleet-wide)")
+    out.append(
+        GaugeMetricFamily(
+            "seqtune_trials_pruned_ratio",
+            "Pruned / (complete + pruned) over all trials",
+            value=pruned / (complete + pruned) if complete + pruned else 0.0,
+        )
+    )
+    c = CounterMetricFamily(
+        "seqtune_lease_reaps",
+        "Leases taken from dead attempts (counted in the database, fleet-wide)",
+    )
     c.add_metric([], float(stats.reaps))
     out.append(c)
     g = GaugeMetricFamily("seqtune_studies", "Studies by status", labels=["status"])
     for status, n in stats.studies.items():
         g.add_metric([status], float(n))
     out.append(g)
-    out.append(GaugeMetricFamily("seqtune_queue_depth",
-                                 "Trials of running studies not started yet",
-                                 value=float(stats.queue_depth)))
+    out.append(
+        GaugeMetricFamily(
+            "seqtune_queue_depth",
+            "Trials of running studies not started yet",
+            value=float(stats.queue_depth),
+        )
+    )
     g = GaugeMetricFamily("seqtune_workers", "Worker slots by status", labels=["status"])
     g.add_metric(["live"], float(stats.workers_live))
     g.add_metric(["lost"], float(stats.workers_lost))
     out.append(g)
-    buckets = [(str(float(b)), float(n)) for b, n in zip(DURATION_BUCKETS, stats.durations_le,
-                                                        strict=True)]
+    buckets = [
+        (str(float(b)), float(n)) for b, n in zip(DURATION_BUCKETS, stats.durations_le, strict=True)
+    ]
     buckets.append(("+Inf", float(stats.durations_count)))
-    h = HistogramMetricFamily("seqtune_trial_duration_seconds",
-                              "Wall time of finished trials (start to end, all attempts)")
+    h = HistogramMetricFamily(
+        "seqtune_trial_duration_seconds",
+        "Wall time of finished trials (start to end, all attempts)",
+    )
     h.add_metric([], buckets, sum_value=stats.durations_sum_s)
     out.append(h)
     return out
@@ -83,10 +99,12 @@ class PoolCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         pool: Any = self.db.engine.pool
-        for name, fn, doc in (("size", "size", "Configured pool size"),
-                              ("checked_out", "checkedout", "Connections in use"),
-                              ("overflow", "overflow", "Connections over the pool size"),
-                              ("idle", "checkedin", "Idle connections in the pool")):
+        for name, fn, doc in (
+            ("size", "size", "Configured pool size"),
+            ("checked_out", "checkedout", "Connections in use"),
+            ("overflow", "overflow", "Connections over the pool size"),
+            ("idle", "checkedin", "Idle connections in the pool"),
+        ):
             f = getattr(pool, fn, None)
             if f is not None:
                 yield GaugeMetricFamily(f"seqtune_db_pool_{name}", doc, value=float(f()))
@@ -97,9 +115,13 @@ class Metrics:
 
     def __init__(self, db: Database) -> None:
         self.registry = CollectorRegistry()
-        self.latency = Histogram("seqtune_api_request_duration_seconds",
-                                 "API request latency by route", ["method", "route", "status"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram(
+            "seqtune_api_request_duration_seconds",
+            "API request latency by route",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(FleetCollector(db))
         self.registry.register(PoolCollector(db))
 
@@ -126,8 +148,7 @@ def route_label(scope: dict) -> str:
         return label
     from starlette.routing import Match
 
-    for candidate in _leaf_routes(getattr(getattr(scope.get("app"), "router", None),
-                                          "routes", ())):
+    for candidate in _leaf_routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
         match, _ = candidate.matches(scope)
         if match is Match.FULL:
             return str(candidate.path)
@@ -168,9 +189,11 @@ class LatencyMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            metrics: Metrics | None = getattr(scope["app"].state, "metrics", None) \
-                if "app" in scope else None
+            metrics: Metrics | None = (
+                getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            )
             if metrics is not None:
                 method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
                 metrics.latency.labels(method, route_label(scope), str(status[0])).observe(
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0
+                )

@@ -23,32 +23,52 @@ _PYPLOT = threading.Lock()  # pyplot keeps global state: one figure at a time pe
 
 
 def _functions(module: Any) -> dict[str, Callable[..., Any]]:
-    return {"history": module.plot_optimization_history,
-            "importance": module.plot_param_importances,
-            "intermediate": module.plot_intermediate_values,
-            "parallel": module.plot_parallel_coordinate,
-            "contour": module.plot_contour}
+    return {
+        "history": module.plot_optimization_history,
+        "importance": module.plot_param_importances,
+        "intermediate": module.plot_intermediate_values,
+        "parallel": module.plot_parallel_coordinate,
+        "contour": module.plot_contour,
+    }
 
 
 def _check(view: StudyView, kind: str, objective: int) -> None:
     if kind not in KINDS:
         raise Invalid(f"unknown plot '{kind}'; choose one of {', '.join(KINDS)}")
     if not 0 <= objective < len(view.directions):
-        raise NotFound(f"study '{view.name}' has no objective {objective}: its objectives are "
-                       f"0 to {len(view.directions) - 1}")
+        raise NotFound(
+            f"study '{view.name}' has no objective {objective}: its objectives are "
+            f"0 to {len(view.directions) - 1}"
+        )
     n_params = len(view.spec.get("search_space") or {})
-    needs = {"history": (1, 0), "intermediate": (1, 0), "parallel": (1, 1),
-             "importance": (4, 1), "contour": (2, 2)}[kind]
+    needs = {
+        "history": (1, 0),
+        "intermediate": (1, 0),
+        "parallel": (1, 1),
+        "importance": (4, 1),
+        "contour": (2, 2),
+    }[kind]
     if view.trials.complete < needs[0]:
-        raise Conflict(f"the {kind} plot needs {needs[0]} completed trial(s); "
-                       f"'{view.name}' has {view.trials.complete} so far")
+        raise Conflict(
+            f"the {kind} plot needs {needs[0]} completed trial(s); "
+            f"'{view.name}' has {view.trials.complete} so far"
+        )
     if n_params < needs[1]:
-        raise Conflict(f"the {kind} plot needs {needs[1]} searched hyperparameter(s); "
-                       f"'{view.name}' searches {n_params}")
+        raise Conflict(
+            f"the {kind} plot needs {needs[1]} searched hyperparameter(s); "
+            f"'{view.name}' searches {n_params}"
+        )
 
 
-def render(storage: optuna.storages.BaseStorage, view: StudyView, kind: str, *,
-           db: Database, fmt: str = "png", objective: int = 0) -> tuple[bytes, str]:
+def render(
+    storage: optuna.storages.BaseStorage,
+    view: StudyView,
+    kind: str,
+    *,
+    db: Database,
+    fmt: str = "png",
+    objective: int = 0,
+) -> tuple[bytes, str]:
     """``(body, media type)`` of plot ``kind`` of the study, drawn from seqtune's trials (those
     ``/trials`` lists; see ``service.store.studies.seqtune_study``). Raises Invalid, NotFound (no
     such objective) or Conflict (not enough trials or hyperparameters yet)."""

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         default=True, description="Require 'Authorization: Bearer <key>' on every /v1 call."
     )
     auth_cache_s: float = Field(
-        default=5.0, ge=0, le=3600,
+        default=5.0,
+        ge=0,
+        le=3600,
         description="How long a verified key is trusted without a lookup; revocations made "
         "in another process take effect within this time. 0 looks every key up.",
     )
@@ -50,62 +52,97 @@ class Settings(BaseSettings):
     # cannot keep row locks forever: the reaper skips locked trials, so a lock that is never
     # released is a trial that is never recovered.
     db_idle_in_transaction_timeout_s: float = Field(
-        default=30.0, ge=0, le=86400,
+        default=30.0,
+        ge=0,
+        le=86400,
         description="Postgres ends a session idle inside a transaction this long, releasing its "
         "locks; a frozen worker's trial is then recovered after max(lease_timeout_s, this) plus "
         "the reap interval. It must exceed the longest pause seqtune makes inside a "
         "transaction: one sampler ask() under the study's lock (raise it for GP samplers on "
-        "large studies).")
+        "large studies).",
+    )
     db_statement_timeout_s: float = Field(
-        default=600.0, ge=0, le=86400,
+        default=600.0,
+        ge=0,
+        le=86400,
         description="Postgres cancels a statement (lock waits included) running this long. A "
         "last-resort bound: far above any legitimate seqtune statement (uploads, study loads); "
-        "migrations are exempt.")
+        "migrations are exempt.",
+    )
     db_lock_timeout_s: float = Field(
-        default=0.0, ge=0, le=86400,
+        default=0.0,
+        ge=0,
+        le=86400,
         description="Postgres cancels a statement waiting this long for a lock (retried). Off "
         "by default: workers queue on a study's row for every ask() ahead of them, and a "
-        "frozen holder is already ended by the idle-in-transaction timeout.")
+        "frozen holder is already ended by the idle-in-transaction timeout.",
+    )
     db_keepalives_idle_s: int = Field(
-        default=10, ge=0, le=7200,
+        default=10,
+        ge=0,
+        le=7200,
         description="TCP keepalives on both ends of each connection: the first probe after "
-        "this many idle seconds; 0 turns keepalives (and the TCP user timeout) off.")
+        "this many idle seconds; 0 turns keepalives (and the TCP user timeout) off.",
+    )
     db_keepalives_interval_s: int = Field(default=5, ge=1, le=600)
     db_keepalives_count: int = Field(
-        default=3, ge=1, le=100,
+        default=3,
+        ge=1,
+        le=100,
         description="Probes lost before a peer is dead: a partitioned peer is dropped after "
         "idle + interval x count seconds (25 by default), also with data in flight (TCP user "
-        "timeout).")
+        "timeout).",
+    )
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON bodies.")
     reap_interval_s: float = Field(
-        default=10.0, ge=0, le=3600,
-        description="How often the service recovers trials of dead workers; 0 turns it off.")
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="How often the service recovers trials of dead workers; 0 turns it off.",
+    )
     checkpoint_every_s: float = Field(
-        default=30.0, ge=0, le=86400,
-        description="Workers snapshot a running trial at most this often (and on SIGTERM).")
+        default=30.0,
+        ge=0,
+        le=86400,
+        description="Workers snapshot a running trial at most this often (and on SIGTERM).",
+    )
     # Worker timing. Each slot reads these from the Settings its fleet hands it, and the
     # service reads lost_after_s to call a silent worker lost.
     heartbeat_s: float = Field(
-        default=5.0, gt=0, le=600, description="How often a worker slot writes its heartbeat.")
+        default=5.0, gt=0, le=600, description="How often a worker slot writes its heartbeat."
+    )
     lost_after_s: float = Field(
-        default=30.0, gt=0, le=86400,
-        description="A worker silent this long is listed as lost (keep it several heartbeats).")
+        default=30.0,
+        gt=0,
+        le=86400,
+        description="A worker silent this long is listed as lost (keep it several heartbeats).",
+    )
     worker_reap_every_s: float = Field(
-        default=5.0, ge=0, le=3600,
-        description="How often an idle worker slot recovers trials of dead workers.")
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="How often an idle worker slot recovers trials of dead workers.",
+    )
     poll_s: float = Field(
-        default=0.5, gt=0, le=600, description="How long an idle slot waits between claims.")
+        default=0.5, gt=0, le=600, description="How long an idle slot waits between claims."
+    )
     orphan_grace_s: float = Field(
-        default=3.0, gt=0, le=600,
+        default=3.0,
+        gt=0,
+        le=600,
         description="After its `seqtune worker` parent dies, a slot gets this long to finish "
-        "its epoch, and as long again to hand its trial back, before it is stopped.")
+        "its epoch, and as long again to hand its trial back, before it is stopped.",
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(
-        default="text", description="'text' for people, 'json' for log collectors.")
+        default="text", description="'text' for people, 'json' for log collectors."
+    )
     tensorboard_dir: Path | None = Field(
-        default=None, description="Workers write TensorBoard event files per trial here "
-        "(needs the 'tensorboard' extra).")
+        default=None,
+        description="Workers write TensorBoard event files per trial here "
+        "(needs the 'tensorboard' extra).",
+    )
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
@@ -151,8 +188,10 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             err = exc.errors()[0]
             msg = str(err["msg"]).removeprefix("Value error, ")
-            var = cls.model_config.get("env_prefix", "") + "_".join(
-                str(x) for x in err["loc"]).upper()
+            var = (
+                cls.model_config.get("env_prefix", "")
+                + "_".join(str(x) for x in err["loc"]).upper()
+            )
             raise Invalid(msg if var in msg else f"{var}: {msg}") from None
 
     def child_env(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -167,8 +206,11 @@ class Settings(BaseSettings):
         prefix = self.model_config.get("env_prefix", "")
         names = {f"{prefix}{name}".upper() for name in type(self).model_fields}
         # Names compare without case: pydantic-settings reads its variables that way.
-        env = {k: v for k, v in (os.environ if environ is None else environ).items()
-               if k.upper() not in names}
+        env = {
+            k: v
+            for k, v in (os.environ if environ is None else environ).items()
+            if k.upper() not in names
+        }
         for name, value in self:
             if value is not None:
                 env[f"{prefix}{name}".upper()] = _env_value(value)

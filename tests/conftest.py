@@ -26,12 +26,13 @@ from service.store import keys, leases, migrate
 from service.store.db import Database
 from service.store.optuna import optuna_study
 
-ADMIN_URL = os.environ.get("SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _admin():  # type: ignore[no-untyped-def]
-    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1,
-                         pool_pre_ping=True)
+    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1, pool_pre_ping=True)
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +80,9 @@ def pg_url(pg_template: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Any) -> Settings:
-    return Settings(database_url=pg_url, data_dir=tmp_path, auth_enabled=True,
-                    db_retry_backoff_s=0.05)
+    return Settings(
+        database_url=pg_url, data_dir=tmp_path, auth_enabled=True, db_retry_backoff_s=0.05
+    )
 
 
 @pytest.fixture
@@ -124,10 +126,17 @@ def study_body(name: str = "s1", **over: Any) -> dict[str, Any]:
     return body
 
 
-def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestClient,
-              headers: dict[str, str], name: str,
-              values: list[float] | float | Callable[[dict[str, Any]], list[float] | float],
-              state: str = "COMPLETE", epochs: int = 3, owner: str = "test-worker") -> int:
+def run_trial(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    client: TestClient,
+    headers: dict[str, str],
+    name: str,
+    values: list[float] | float | Callable[[dict[str, Any]], list[float] | float],
+    state: str = "COMPLETE",
+    epochs: int = 3,
+    owner: str = "test-worker",
+) -> int:
     """Drive one trial the way a worker does: claim → epoch reports → finish."""
     c = leases.claim(db, storage, owner=owner, studies=[name])
     assert c is not None, f"nothing to claim in {name}"
@@ -138,15 +147,32 @@ def run_trial(db: Database, storage: optuna.storages.BaseStorage, client: TestCl
     vals = vals if isinstance(vals, list) else [vals]
     single = len(vals) == 1
     for e in range(epochs):
-        leases.report(db, claim=c, trial=trial if single else None, epoch=e,
-                      record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e},
-                      value=vals[0] + (epochs - e) if single else None)
+        leases.report(
+            db,
+            claim=c,
+            trial=trial if single else None,
+            epoch=e,
+            record={"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": vals[0] + e},
+            value=vals[0] + (epochs - e) if single else None,
+        )
     if state == "COMPLETE":
-        leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=vals,
-                      reason="max_epochs", test_metrics={"test_rmse": vals[0] * 1.1})
+        leases.finish(
+            db,
+            ostudy=ostudy,
+            claim=c,
+            state="COMPLETE",
+            values=vals,
+            reason="max_epochs",
+            test_metrics={"test_rmse": vals[0] * 1.1},
+        )
     else:
-        leases.finish(db, ostudy=ostudy, claim=c, state=state,
-                      reason="pruned" if state == "PRUNED" else "error")
+        leases.finish(
+            db,
+            ostudy=ostudy,
+            claim=c,
+            state=state,
+            reason="pruned" if state == "PRUNED" else "error",
+        )
     return c.number
 
 
@@ -155,8 +181,9 @@ def _study_id(db: Database, tenant: str, name: str) -> int:
 
     from service.store.tables import Study
 
-    return db.run(lambda s: s.scalar(select(Study.id).where(Study.tenant == tenant,
-                                                             Study.name == name)))
+    return db.run(
+        lambda s: s.scalar(select(Study.id).where(Study.tenant == tenant, Study.name == name))
+    )
 
 
 def seqtune_cmd() -> list[str]:
@@ -194,20 +221,30 @@ def wait_ready(base: str, proc: Any, log_path: Any = None, tries: int = 300) -> 
 
 
 @contextlib.contextmanager
-def serve_process(settings: Settings, tmp_path: Path, *args: str, log_level: str = "WARNING",
-                  **env_over: str) -> Iterator[tuple[str, Any, Path]]:
+def serve_process(
+    settings: Settings, tmp_path: Path, *args: str, log_level: str = "WARNING", **env_over: str
+) -> Iterator[tuple[str, Any, Path]]:
     """`seqtune serve` in its own process on the test database, ready when entered:
     ``(base URL, process, log path)``; stopped (SIGTERM, then SIGKILL) on exit."""
     import subprocess
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    env.update(SEQTUNE_DATABASE_URL=settings.url, SEQTUNE_DATA_DIR=str(tmp_path),
-               SEQTUNE_LOG_LEVEL=log_level, **env_over)
+    env.update(
+        SEQTUNE_DATABASE_URL=settings.url,
+        SEQTUNE_DATA_DIR=str(tmp_path),
+        SEQTUNE_LOG_LEVEL=log_level,
+        **env_over,
+    )
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*seqtune_cmd(), "serve", "--port", str(port), *args], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*seqtune_cmd(), "serve", "--port", str(port), *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc, log_path=log_path)

@@ -14,8 +14,16 @@ def test_create_returns_201_with_location_and_counts(client: TestClient, auth: d
     assert r.headers["location"] == "/v1/studies/alpha"
     body = r.json()
     assert body["status"] == "running" and body["optuna_study_name"] == "acme/alpha"
-    assert body["trials"] == {"waiting": 0, "running": 0, "complete": 0, "pruned": 0,
-                              "failed": 0, "finished": 0, "budget": 20, "remaining": 20}
+    assert body["trials"] == {
+        "waiting": 0,
+        "running": 0,
+        "complete": 0,
+        "pruned": 0,
+        "failed": 0,
+        "finished": 0,
+        "budget": 20,
+        "remaining": 20,
+    }
     assert body["directions"] == ["minimize"]
 
 
@@ -27,7 +35,8 @@ def test_duplicate_name_is_409(client: TestClient, auth: dict) -> None:
 
 
 def test_invalid_definition_is_422_naming_fields_and_stores_nothing(
-        client: TestClient, auth: dict) -> None:
+    client: TestClient, auth: dict
+) -> None:
     bad = study_body("bad", search_space={"hidden_size": {"type": "int", "low": 9, "high": 2}})
     r = client.post("/v1/studies", json=bad, headers=auth)
     assert r.status_code == 422
@@ -60,10 +69,14 @@ def test_get_unknown_study_is_404(client: TestClient, auth: dict) -> None:
 
 def test_pause_resume_stop_and_budget(client: TestClient, auth: dict) -> None:
     client.post("/v1/studies", json=study_body("p"), headers=auth)
-    assert client.patch("/v1/studies/p", json={"status": "paused"},
-                        headers=auth).json()["status"] == "paused"
-    assert client.patch("/v1/studies/p", json={"status": "running"},
-                        headers=auth).json()["status"] == "running"
+    assert (
+        client.patch("/v1/studies/p", json={"status": "paused"}, headers=auth).json()["status"]
+        == "paused"
+    )
+    assert (
+        client.patch("/v1/studies/p", json={"status": "running"}, headers=auth).json()["status"]
+        == "running"
+    )
     raised = client.patch("/v1/studies/p", json={"n_trials": 50}, headers=auth).json()
     assert raised["trials"]["budget"] == 50 and raised["trials"]["remaining"] == 50
     stopped = client.patch("/v1/studies/p", json={"status": "stopped"}, headers=auth).json()
@@ -79,16 +92,23 @@ def test_pause_resume_stop_and_budget(client: TestClient, auth: dict) -> None:
 def test_budget_cannot_drop_below_started_trials(client: TestClient, auth: dict) -> None:
     client.post("/v1/studies", json=study_body("b"), headers=auth)
     for _ in range(3):
-        assert client.post("/v1/studies/b/trials", json={"params": {"hidden_size": 16}},
-                           headers=auth).status_code == 201
+        assert (
+            client.post(
+                "/v1/studies/b/trials", json={"params": {"hidden_size": 16}}, headers=auth
+            ).status_code
+            == 201
+        )
     r = client.patch("/v1/studies/b", json={"n_trials": 2}, headers=auth)
     assert r.status_code == 409 and "n_trials must be >= 3" in r.json()["error"]["message"]
-    assert client.patch("/v1/studies/b", json={"n_trials": 3},
-                        headers=auth).json()["trials"]["remaining"] == 0
+    assert (
+        client.patch("/v1/studies/b", json={"n_trials": 3}, headers=auth).json()["trials"][
+            "remaining"
+        ]
+        == 0
+    )
 
 
-def test_delete_removes_study_and_optuna_study(client: TestClient, auth: dict,
-                                              settings) -> None:  # type: ignore[no-untyped-def]
+def test_delete_removes_study_and_optuna_study(client: TestClient, auth: dict, settings) -> None:  # type: ignore[no-untyped-def]
     import optuna
 
     client.post("/v1/studies", json=study_body("gone"), headers=auth)
@@ -101,31 +121,50 @@ def test_delete_removes_study_and_optuna_study(client: TestClient, auth: dict,
     assert client.post("/v1/studies", json=study_body("gone"), headers=auth).status_code == 201
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"content": b"{not json", "headers": {"content-type": "application/json"}},
-    {"content": b"", "headers": {"content-type": "application/json"}},
-    {"content": b"[1, 2]", "headers": {"content-type": "application/json"}},
-    {"content": b"null", "headers": {"content-type": "application/json"}},
-    {"content": b"name=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
-    {"json": {"name": "x", "dataset": "sunspots"}},
-    {"json": {"name": "x", "dataset": {"kind": "builtin", "name": "sunspots"},
-              "budget": {"n_trials": 10**400}}},
-    {"content": b'{"name": "x", "dataset": {"kind": "builtin", "name": "sunspots"}, '
-                b'"budget": {"timeout_s": NaN}}', "headers": {"content-type": "application/json"}},
-    {"content": b'{"name": "x", "dataset": {"kind": "builtin", "name": "sunspots"}, '
-                b'"budget": {"timeout_s": 1e999}}',
-     "headers": {"content-type": "application/json"}},
-    {"json": study_body("n" * 5000)},
-    {"json": study_body("名前")},
-    {"json": study_body("x", search_space={"lr": {"type": "float", "low": -1e308,
-                                                  "high": 1e308}})},
-    {"json": study_body("x", search_space={"lr": ["float", 1, 2]})},
-    {"json": study_body("x", fixed={"hidden_size": {"nested": True}})},
-    {"json": study_body("x", search_space={f"p{i}": {"type": "int", "low": 1, "high": 2}
-                                           for i in range(100)})},
-])
-def test_malformed_requests_get_4xx_never_500(client: TestClient, auth: dict,
-                                               kwargs: dict) -> None:
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        {"content": b"", "headers": {"content-type": "application/json"}},
+        {"content": b"[1, 2]", "headers": {"content-type": "application/json"}},
+        {"content": b"null", "headers": {"content-type": "application/json"}},
+        {"content": b"name=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        {"json": {"name": "x", "dataset": "sunspots"}},
+        {
+            "json": {
+                "name": "x",
+                "dataset": {"kind": "builtin", "name": "sunspots"},
+                "budget": {"n_trials": 10**400},
+            }
+        },
+        {
+            "content": b'{"name": "x", "dataset": {"kind": "builtin", "name": "sunspots"}, '
+            b'"budget": {"timeout_s": NaN}}',
+            "headers": {"content-type": "application/json"},
+        },
+        {
+            "content": b'{"name": "x", "dataset": {"kind": "builtin", "name": "sunspots"}, '
+            b'"budget": {"timeout_s": 1e999}}',
+            "headers": {"content-type": "application/json"},
+        },
+        {"json": study_body("n" * 5000)},
+        {"json": study_body("名前")},
+        {
+            "json": study_body(
+                "x", search_space={"lr": {"type": "float", "low": -1e308, "high": 1e308}}
+            )
+        },
+        {"json": study_body("x", search_space={"lr": ["float", 1, 2]})},
+        {"json": study_body("x", fixed={"hidden_size": {"nested": True}})},
+        {
+            "json": study_body(
+                "x",
+                search_space={f"p{i}": {"type": "int", "low": 1, "high": 2} for i in range(100)},
+            )
+        },
+    ],
+)
+def test_malformed_requests_get_4xx_never_500(client: TestClient, auth: dict, kwargs: dict) -> None:
     headers = {**auth, **kwargs.pop("headers", {})}
     r = client.post("/v1/studies", headers=headers, **kwargs)
     assert 400 <= r.status_code < 500, r.text
@@ -133,12 +172,19 @@ def test_malformed_requests_get_4xx_never_500(client: TestClient, auth: dict,
     assert err["message"] and err["code"] in ("invalid", "too_large")
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/studies/" + "x" * 300, "/v1/studies/%E5%90%8D%E5%89%8D",
-    "/v1/studies/a/trials/99999999999999999999", "/v1/studies/a/trials/-1",
-    "/v1/studies/a/trials?limit=100000000000000000000", "/v1/studies/a/trials?sort=evil",
-    "/v1/studies/a/importance?objective=9", "/v1/datasets/" + "z" * 100,
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/studies/" + "x" * 300,
+        "/v1/studies/%E5%90%8D%E5%89%8D",
+        "/v1/studies/a/trials/99999999999999999999",
+        "/v1/studies/a/trials/-1",
+        "/v1/studies/a/trials?limit=100000000000000000000",
+        "/v1/studies/a/trials?sort=evil",
+        "/v1/studies/a/importance?objective=9",
+        "/v1/datasets/" + "z" * 100,
+    ],
+)
 def test_odd_paths_get_4xx(client: TestClient, auth: dict, path: str) -> None:
     r = client.get(path, headers=auth)
     assert 400 <= r.status_code < 500, r.text
@@ -146,8 +192,11 @@ def test_odd_paths_get_4xx(client: TestClient, auth: dict, path: str) -> None:
 
 
 def test_oversized_body_is_413(client: TestClient, auth: dict) -> None:
-    r = client.post("/v1/studies", content=b"x" * (2 * 1024 * 1024), headers={
-        **auth, "content-type": "application/json"})
+    r = client.post(
+        "/v1/studies",
+        content=b"x" * (2 * 1024 * 1024),
+        headers={**auth, "content-type": "application/json"},
+    )
     assert r.status_code == 413 and "cap" in r.json()["error"]["message"]
 
 
@@ -169,7 +218,8 @@ def test_openapi_document_is_complete(client: TestClient) -> None:
         "/v1/studies/{name}/importance": {"get"},
         "/v1/datasets": {"get", "post"},
         "/v1/datasets/{dataset_id}": {"get", "delete"},
-        "/healthz": {"get"}, "/readyz": {"get"},
+        "/healthz": {"get"},
+        "/readyz": {"get"},
     }.items():
         assert methods <= set(paths[p]), p
     post = paths["/v1/studies"]["post"]

@@ -12,8 +12,9 @@ def _storage(client: TestClient):  # type: ignore[no-untyped-def]
     return client.app.state.seqtune.storage  # type: ignore[attr-defined]
 
 
-def test_trials_list_filter_sort_paginate_and_detail(client: TestClient, auth: dict,
-                                                     db: Database) -> None:
+def test_trials_list_filter_sort_paginate_and_detail(
+    client: TestClient, auth: dict, db: Database
+) -> None:
     client.post("/v1/studies", json=study_body("t"), headers=auth)
     st = _storage(client)
     values = [5.0, 2.0, 9.0, 1.0]
@@ -29,8 +30,9 @@ def test_trials_list_filter_sort_paginate_and_detail(client: TestClient, auth: d
     page = client.get("/v1/studies/t/trials?limit=4", headers=auth).json()
     assert [t["number"] for t in page["items"]] == [0, 1, 2, 3] and page["next_offset"] == 4
     assert page["items"][0]["curve"] is None  # lists carry no curves
-    best_first = client.get("/v1/studies/t/trials?state=COMPLETE&sort=value",
-                            headers=auth).json()["items"]
+    best_first = client.get("/v1/studies/t/trials?state=COMPLETE&sort=value", headers=auth).json()[
+        "items"
+    ]
     assert [t["value"] for t in best_first] == sorted(values)
     desc = client.get("/v1/studies/t/trials?state=complete&sort=-value", headers=auth).json()
     assert [t["value"] for t in desc["items"]] == sorted(values, reverse=True)
@@ -47,12 +49,18 @@ def test_trials_list_filter_sort_paginate_and_detail(client: TestClient, auth: d
     assert client.get("/v1/studies/t/trials/99", headers=auth).status_code == 404
 
 
-def test_best_reads_the_minimum_or_maximum(client: TestClient, auth: dict,
-                                           db: Database) -> None:
+def test_best_reads_the_minimum_or_maximum(client: TestClient, auth: dict, db: Database) -> None:
     client.post("/v1/studies", json=study_body("mn"), headers=auth)
-    client.post("/v1/studies", json=study_body(
-        "mx", task="classify", dataset={"kind": "synthetic", "generator": "parity"},
-        objectives=[{"metric": "val_accuracy"}]), headers=auth)
+    client.post(
+        "/v1/studies",
+        json=study_body(
+            "mx",
+            task="classify",
+            dataset={"kind": "synthetic", "generator": "parity"},
+            objectives=[{"metric": "val_accuracy"}],
+        ),
+        headers=auth,
+    )
     r = client.get("/v1/studies/mn/best", headers=auth)
     assert r.status_code == 409 and "no completed trial" in r.json()["error"]["message"]
     for v in (0.7, 0.3, 0.9):
@@ -71,13 +79,23 @@ def test_best_reads_the_minimum_or_maximum(client: TestClient, auth: dict,
     assert study.best_trial.number == mn["best"]["number"]
 
 
-def test_pareto_front_for_several_objectives(client: TestClient, auth: dict,
-                                             db: Database) -> None:
-    body = study_body("po", objectives=[{"metric": "val_rmse"}, {"metric": "param_count"}],
-                      pruner={"name": "none"}, sampler={"name": "nsga2", "seed": 1})
+def test_pareto_front_for_several_objectives(client: TestClient, auth: dict, db: Database) -> None:
+    body = study_body(
+        "po",
+        objectives=[{"metric": "val_rmse"}, {"metric": "param_count"}],
+        pruner={"name": "none"},
+        sampler={"name": "nsga2", "seed": 1},
+    )
     assert client.post("/v1/studies", json=body, headers=auth).status_code == 201
-    points = [[1.0, 100.0], [2.0, 50.0], [1.5, 120.0], [0.5, 500.0], [2.0, 50.0], [3.0, 10.0],
-              [0.4, 400.0]]
+    points = [
+        [1.0, 100.0],
+        [2.0, 50.0],
+        [1.5, 120.0],
+        [0.5, 500.0],
+        [2.0, 50.0],
+        [3.0, 10.0],
+        [0.4, 400.0],
+    ]
     for p in points:
         run_trial(db, _storage(client), client, auth, "po", p)
     best = client.get("/v1/studies/po/best", headers=auth).json()
@@ -92,16 +110,20 @@ def test_pareto_front_for_several_objectives(client: TestClient, auth: dict,
 
 def test_enqueue_validates_and_runs_first(client: TestClient, auth: dict, db: Database) -> None:
     client.post("/v1/studies", json=study_body("w"), headers=auth)
-    r = client.post("/v1/studies/w/trials",
-                    json={"params": {"hidden_size": 32, "lr": 0.01, "optimizer": "sgd"}},
-                    headers=auth)
+    r = client.post(
+        "/v1/studies/w/trials",
+        json={"params": {"hidden_size": 32, "lr": 0.01, "optimizer": "sgd"}},
+        headers=auth,
+    )
     assert r.status_code == 201 and r.json()["state"] == "WAITING"
     assert client.get("/v1/studies/w", headers=auth).json()["trials"]["waiting"] == 1
-    for bad, field in [({"hidden_size": 1000}, "params.hidden_size"),
-                       ({"hidden_size": 8.5}, "params.hidden_size"),
-                       ({"optimizer": "lbfgs"}, "params.optimizer"),
-                       ({"dropout": 0.1}, "params.dropout"),
-                       ({"units": 3}, "params.units")]:
+    for bad, field in [
+        ({"hidden_size": 1000}, "params.hidden_size"),
+        ({"hidden_size": 8.5}, "params.hidden_size"),
+        ({"optimizer": "lbfgs"}, "params.optimizer"),
+        ({"dropout": 0.1}, "params.dropout"),
+        ({"units": 3}, "params.units"),
+    ]:
         r = client.post("/v1/studies/w/trials", json={"params": bad}, headers=auth)
         assert r.status_code == 422, bad
         assert r.json()["error"]["details"][0]["field"] == field
@@ -124,20 +146,30 @@ def test_enqueue_beyond_budget_or_after_stop_is_409(client: TestClient, auth: di
     assert r.status_code == 409 and "stopped" in r.json()["error"]["message"]
 
 
-def test_importance_needs_trials_then_ranks_params(client: TestClient, auth: dict,
-                                                   db: Database) -> None:
+def test_importance_needs_trials_then_ranks_params(
+    client: TestClient, auth: dict, db: Database
+) -> None:
     # seeded random sampling: the ranking is deterministic, and TPE would crowd lr into its
     # optimum (this test once failed on that), leaving little spread to attribute
-    client.post("/v1/studies", json=study_body("imp", budget={"n_trials": 40},
-                                               sampler={"name": "random", "seed": 0}),
-                headers=auth)
+    client.post(
+        "/v1/studies",
+        json=study_body("imp", budget={"n_trials": 40}, sampler={"name": "random", "seed": 0}),
+        headers=auth,
+    )
     r = client.get("/v1/studies/imp/importance", headers=auth)
     assert r.status_code == 409 and "need" in r.json()["error"]["message"]
     import math
 
     for _ in range(30):  # the value depends on lr alone
-        run_trial(db, _storage(client), client, auth, "imp",
-                  lambda p: abs(math.log10(p["lr"]) + 2.5), epochs=1)
+        run_trial(
+            db,
+            _storage(client),
+            client,
+            auth,
+            "imp",
+            lambda p: abs(math.log10(p["lr"]) + 2.5),
+            epochs=1,
+        )
     imp = client.get("/v1/studies/imp/importance", headers=auth).json()
     assert set(imp["importances"]) == {"hidden_size", "lr", "optimizer"}
     assert max(imp["importances"], key=imp["importances"].get) == "lr"

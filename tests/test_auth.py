@@ -15,8 +15,12 @@ from tests.conftest import study_body
 
 
 def test_every_v1_call_needs_a_key(client: TestClient) -> None:
-    for method, path in [("get", "/v1/studies"), ("post", "/v1/studies"),
-                         ("get", "/v1/studies/x/best"), ("get", "/v1/datasets")]:
+    for method, path in [
+        ("get", "/v1/studies"),
+        ("post", "/v1/studies"),
+        ("get", "/v1/studies/x/best"),
+        ("get", "/v1/datasets"),
+    ]:
         r = getattr(client, method)(path)
         assert r.status_code == 401, path
         assert "Authorization: Bearer" in r.json()["error"]["message"]
@@ -38,11 +42,17 @@ def test_tenants_are_isolated(client: TestClient, auth: dict, db: Database) -> N
     other = {"Authorization": f"Bearer {keys.create_key(db, tenant='globex')}"}
     assert client.post("/v1/studies", json=study_body("secret"), headers=auth).status_code == 201
     ds = client.post("/v1/datasets", files={"file": ("a.csv", b"x\n1\n2\n")}, headers=auth).json()
-    for path in ["/v1/studies/secret", "/v1/studies/secret/trials", "/v1/studies/secret/best",
-                 f"/v1/datasets/{ds['id']}"]:
+    for path in [
+        "/v1/studies/secret",
+        "/v1/studies/secret/trials",
+        "/v1/studies/secret/best",
+        f"/v1/datasets/{ds['id']}",
+    ]:
         assert client.get(path, headers=other).status_code == 404, path
-    assert client.patch("/v1/studies/secret", json={"status": "stopped"},
-                        headers=other).status_code == 404
+    assert (
+        client.patch("/v1/studies/secret", json={"status": "stopped"}, headers=other).status_code
+        == 404
+    )
     assert client.delete("/v1/studies/secret", headers=other).status_code == 404
     assert client.delete(f"/v1/datasets/{ds['id']}", headers=other).status_code == 404
     assert client.get("/v1/studies", headers=other).json()["items"] == []
@@ -69,19 +79,33 @@ def test_auth_off_serves_the_default_tenant(settings) -> None:  # type: ignore[n
 
 def test_cli_creates_and_revokes_keys(pg_url: str) -> None:
     env_url = ["--database-url", pg_url]
-    out = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create",
-                          "--tenant", "initech"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create", "--tenant", "initech"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("st_") and len(key) > 40
-    db = Database(__import__("service.settings", fromlist=["Settings"]).Settings(
-        database_url=pg_url))
+    db = Database(
+        __import__("service.settings", fromlist=["Settings"]).Settings(database_url=pg_url)
+    )
     assert keys.authenticate(db, key=key) == "initech"
-    subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
-                   check=True, capture_output=True)
-    bad = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
-                         capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
+        check=True,
+        capture_output=True,
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "seqtune.cli", *env_url, "keys", "revoke", key],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "no live key" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create",
-                          "--tenant", "Bad Name"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "seqtune.cli", *env_url, "keys", "create", "--tenant", "Bad Name"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "tenant names" in bad.stderr
     db.dispose()

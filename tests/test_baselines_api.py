@@ -28,27 +28,47 @@ from tests.conftest import _study_id, run_trial, study_body
 TENANT = "acme"  # the tenant of the conftest `key`
 
 FORECAST: dict[str, Any] = {
-    "task": "forecast", "horizon": 1, "season": 52, "n_val_targets": 340,
-    "n_test_targets": 340, "mase_scale": 0.31,
+    "task": "forecast",
+    "horizon": 1,
+    "season": 52,
+    "n_val_targets": 340,
+    "n_test_targets": 340,
+    "mase_scale": 0.31,
     "models": {
-        "persistence": {"val": {"rmse": 0.9, "mae": 0.7, "mape": 30.0, "mase": 2.2},
-                        "test": {"rmse": 1.0, "mae": 0.8, "mape": 31.0, "mase": 2.58},
-                        "params": {}},
-        "ar": {"val": {"rmse": 0.38, "mae": 0.28, "mape": 11.0, "mase": 0.9},
-               "test": {"rmse": 0.4, "mae": 0.3, "mape": 12.0, "mase": 0.97},
-               "params": {"p": 9}},
+        "persistence": {
+            "val": {"rmse": 0.9, "mae": 0.7, "mape": 30.0, "mase": 2.2},
+            "test": {"rmse": 1.0, "mae": 0.8, "mape": 31.0, "mase": 2.58},
+            "params": {},
+        },
+        "ar": {
+            "val": {"rmse": 0.38, "mae": 0.28, "mape": 11.0, "mase": 0.9},
+            "test": {"rmse": 0.4, "mae": 0.3, "mape": 12.0, "mase": 0.97},
+            "params": {"p": 9},
+        },
     },
-    "best": "ar", "skipped": {"arima": "did not converge"}, "seconds": 2.1,
+    "best": "ar",
+    "skipped": {"arima": "did not converge"},
+    "seconds": 2.1,
 }
 CLASSIFY: dict[str, Any] = {
-    "task": "classify", "n_val_targets": 200, "n_test_targets": 200,
+    "task": "classify",
+    "n_val_targets": 200,
+    "n_test_targets": 200,
     "models": {
-        "majority": {"val": {"accuracy": 0.5, "f1": 0.33, "loss": 0.69},
-                     "test": {"accuracy": 0.52, "f1": 0.34, "loss": 0.69}, "params": {}},
-        "logistic": {"val": {"accuracy": 0.7, "f1": 0.68, "loss": 0.55},
-                     "test": {"accuracy": 0.66, "f1": 0.64, "loss": 0.58}, "params": {}},
+        "majority": {
+            "val": {"accuracy": 0.5, "f1": 0.33, "loss": 0.69},
+            "test": {"accuracy": 0.52, "f1": 0.34, "loss": 0.69},
+            "params": {},
+        },
+        "logistic": {
+            "val": {"accuracy": 0.7, "f1": 0.68, "loss": 0.55},
+            "test": {"accuracy": 0.66, "f1": 0.64, "loss": 0.58},
+            "params": {},
+        },
     },
-    "best": "logistic", "skipped": {}, "seconds": 0.4,
+    "best": "logistic",
+    "skipped": {},
+    "seconds": 0.4,
 }
 
 
@@ -58,8 +78,11 @@ def _storage(client: TestClient):  # type: ignore[no-untyped-def]
 
 def _set_trial(db: Database, name: str, number: int, **values: Any) -> None:
     sid = _study_id(db, TENANT, name)
-    db.run(lambda s: s.execute(update(Trial).where(Trial.study_id == sid,
-                                                   Trial.number == number).values(**values)))
+    db.run(
+        lambda s: s.execute(
+            update(Trial).where(Trial.study_id == sid, Trial.number == number).values(**values)
+        )
+    )
 
 
 def _set_study(db: Database, name: str, **values: Any) -> None:
@@ -73,20 +96,25 @@ def _stored(db: Database, name: str) -> dict[str, Any] | None:
 
 
 def _trial(**over: Any) -> TrialView:
-    base: dict[str, Any] = {"number": 3, "state": "COMPLETE", "params": {}, "value": 1.0,
-                            "created_at": datetime.now(UTC)}
+    base: dict[str, Any] = {
+        "number": 3,
+        "state": "COMPLETE",
+        "params": {},
+        "value": 1.0,
+        "created_at": datetime.now(UTC),
+    }
     return TrialView(**{**base, **over})
 
 
 # -- the store -------------------------------------------------------------------------------------
-def test_claim_is_exclusive_and_a_stale_claim_can_be_retaken(client: TestClient, auth: dict,
-                                                             db: Database) -> None:
+def test_claim_is_exclusive_and_a_stale_claim_can_be_retaken(
+    client: TestClient, auth: dict, db: Database
+) -> None:
     client.post("/v1/studies", json=study_body("c"), headers=auth)
     sid = _study_id(db, TENANT, "c")
     # Many workers at once: exactly one wins the compare-and-set.
     with ThreadPoolExecutor(8) as pool:
-        won = list(pool.map(lambda i: baselines.claim(db, study_id=sid, owner=f"w{i}"),
-                            range(8)))
+        won = list(pool.map(lambda i: baselines.claim(db, study_id=sid, owner=f"w{i}"), range(8)))
     assert won.count(True) == 1
     owner = f"w{won.index(True)}"
     marker = _stored(db, "c")
@@ -135,14 +163,17 @@ def test_store_and_fail_round_trip(client: TestClient, auth: dict, db: Database)
 # -- the verdict -----------------------------------------------------------------------------------
 def test_verdict_forecast_and_classify() -> None:
     done = {**FORECAST, "status": "done"}
-    worse = _trial(info={"val": {"val_rmse": 1.26}},
-                   test_metrics={"test_rmse": 1.3, "test_mae": 0.62})
+    worse = _trial(
+        info={"val": {"val_rmse": 1.26}}, test_metrics={"test_rmse": 1.3, "test_mae": 0.62}
+    )
     v = baselines.verdict(done, worse, "forecast")
     assert v is not None and v["beats_baseline"] is False and v["beats_on_test"] is False
     assert v["baseline"] == "ar" and v["baseline_label"] == "AR(9)" and v["metric"] == "rmse"
-    assert v["message"] == ("The best trial does not beat the AR(9) baseline on validation "
-                            "(RMSE 1.26 vs 0.38): prefer the baseline, or widen the search "
-                            "(target_transform, seq_len).")
+    assert v["message"] == (
+        "The best trial does not beat the AR(9) baseline on validation "
+        "(RMSE 1.26 vs 0.38): prefer the baseline, or widen the search "
+        "(target_transform, seq_len)."
+    )
     assert v["trial_test_mase"] == pytest.approx(0.62 / 0.31)
     assert v["baseline_test_mase"] == 0.97
     better = _trial(info={"val": {"val_rmse": 0.3344}}, test_metrics={"test_rmse": 0.364})
@@ -150,8 +181,10 @@ def test_verdict_forecast_and_classify() -> None:
     assert v is not None and v["beats_baseline"] is True and v["beats_on_test"] is True
     assert v["val_ratio"] == pytest.approx(0.88) and v["test_ratio"] == pytest.approx(0.91)
     assert v["trial_test_mase"] is None  # no test_mae
-    assert v["message"] == ("Beats the best classical baseline (ar) on validation: RMSE 0.334 "
-                            "vs 0.38 (ratio 0.88); on test 0.91.")
+    assert v["message"] == (
+        "Beats the best classical baseline (ar) on validation: RMSE 0.334 "
+        "vs 0.38 (ratio 0.88); on test 0.91."
+    )
     # Classification: higher accuracy is better.
     cdone = {**CLASSIFY, "status": "done"}
     hi = _trial(info={"val": {"val_accuracy": 0.8}}, test_metrics={"test_accuracy": 0.6})
@@ -171,8 +204,7 @@ def test_verdict_forecast_and_classify() -> None:
 
 
 # -- /best and the study view ----------------------------------------------------------------------
-def test_best_shows_baselines_and_a_verdict(client: TestClient, auth: dict,
-                                            db: Database) -> None:
+def test_best_shows_baselines_and_a_verdict(client: TestClient, auth: dict, db: Database) -> None:
     client.post("/v1/studies", json=study_body("b"), headers=auth)
     for v in (0.7, 0.3):
         run_trial(db, _storage(client), client, auth, "b", v)
@@ -185,8 +217,13 @@ def test_best_shows_baselines_and_a_verdict(client: TestClient, auth: dict,
     assert r["baselines"]["status"] == "computing" and r["verdict"] is None
 
     baselines.store(db, study_id=sid, owner="w1", result=FORECAST)
-    _set_trial(db, "b", 1, info={"val": {"val_rmse": 1.26, "val_loss": 0.2}},
-               test_metrics={"test_rmse": 1.3, "test_mae": 0.62})
+    _set_trial(
+        db,
+        "b",
+        1,
+        info={"val": {"val_rmse": 1.26, "val_loss": 0.2}},
+        test_metrics={"test_rmse": 1.3, "test_mae": 0.62},
+    )
     r = client.get("/v1/studies/b/best", headers=auth).json()
     assert r["baselines"]["best"] == "ar" and r["baselines"]["status"] == "done"
     v = r["verdict"]
@@ -205,8 +242,9 @@ def test_best_shows_baselines_and_a_verdict(client: TestClient, auth: dict,
     assert listed["baselines"]["best"] == "ar" and listed["phase"] == "search"
 
 
-def test_final_retrains_are_not_the_best_and_are_summarised(client: TestClient, auth: dict,
-                                                            db: Database) -> None:
+def test_final_retrains_are_not_the_best_and_are_summarised(
+    client: TestClient, auth: dict, db: Database
+) -> None:
     client.post("/v1/studies", json=study_body("fin"), headers=auth)
     st = _storage(client)
     # The search (trial 1 is its best by value), then four trials to become re-trains below;
@@ -243,7 +281,15 @@ def test_final_retrains_are_not_the_best_and_are_summarised(client: TestClient, 
     # The trial listing carries final_of.
     items = client.get("/v1/studies/fin/trials", headers=auth).json()["items"]
     assert {t["number"]: t["final_of"] for t in items} == {
-        0: None, 1: None, 2: None, 3: 0, 4: 1, 5: 0, 6: 1, 7: 1}
+        0: None,
+        1: None,
+        2: None,
+        3: 0,
+        4: 1,
+        5: 0,
+        6: 1,
+        7: 1,
+    }
     # The winner follows the means: trial 0's re-trains get worse, trial 1 wins.
     _set_trial(db, "fin", 3, value=2.0)
     _set_trial(db, "fin", 5, value=2.0)
@@ -259,7 +305,10 @@ def test_final_retrains_are_not_the_best_and_are_summarised(client: TestClient, 
 
 def test_final_summary_follows_the_direction() -> None:
     rows: list[tuple[int, float | None, dict[str, Any] | None]] = [
-        (2, 0.9, {"test_accuracy": 0.8}), (2, 0.7, None), (5, 0.85, {"test_accuracy": 0.9})]
+        (2, 0.9, {"test_accuracy": 0.8}),
+        (2, 0.7, None),
+        (5, 0.85, {"test_accuracy": 0.9}),
+    ]
     mx = final_summary("final", ["maximize"], rows)
     assert mx["winner"] == 5 and [g["trial"] for g in mx["groups"]] == [5, 2]
     assert mx["groups"][0]["value_sd"] is None  # one re-train: no SD
@@ -277,16 +326,22 @@ def _best_view(client: TestClient, auth: dict, db: Database, val_rmse: float) ->
         number = run_trial(db, st, client, auth, "cli", v)
         _set_trial(db, "cli", number, final_of=of)
     _set_study(db, "cli", phase="final")
-    _set_trial(db, "cli", 0, info={"val": {"val_rmse": val_rmse}},
-               test_metrics={"test_rmse": 1.3, "test_mae": 0.62})
+    _set_trial(
+        db,
+        "cli",
+        0,
+        info={"val": {"val_rmse": val_rmse}},
+        test_metrics={"test_rmse": 1.3, "test_mae": 0.62},
+    )
     sid = _study_id(db, TENANT, "cli")
     assert baselines.claim(db, study_id=sid, owner="w")
     baselines.store(db, study_id=sid, owner="w", result=FORECAST)
     return BestView.model_validate(client.get("/v1/studies/cli/best", headers=auth).json())
 
 
-def test_cli_prints_baselines_verdict_and_final(client: TestClient, auth: dict,
-                                                db: Database) -> None:
+def test_cli_prints_baselines_verdict_and_final(
+    client: TestClient, auth: dict, db: Database
+) -> None:
     b = _best_view(client, auth, db, val_rmse=1.26)
     out = io.StringIO()
     print_best(b, out)
@@ -304,19 +359,23 @@ def test_cli_prints_baselines_verdict_and_final(client: TestClient, auth: dict,
     tested = next(i for i, ln in enumerate(lines) if ln.startswith("test metrics: "))
     assert lines.index(b.verdict["message"]) > tested > 0  # after the params and test metrics
     # Still computing, or failed: one line says so.
-    for stored, said in (({"status": "computing", "owner": "w7", "since": "t"},
-                          "baselines: still computing (by w7 since t)"),
-                         ({"status": "failed", "error": "boom"}, "baselines: failed: boom")):
+    for stored, said in (
+        (
+            {"status": "computing", "owner": "w7", "since": "t"},
+            "baselines: still computing (by w7 since t)",
+        ),
+        ({"status": "failed", "error": "boom"}, "baselines: failed: boom"),
+    ):
         out = io.StringIO()
         print_best(b.model_copy(update={"baselines": stored, "verdict": None}), out)
         assert said in out.getvalue().splitlines()
     view = StudyView.model_validate(client.get("/v1/studies/cli", headers=auth).json())
-    assert "vs ar rmse=0.38 NOT BEATEN" in status_line(view, ("val_rmse", 0.3, 0),
-                                                       verdict=b.verdict)
+    assert "vs ar rmse=0.38 NOT BEATEN" in status_line(
+        view, ("val_rmse", 0.3, 0), verdict=b.verdict
+    )
 
 
-def test_ui_cells_warn_when_the_baseline_wins(client: TestClient, auth: dict,
-                                              db: Database) -> None:
+def test_ui_cells_warn_when_the_baseline_wins(client: TestClient, auth: dict, db: Database) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.skip("no node to run the page's script")
@@ -327,11 +386,18 @@ def test_ui_cells_warn_when_the_baseline_wins(client: TestClient, auth: dict,
     study = client.get("/v1/studies/cli", headers=auth).json()
     best = json.loads(b.model_dump_json())
     beaten = {**best, "verdict": {**best["verdict"], "beats_baseline": True, "val_ratio": 0.5}}
-    probe = (script + "\nconst [s, bs] = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
-             "console.log(JSON.stringify(bs.map((b) => baselineCell(s.baselines, b) + "
-             "finalCell(b))));")
-    r = subprocess.run([node, "-e", probe], input=json.dumps([study, [best, beaten]]),
-                       capture_output=True, text=True, timeout=60)
+    probe = (
+        script + "\nconst [s, bs] = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
+        "console.log(JSON.stringify(bs.map((b) => baselineCell(s.baselines, b) + "
+        "finalCell(b))));"
+    )
+    r = subprocess.run(
+        [node, "-e", probe],
+        input=json.dumps([study, [best, beaten]]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     warn, ok = json.loads(r.stdout)
     assert "baseline <b>AR(9)</b>: val rmse=0.38000" in warn

@@ -28,9 +28,15 @@ def test_up_runs_the_example_to_completion_on_the_embedded_default(tmp_path: Pat
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
     env["SEQTUNE_LOG_LEVEL"] = "WARNING"
-    proc = subprocess.Popen([*seqtune_cmd(), "up", "--gpus", "none", "--port", str(port)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*seqtune_cmd(), "up", "--gpus", "none", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc)
@@ -70,8 +76,12 @@ def test_db_upgrade_migrates_an_empty_database(pg_url: str) -> None:
     engine = create_engine(pg_url)
     migrate.downgrade(engine, "base")
     assert migrate.current_revision(engine) is None
-    out = subprocess.run([*seqtune_cmd(), "--database-url", pg_url, "db", "upgrade"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*seqtune_cmd(), "--database-url", pg_url, "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert migrate.current_revision(engine) == migrate.head_revision()
     assert migrate.head_revision() in out.stdout
     engine.dispose()
@@ -93,8 +103,14 @@ sys.exit(main(sys.argv[1:]))
 
 def _without_extras(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True,
-                          text=True, timeout=60, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_help_lists_every_verb_without_the_extras() -> None:
@@ -109,15 +125,22 @@ def test_help_lists_every_verb_without_the_extras() -> None:
     assert verbs <= {line.split()[0] for line in listed.splitlines() if line.strip()}
 
 
-@pytest.mark.parametrize(("args", "extra"), [
-    (["serve", "--port", "1"], "server"), (["db", "upgrade"], "server"),
-    (["keys", "create", "--tenant", "x"], "server"), (["worker", "--gpus", "none"], "worker"),
-    (["predict", "m.pt", "--csv", "x.csv"], "worker")])
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (["serve", "--port", "1"], "server"),
+        (["db", "upgrade"], "server"),
+        (["keys", "create", "--tenant", "x"], "server"),
+        (["worker", "--gpus", "none"], "worker"),
+        (["predict", "m.pt", "--csv", "x.csv"], "worker"),
+    ],
+)
 def test_a_verb_without_its_extra_says_which_to_install(args: list[str], extra: str) -> None:
     r = _without_extras(*args)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == (f"seqtune {args[0]} needs the {extra} extra: "
-                                f"pip install 'seqtune[{extra}]'")
+    assert r.stderr.strip() == (
+        f"seqtune {args[0]} needs the {extra} extra: pip install 'seqtune[{extra}]'"
+    )
     assert not r.stdout
 
 
@@ -131,6 +154,13 @@ def test_child_processes_get_their_settings_from_settings() -> None:
     assert "SEQTUNE_TENSORBOARD_DIR" not in env  # None here: the child's default, not /tb
     assert env["SEQTUNE_URL"] == "http://x" and env["PATH"] == "/b"  # not settings: kept
     code = "from service.settings import Settings; print(Settings().model_dump_json())"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=60, check=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    )
     assert r.stdout.strip() == s.model_dump_json()

@@ -41,23 +41,45 @@ def _env(base: str, key: str | None) -> dict[str, str]:
     return env
 
 
-def st(env: dict[str, str], *args: str, cwd: Path | None = None,
-       timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*seqtune_cmd(), *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+def st(
+    env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*seqtune_cmd(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_cli_from_submit_to_prediction(live: tuple[str, str], tmp_path: Path,
-                                       settings: Any) -> None:
+def test_cli_from_submit_to_prediction(
+    live: tuple[str, str], tmp_path: Path, settings: Any
+) -> None:
     base, key = live
     env = _env(base, key)
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump(STUDY))
-    wenv = {**env, "SEQTUNE_DATABASE_URL": settings.url, "SEQTUNE_DATA_DIR": str(tmp_path),
-            "SEQTUNE_LOG_LEVEL": "WARNING", "SEQTUNE_TENSORBOARD_DIR": str(tmp_path / "tb")}
-    worker = subprocess.Popen([*seqtune_cmd(), "worker", "--gpus", "none", "--studies",
-                               "cli-sun", "--max-idle", "60", "--threads", "1"], env=wenv,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wenv = {
+        **env,
+        "SEQTUNE_DATABASE_URL": settings.url,
+        "SEQTUNE_DATA_DIR": str(tmp_path),
+        "SEQTUNE_LOG_LEVEL": "WARNING",
+        "SEQTUNE_TENSORBOARD_DIR": str(tmp_path / "tb"),
+    }
+    worker = subprocess.Popen(
+        [
+            *seqtune_cmd(),
+            "worker",
+            "--gpus",
+            "none",
+            "--studies",
+            "cli-sun",
+            "--max-idle",
+            "60",
+            "--threads",
+            "1",
+        ],
+        env=wenv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         r = st(env, "submit", str(study_file), "--watch", "--interval", "0.3")
     finally:
@@ -98,23 +120,24 @@ def test_cli_from_submit_to_prediction(live: tuple[str, str], tmp_path: Path,
     r = st(env, "studies")
     assert r.returncode == 0 and "cli-sun" in r.stdout and "completed" in r.stdout
     r = st(env, "trials", "cli-sun")
-    assert r.stdout.splitlines()[0].split()[:2] == ["#", "STATE"] and len(
-        r.stdout.splitlines()) == 4
+    assert (
+        r.stdout.splitlines()[0].split()[:2] == ["#", "STATE"] and len(r.stdout.splitlines()) == 4
+    )
 
     # the model: download, then predict from a CSV, from the file and straight from the study
     r = st(env, "model", "cli-sun", "-o", str(tmp_path / "best.pt"))
     assert r.returncode == 0 and (tmp_path / "best.pt").stat().st_size > 1000
     frame = sm.datasets.sunspots.load_pandas().data.tail(30)
     frame.to_csv(tmp_path / "recent.csv", index=False)
-    r = st(env, "predict", str(tmp_path / "best.pt"), "--csv", str(tmp_path / "recent.csv"),
-           "--json")
+    r = st(
+        env, "predict", str(tmp_path / "best.pt"), "--csv", str(tmp_path / "recent.csv"), "--json"
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert len(rows) == 30 - 8 + 1  # one forecast per full window of seq_len=8
     preds = np.array([row["SUNACTIVITY_t+1"] for row in rows])
     assert np.isfinite(preds).all() and 0 < preds.mean() < 300  # original units
-    r2 = st(env, "predict", "--study", "cli-sun", "--csv", str(tmp_path / "recent.csv"),
-            "--json")
+    r2 = st(env, "predict", "--study", "cli-sun", "--csv", str(tmp_path / "recent.csv"), "--json")
     assert json.loads(r2.stdout) == rows
     r = st(env, "predict", str(tmp_path / "best.pt"), "--csv", str(study_file))
     assert r.returncode == 2 and "lacks the model's input column" in r.stderr
@@ -156,8 +179,9 @@ def test_cli_steering_datasets_and_exit_codes(live: tuple[str, str], tmp_path: P
     assert st(env, "datasets", "upload", str(tmp_path / "bad.csv")).returncode == 2
 
     # exit codes and one-line errors
-    bad = dict(STUDY, name="bad", search_space={"hidden_size": {"type": "int", "low": 9,
-                                                                 "high": 3}})
+    bad = dict(
+        STUDY, name="bad", search_space={"hidden_size": {"type": "int", "low": 9, "high": 3}}
+    )
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     r = st(env, "submit", str(tmp_path / "bad.yaml"))
     assert r.returncode == 2 and "search_space.hidden_size" in r.stderr

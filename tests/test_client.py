@@ -32,8 +32,14 @@ def storage(client: TestClient) -> optuna.storages.BaseStorage:
     return client.app.state.seqtune.storage  # type: ignore[attr-defined]
 
 
-def test_studies_round_trip(api: Client, db: Database, storage: Any, client: TestClient,
-                            auth: dict[str, str], tmp_path: Path) -> None:
+def test_studies_round_trip(
+    api: Client,
+    db: Database,
+    storage: Any,
+    client: TestClient,
+    auth: dict[str, str],
+    tmp_path: Path,
+) -> None:
     view = api.submit(study_body("c1", budget={"n_trials": 6}))
     assert isinstance(view, StudyView) and view.name == "c1" and view.trials.budget == 6
     assert view.optuna_study_id is not None
@@ -107,9 +113,14 @@ def test_datasets_round_trip(api: Client, tmp_path: Path) -> None:
     assert api.datasets().items == []
 
 
-def test_models_download_and_workers(api: Client, db: Database, storage: Any,
-                                     client: TestClient, auth: dict[str, str],
-                                     tmp_path: Path) -> None:
+def test_models_download_and_workers(
+    api: Client,
+    db: Database,
+    storage: Any,
+    client: TestClient,
+    auth: dict[str, str],
+    tmp_path: Path,
+) -> None:
     api.submit(study_body("m"))
     run_trial(db, storage, client, auth, "m", 2.0)
     with pytest.raises(ApiError) as e:
@@ -122,21 +133,25 @@ def test_models_download_and_workers(api: Client, db: Database, storage: Any,
     ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
     leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=[1.0], reason="max_epochs")
     assert api.download_model("m", tmp_path / "b.pt").read_bytes() == b"model-bytes"
-    assert api.download_model("m", tmp_path / "t.pt", trial=c.number).read_bytes() == \
-        b"model-bytes"
+    assert api.download_model("m", tmp_path / "t.pt", trial=c.number).read_bytes() == b"model-bytes"
     r = client.get("/v1/studies/m/best/model", headers=auth)
     assert r.headers["x-seqtune-trial"] == str(c.number)
     assert f'filename="m-trial{c.number}.pt"' in r.headers["content-disposition"]
 
-    workers.register(db, worker_id="host-1-s0", host="host", slot=0, device="cpu", pid=1,
-                     versions={})
+    workers.register(
+        db, worker_id="host-1-s0", host="host", slot=0, device="cpu", pid=1, versions={}
+    )
     assert [w.id for w in api.workers()] == ["host-1-s0"]
 
 
 def test_best_model_of_several_objectives_is_a_conflict(api: Client) -> None:
-    api.submit(study_body("mo", objectives=[{"metric": "val_rmse"},
-                                            {"metric": "param_count"}],
-                         pruner={"name": "none"}))
+    api.submit(
+        study_body(
+            "mo",
+            objectives=[{"metric": "val_rmse"}, {"metric": "param_count"}],
+            pruner={"name": "none"},
+        )
+    )
     with pytest.raises(ApiError) as e:
         api.download_model("mo", "unused.pt")
     assert e.value.status == 409 and "trials/{number}/model" in e.value.message
@@ -157,9 +172,14 @@ def test_error_codes_map_once_to_status_and_exit_code() -> None:
     newer = ApiError(429, "rate_limited", "slow down")
     assert newer.code is ErrorCode.ERROR and newer.raw_code == "rate_limited"
     assert exit_code_of(newer) == 2
-    for status, code, exit_ in ((404, ErrorCode.NOT_FOUND, 3), (401, ErrorCode.UNAUTHORIZED, 4),
-                                (403, ErrorCode.UNAUTHORIZED, 4), (409, ErrorCode.CONFLICT, 5),
-                                (502, ErrorCode.UNAVAILABLE, 6), (500, ErrorCode.INTERNAL, 6)):
+    for status, code, exit_ in (
+        (404, ErrorCode.NOT_FOUND, 3),
+        (401, ErrorCode.UNAUTHORIZED, 4),
+        (403, ErrorCode.UNAUTHORIZED, 4),
+        (409, ErrorCode.CONFLICT, 5),
+        (502, ErrorCode.UNAVAILABLE, 6),
+        (500, ErrorCode.INTERNAL, 6),
+    ):
         e = ApiError(status, "error", f"HTTP {status}: <html>")
         assert e.code is code and exit_code_of(e) == exit_, status
 

@@ -30,7 +30,8 @@ def _storage(client: TestClient) -> Any:
 
 
 def test_dashboard_needs_a_key_and_shows_only_the_tenants_studies(
-        client: TestClient, auth: dict[str, str], db: Database) -> None:
+    client: TestClient, auth: dict[str, str], db: Database
+) -> None:
     other = {"Authorization": f"Bearer {keys.create_key(db, tenant='rival')}"}
     mine = client.post("/v1/studies", json=study_body("mine"), headers=auth).json()
     theirs = client.post("/v1/studies", json=study_body("theirs"), headers=other).json()
@@ -42,21 +43,24 @@ def test_dashboard_needs_a_key_and_shows_only_the_tenants_studies(
     r = client.get("/api/studies", headers=auth)
     assert r.status_code == 200
     assert [s["study_name"] for s in r.json()["study_summaries"]] == ["acme/mine"]
-    assert client.get(f"/api/studies/{mine['optuna_study_id']}", headers=auth).status_code \
-        == 200
-    for path in (f"/api/studies/{theirs['optuna_study_id']}",
-                 f"/api/studies/{theirs['optuna_study_id']}/param_importances",
-                 f"/csv/{theirs['optuna_study_id']}"):
+    assert client.get(f"/api/studies/{mine['optuna_study_id']}", headers=auth).status_code == 200
+    for path in (
+        f"/api/studies/{theirs['optuna_study_id']}",
+        f"/api/studies/{theirs['optuna_study_id']}/param_importances",
+        f"/csv/{theirs['optuna_study_id']}",
+    ):
         assert client.get(path, headers=auth).status_code == 404, path
     r = client.get("/dashboard/", headers=auth)
     assert r.status_code == 200 and "Optuna Dashboard" in r.text
 
 
 def test_dashboard_is_read_only(client: TestClient, auth: dict[str, str]) -> None:
-    sid = client.post("/v1/studies", json=study_body("ro"), headers=auth).json()[
-        "optuna_study_id"]
-    for method, path in (("DELETE", f"/api/studies/{sid}"), ("POST", "/api/studies"),
-                         ("PUT", f"/api/studies/{sid}/note")):
+    sid = client.post("/v1/studies", json=study_body("ro"), headers=auth).json()["optuna_study_id"]
+    for method, path in (
+        ("DELETE", f"/api/studies/{sid}"),
+        ("POST", "/api/studies"),
+        ("PUT", f"/api/studies/{sid}/note"),
+    ):
         r = client.request(method, path, headers=auth)
         assert r.status_code == 405 and "read-only" in r.json()["error"]["message"]
     assert client.get("/v1/studies/ro", headers=auth).status_code == 200
@@ -65,8 +69,9 @@ def test_dashboard_is_read_only(client: TestClient, auth: dict[str, str]) -> Non
 def test_login_cookie_reads_but_never_writes(client: TestClient, key: str) -> None:
     r = client.post("/login", data={"key": "wrong", "next": "/ui/"}, follow_redirects=False)
     assert r.status_code == 401 and "unknown or revoked" in r.text
-    r = client.post("/login", data={"key": key, "next": "https://evil.example/"},
-                    follow_redirects=False)
+    r = client.post(
+        "/login", data={"key": key, "next": "https://evil.example/"}, follow_redirects=False
+    )
     assert r.status_code == 303 and r.headers["location"] == "/ui/"  # no open redirect
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
@@ -80,8 +85,11 @@ def test_login_cookie_reads_but_never_writes(client: TestClient, key: str) -> No
 
 
 def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or \
-        shutil.which("google-chrome")
+    exe = (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
     if exe is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("Chromium is needed for the browser tests (apt-get install chromium)")
@@ -91,10 +99,22 @@ def _chromium() -> str:
 
 def dom_after_load(url: str, tmp: Any) -> str:
     """The page's DOM after its scripts ran, in headless Chromium with a fresh profile."""
-    r = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                        "--disable-dev-shm-usage", f"--user-data-dir={tmp}",
-                        "--virtual-time-budget=15000", "--dump-dom", url],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -115,17 +135,33 @@ class Chromium:
             os.dup2(hi_w, 4)
 
         self.proc = subprocess.Popen(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-             "--disable-dev-shm-usage", "--no-first-run", f"--user-data-dir={profile}",
-             "--remote-debugging-pipe", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
-            preexec_fn=wire)  # noqa: PLW1509 - single-threaded enough for a test
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=wire,
+        )  # noqa: PLW1509 - single-threaded enough for a test
         for fd in (cmd_r, evt_w, hi_r, hi_w):
             os.close(fd)
         self._buf, self._id = b"", 0
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 30) -> dict:
+    def send(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 30,
+    ) -> dict:
         """One command; its result, or RuntimeError with the protocol's error."""
         self._id += 1
         msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
@@ -133,7 +169,7 @@ class Chromium:
             msg["sessionId"] = session
         data = json.dumps(msg).encode() + b"\0"
         while data:
-            data = data[os.write(self._cmd_w, data):]
+            data = data[os.write(self._cmd_w, data) :]
         deadline = time.monotonic() + timeout
         while True:
             while b"\0" not in self._buf:
@@ -155,13 +191,15 @@ class Chromium:
         """A new tab at ``url``; its session id."""
         target = self.send("Target.createTarget", {"url": url})["targetId"]
         return self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-            "sessionId"]  # type: ignore[no-any-return]
+            "sessionId"
+        ]  # type: ignore[no-any-return]
 
     def evaluate(self, session: str, expression: str) -> Any:
         """The value of ``expression`` in the page; None while the page is between documents."""
         try:
-            out = self.send("Runtime.evaluate", {"expression": expression,
-                                                 "returnByValue": True}, session)
+            out = self.send(
+                "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session
+            )
         except RuntimeError:  # the execution context went away with a navigation
             return None
         return out.get("result", {}).get("value")
@@ -188,16 +226,20 @@ class Chromium:
         os.close(self._evt_r)
 
 
-def signed_in_dom(base: str, key: str, next_path: str, profile: Any,
-                  ready: Callable[[str], bool]) -> str:
+def signed_in_dom(
+    base: str, key: str, next_path: str, profile: Any, ready: Callable[[str], bool]
+) -> str:
     """Sign in as a person does (open /login, type the key, press Sign in: the form posts
     it), then return the DOM of the page it leads to once ``ready(dom)`` holds."""
     browser = Chromium(profile)
     try:
         tab = browser.open(f"{base}/login?next={quote(next_path)}")
         browser.dom_when(tab, lambda dom: 'name="key"' in dom, timeout=30)
-        browser.evaluate(tab, f"document.querySelector('input[name=key]').value = "
-                              f"{json.dumps(key)}; document.querySelector('form button').click()")
+        browser.evaluate(
+            tab,
+            f"document.querySelector('input[name=key]').value = "
+            f"{json.dumps(key)}; document.querySelector('form button').click()",
+        )
         return browser.dom_when(tab, ready)
     finally:
         browser.close()
@@ -210,8 +252,10 @@ def filled(live: tuple[str, str], db: Database, settings: Any) -> tuple[str, str
     from service.store.optuna import make_storage
 
     h = {"Authorization": f"Bearer {key}"}
-    assert httpx.post(base + "/v1/studies", json=study_body("browser-study"),
-                      headers=h).status_code == 201
+    assert (
+        httpx.post(base + "/v1/studies", json=study_body("browser-study"), headers=h).status_code
+        == 201
+    )
     storage = make_storage(settings)
     for v in (4.5, 2.25, 3.0):
         run_trial(db, storage, None, h, "browser-study", v)  # type: ignore[arg-type]
@@ -220,8 +264,7 @@ def filled(live: tuple[str, str], db: Database, settings: Any) -> tuple[str, str
 
 def test_seqtune_page_in_a_browser(filled: tuple[str, str], tmp_path: Any) -> None:
     base, key = filled
-    dom = signed_in_dom(base, key, "/ui/", tmp_path / "profile",
-                        lambda dom: "val_rmse=2.25" in dom)
+    dom = signed_in_dom(base, key, "/ui/", tmp_path / "profile", lambda dom: "val_rmse=2.25" in dom)
     row = dom.split('<tr class="study" data-name="browser-study">', 1)
     assert len(row) == 2, dom[-3000:]
     cells = row[1].split("</tr>", 1)[0]
@@ -234,6 +277,7 @@ def test_seqtune_page_in_a_browser(filled: tuple[str, str], tmp_path: Any) -> No
 
 def test_optuna_dashboard_in_a_browser(filled: tuple[str, str], tmp_path: Any) -> None:
     base, key = filled
-    dom = signed_in_dom(base, key, "/dashboard/", tmp_path / "profile",
-                        lambda dom: "acme/browser-study" in dom)
+    dom = signed_in_dom(
+        base, key, "/dashboard/", tmp_path / "profile", lambda dom: "acme/browser-study" in dom
+    )
     assert "acme/browser-study" in dom, dom[-3000:]

@@ -25,16 +25,23 @@ from service.store.optuna import make_storage
 from service.store.tables import Checkpoint, Study, Trial
 
 # Trials of a few seconds each (about 0.3 s an epoch on one core), long enough to interrupt.
-SLOW = {"dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 4000},
-        "objectives": [{"metric": "val_rmse"}],
-        "search_space": {"hidden_size": {"type": "int", "low": 6, "high": 10}},
-        "fixed": {"seq_len": 16, "batch_size": 8, "max_epochs": 10},
-        "early_stopping": {"patience": None}, "pruner": {"name": "none"}}
-FAST = {"dataset": {"kind": "builtin", "name": "sunspots"},
-        "objectives": [{"metric": "val_rmse"}],
-        "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 16},
-                         "lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True}},
-        "fixed": {"seq_len": 6, "max_epochs": 3}}
+SLOW = {
+    "dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 4000},
+    "objectives": [{"metric": "val_rmse"}],
+    "search_space": {"hidden_size": {"type": "int", "low": 6, "high": 10}},
+    "fixed": {"seq_len": 16, "batch_size": 8, "max_epochs": 10},
+    "early_stopping": {"patience": None},
+    "pruner": {"name": "none"},
+}
+FAST = {
+    "dataset": {"kind": "builtin", "name": "sunspots"},
+    "objectives": [{"metric": "val_rmse"}],
+    "search_space": {
+        "hidden_size": {"type": "int", "low": 4, "high": 16},
+        "lr": {"type": "float", "low": 0.001, "high": 0.03, "log": True},
+    },
+    "fixed": {"seq_len": 6, "max_epochs": 3},
+}
 
 
 def create(db: Database, settings: Settings, name: str, base: dict, **budget: Any) -> None:
@@ -50,11 +57,21 @@ class Workers:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         exe = shutil.which("seqtune")
         cmd = [exe] if exe else [sys.executable, "-m", "seqtune.cli"]
-        env = {**os.environ, "SEQTUNE_DATABASE_URL": self.url, "SEQTUNE_DATA_DIR": str(self.tmp),
-               "SEQTUNE_CHECKPOINT_EVERY_S": "0", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "SEQTUNE_DATABASE_URL": self.url,
+            "SEQTUNE_DATA_DIR": str(self.tmp),
+            "SEQTUNE_CHECKPOINT_EVERY_S": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([*cmd, "worker", "--gpus", "none", *args], env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [*cmd, "worker", "--gpus", "none", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(p)
         return p
 
@@ -90,8 +107,11 @@ def study_row(db: Database, name: str) -> Study:
 
 
 def trials(db: Database, name: str) -> list[Trial]:
-    return db.run(lambda s: list(s.scalars(select(Trial).join(Study).where(
-        Study.name == name).order_by(Trial.number))))
+    return db.run(
+        lambda s: list(
+            s.scalars(select(Trial).join(Study).where(Study.name == name).order_by(Trial.number))
+        )
+    )
 
 
 def assert_accounted(db: Database, settings: Settings, name: str, n: int) -> None:
@@ -108,8 +128,9 @@ def assert_accounted(db: Database, settings: Settings, name: str, n: int) -> Non
     assert {t._trial_id for t in ot if t.state.is_finished()} >= ours
 
 
-def test_budget_is_exact_with_8_concurrent_workers(db: Database, settings: Settings,
-                                                   fleet: Workers) -> None:
+def test_budget_is_exact_with_8_concurrent_workers(
+    db: Database, settings: Settings, fleet: Workers
+) -> None:
     create(db, settings, "eight", FAST, n_trials=20)
     procs = [fleet.start(f"w{i}", "--burst") for i in range(8)]
     for p in procs:
@@ -119,8 +140,7 @@ def test_budget_is_exact_with_8_concurrent_workers(db: Database, settings: Setti
 
 
 def _running_after_epochs(db: Database, name: str, epochs: int) -> Trial | None:
-    return next((t for t in trials(db, name) if t.state == "RUNNING" and t.epochs >= epochs),
-                None)
+    return next((t for t in trials(db, name) if t.state == "RUNNING" and t.epochs >= epochs), None)
 
 
 def _assert_resumed(t: Trial) -> None:
@@ -133,8 +153,9 @@ def _assert_resumed(t: Trial) -> None:
     assert t.attempts == 2
 
 
-def test_kill_9_mid_trial_is_retried_from_its_checkpoint(db: Database, settings: Settings,
-                                                        fleet: Workers) -> None:
+def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
+    db: Database, settings: Settings, fleet: Workers
+) -> None:
     create(db, settings, "killed", SLOW, n_trials=2, lease_timeout_s=5)
     a = fleet.start("a")
     victim = wait_for(lambda: _running_after_epochs(db, "killed", 2), 120, "a trial mid-way")
@@ -149,8 +170,9 @@ def test_kill_9_mid_trial_is_retried_from_its_checkpoint(db: Database, settings:
     assert "resuming trial" in fleet.log("b")
 
 
-def test_sigterm_hands_the_trial_to_another_worker(db: Database, settings: Settings,
-                                                   fleet: Workers) -> None:
+def test_sigterm_hands_the_trial_to_another_worker(
+    db: Database, settings: Settings, fleet: Workers
+) -> None:
     create(db, settings, "handover", SLOW, n_trials=1, lease_timeout_s=600)
     a = fleet.start("a")
     wait_for(lambda: _running_after_epochs(db, "handover", 2), 120, "a trial mid-way")
@@ -158,8 +180,11 @@ def test_sigterm_hands_the_trial_to_another_worker(db: Database, settings: Setti
     assert a.wait(timeout=60) == 0, fleet.log("a")
     (t,) = trials(db, "handover")
     assert t.state == "RUNNING" and t.lease_owner is None  # handed back, not failed
-    ck = db.run(lambda s: s.scalar(select(Checkpoint.epoch).where(
-        Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")))
+    ck = db.run(
+        lambda s: s.scalar(
+            select(Checkpoint.epoch).where(Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")
+        )
+    )
     assert ck is not None and ck == t.curve[-1]["epoch"]
     # The lease timeout is 10 minutes: only the release lets b start at once.
     b = fleet.start("b", "--burst")
@@ -170,14 +195,21 @@ def test_sigterm_hands_the_trial_to_another_worker(db: Database, settings: Setti
 
 def _restart_postgres() -> None:
     version = sorted(os.listdir("/etc/postgresql"))[0]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.skipif(not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
-                    reason="needs a local Postgres cluster this test may restart")
-def test_a_postgres_restart_mid_study_is_survived(db: Database, settings: Settings,
-                                                  fleet: Workers) -> None:
+@pytest.mark.skipif(
+    not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
+    reason="needs a local Postgres cluster this test may restart",
+)
+def test_a_postgres_restart_mid_study_is_survived(
+    db: Database, settings: Settings, fleet: Workers
+) -> None:
     create(db, settings, "restart", SLOW, n_trials=3, lease_timeout_s=120)
     from sqlalchemy import text
 
@@ -195,9 +227,16 @@ def test_a_postgres_restart_mid_study_is_survived(db: Database, settings: Settin
 
 
 def test_second_sigterm_stops_at_once_and_hands_the_trial_back(
-        db: Database, settings: Settings, fleet: Workers) -> None:
-    create(db, settings, "twice", {**SLOW, "fixed": {**SLOW["fixed"], "max_epochs": 200}},
-           n_trials=1, lease_timeout_s=600)
+    db: Database, settings: Settings, fleet: Workers
+) -> None:
+    create(
+        db,
+        settings,
+        "twice",
+        {**SLOW, "fixed": {**SLOW["fixed"], "max_epochs": 200}},
+        n_trials=1,
+        lease_timeout_s=600,
+    )
     a = fleet.start("a")
     wait_for(lambda: _running_after_epochs(db, "twice", 1), 120, "a trial under way")
     os.kill(a.pid, signal.SIGTERM)
@@ -210,7 +249,8 @@ def test_second_sigterm_stops_at_once_and_hands_the_trial_back(
 
 
 def test_cuda_oom_ends_the_trial_and_the_slot_goes_on(
-        db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    db: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No GPU here: the engine raises the error CUDA raises, and the slot must survive it."""
     import torch
 
@@ -256,6 +296,11 @@ def test_a_signal_during_stop_wait_cannot_deadlock() -> None:
         "assert s.stop.wait(10), 'stop never set'\n"
         "print('ok', round(time.monotonic() - t, 3))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr

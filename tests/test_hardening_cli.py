@@ -34,10 +34,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def st(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-       timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*seqtune_cmd(), *args], env=env or clean_env(), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+def st(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*seqtune_cmd(), *args],
+        env=env or clean_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -81,8 +88,9 @@ def test_a_port_in_use_is_named_and_exits_6(command: list[str], tmp_path: Path) 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = st(*command, "--port", str(port), cwd=tmp_path,
-               env=clean_env(SEQTUNE_LOG_LEVEL="WARNING"))
+        r = st(
+            *command, "--port", str(port), cwd=tmp_path, env=clean_env(SEQTUNE_LOG_LEVEL="WARNING")
+        )
     line = one_line(r)
     assert r.returncode == 6, r.stderr
     assert f"port {port} on 127.0.0.1 is already in use" in line and "--port" in line
@@ -160,6 +168,8 @@ def test_the_python_client_raises_service_timeout(slow: SlowService) -> None:
         c.studies()
     assert "within 0.3 s" in str(err.value)
     assert not isinstance(err.value, ServiceUnreachable)
-    with Client("http://127.0.0.1:9", key="k", timeout_s=0.3) as c, \
-            pytest.raises(ServiceUnreachable):
+    with (
+        Client("http://127.0.0.1:9", key="k", timeout_s=0.3) as c,
+        pytest.raises(ServiceUnreachable),
+    ):
         c.studies()

@@ -38,6 +38,7 @@ MB = 1024 * 1024
 
 # ---------------------------------------------------------------- a real `seqtune serve`
 
+
 @dataclass
 class Served:
     base: str
@@ -52,8 +53,9 @@ class Served:
 @pytest.fixture
 def served(settings: Settings, key: str, tmp_path: Path) -> Iterator[Served]:
     """`seqtune serve` in its own process (auth on, access log on, INFO), with its pid."""
-    with serve_process(settings, tmp_path, "--access-log", log_level="INFO",
-                       SEQTUNE_REAP_INTERVAL_S="0") as (base, proc, log_path):
+    with serve_process(
+        settings, tmp_path, "--access-log", log_level="INFO", SEQTUNE_REAP_INTERVAL_S="0"
+    ) as (base, proc, log_path):
         yield Served(base, key, proc, log_path)
 
 
@@ -95,12 +97,19 @@ class PeakRss:
 class Answer:
     status: int
     seconds: float
-    sent: int       # body bytes written before the answer came (or all of them)
-    head: str       # the status line, the headers and what came of the body with them
+    sent: int  # body bytes written before the answer came (or all of them)
+    head: str  # the status line, the headers and what came of the body with them
 
 
-def stream_chunked(base: str, path: str, total: int, headers: dict[str, str] | None = None,
-                   chunk: int = MB, prefix: bytes = b"", fill: bytes = b"7") -> Answer:
+def stream_chunked(
+    base: str,
+    path: str,
+    total: int,
+    headers: dict[str, str] | None = None,
+    chunk: int = MB,
+    prefix: bytes = b"",
+    fill: bytes = b"7",
+) -> Answer:
     """POST ``prefix`` and then ``total`` bytes of ``fill`` to ``path`` as a chunked body (no
     Content-Length), generated lazily from one reused chunk. Stops sending as soon as the
     server answers, as a careful client does, and returns the answer. A raw socket because an
@@ -108,8 +117,9 @@ def stream_chunked(base: str, path: str, total: int, headers: dict[str, str] | N
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked"]
-    lines += [f"{k}: {v}" for k, v in {"Content-Type": "application/json", **(headers or {})}
-              .items()]
+    lines += [
+        f"{k}: {v}" for k, v in {"Content-Type": "application/json", **(headers or {})}.items()
+    ]
     frame = f"{chunk:x}\r\n".encode() + (fill * chunk)[:chunk] + b"\r\n"
     t0 = time.monotonic()
     sent = 0
@@ -143,6 +153,7 @@ def stream_chunked(base: str, path: str, total: int, headers: dict[str, str] | N
 
 # ---------------------------------------------------------------- item 1: body size first
 
+
 def test_chunked_bodies_cannot_grow_the_server(served: Served) -> None:
     """Three hostile chunked uploads with no Content-Length: without a key (JSON and multipart
     routes) and with a key over the JSON cap. Each answers 401 or 413 within seconds, long
@@ -151,18 +162,19 @@ def test_chunked_bodies_cannot_grow_the_server(served: Served) -> None:
     # Warm the paths once (imports, first DB connections) so their cost is not counted.
     assert httpx.post(served.base + "/v1/studies", json={}).status_code == 401
     before = _rss_bytes(pid)
-    cases = [("/v1/studies", {}, 401, 300 * MB),
-             ("/v1/datasets", {"Content-Type": "multipart/form-data; boundary=xyz"}, 401,
-              300 * MB),
-             ("/v1/studies", {"Authorization": f"Bearer {served.key}"}, 413, 300 * MB)]
+    cases = [
+        ("/v1/studies", {}, 401, 300 * MB),
+        ("/v1/datasets", {"Content-Type": "multipart/form-data; boundary=xyz"}, 401, 300 * MB),
+        ("/v1/studies", {"Authorization": f"Bearer {served.key}"}, 413, 300 * MB),
+    ]
     with PeakRss(pid) as rss:
-        answers = [stream_chunked(served.base, path, total, hdrs)
-                   for path, hdrs, _, total in cases]
+        answers = [stream_chunked(served.base, path, total, hdrs) for path, hdrs, _, total in cases]
     grown = rss.peak - before
-    print(f"server RSS before {before / MB:.1f} MB, peak during {rss.peak / MB:.1f} MB "
-          f"(+{grown / MB:.1f} MB); answers "
-          + ", ".join(f"{a.status} after {a.sent / MB:.0f} MB in {a.seconds:.2f}s"
-                      for a in answers))
+    print(
+        f"server RSS before {before / MB:.1f} MB, peak during {rss.peak / MB:.1f} MB "
+        f"(+{grown / MB:.1f} MB); answers "
+        + ", ".join(f"{a.status} after {a.sent / MB:.0f} MB in {a.seconds:.2f}s" for a in answers)
+    )
     for (path, _, status, total), a in zip(cases, answers, strict=True):
         assert a.status == status, (path, a.head)
         assert a.seconds < 15, (path, a.seconds)
@@ -176,23 +188,33 @@ def test_chunked_upload_over_the_upload_cap_is_cut_off(served: Served) -> None:
     """With a valid key, a well-formed chunked CSV upload is stopped at the upload cap, not
     read to its end, and the server's memory does not grow with it."""
     cap = Settings().max_upload_bytes
-    part = (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
-            b"Content-Type: text/csv\r\n\r\na,b\r\n")
+    part = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+        b"Content-Type: text/csv\r\n\r\na,b\r\n"
+    )
     before = _rss_bytes(served.proc.pid)
     with PeakRss(served.proc.pid) as rss:
-        a = stream_chunked(served.base, "/v1/datasets", 4 * cap,
-                           {"Authorization": f"Bearer {served.key}",
-                            "Content-Type": "multipart/form-data; boundary=xyz"},
-                           prefix=part, fill=b"1.5,2.5\r\n")
-    print(f"upload: {a.status} after {a.sent / MB:.0f} MB in {a.seconds:.2f}s; server RSS "
-          f"before {before / MB:.1f} MB, peak {rss.peak / MB:.1f} MB")
+        a = stream_chunked(
+            served.base,
+            "/v1/datasets",
+            4 * cap,
+            {
+                "Authorization": f"Bearer {served.key}",
+                "Content-Type": "multipart/form-data; boundary=xyz",
+            },
+            prefix=part,
+            fill=b"1.5,2.5\r\n",
+        )
+    print(
+        f"upload: {a.status} after {a.sent / MB:.0f} MB in {a.seconds:.2f}s; server RSS "
+        f"before {before / MB:.1f} MB, peak {rss.peak / MB:.1f} MB"
+    )
     assert a.status == 413, a.head
     assert a.sent < 2 * cap
     assert rss.peak - before < 100 * MB
 
 
-def test_body_caps_hold_without_content_length(client: TestClient,
-                                               auth: dict[str, str]) -> None:
+def test_body_caps_hold_without_content_length(client: TestClient, auth: dict[str, str]) -> None:
     """In process: a chunked (generator) body over the JSON cap is a 413 with the error body,
     one under the cap is handled normally."""
     cap = client.app.state.seqtune.settings.max_body_bytes  # type: ignore[attr-defined]
@@ -207,8 +229,7 @@ def test_body_caps_hold_without_content_length(client: TestClient,
     assert r.status_code == 422  # read in full and found not to be JSON
 
 
-def test_unauthenticated_request_is_refused_before_its_body_is_read(
-        client: TestClient) -> None:
+def test_unauthenticated_request_is_refused_before_its_body_is_read(client: TestClient) -> None:
     """The key check comes before the body: a request with no or a wrong key gets 401, not
     the 413 or 422 its body would earn (the live test above shows the body is not read)."""
 
@@ -226,6 +247,7 @@ def test_unauthenticated_request_is_refused_before_its_body_is_read(
 
 
 # ---------------------------------------------------------------- item 6: /metrics series
+
 
 def _latency_series(client: TestClient) -> set[tuple[tuple[str, str], ...]]:
     text = client.get("/metrics").text
@@ -249,8 +271,10 @@ def test_metrics_cardinality_is_bounded(client: TestClient) -> None:
     before = _latency_series(client)
     for i in range(200):
         method = "".join(rnd.choices(string.ascii_uppercase, k=8)) + str(i)
-        path = "/" + "/".join("".join(rnd.choices(string.ascii_lowercase + string.digits,
-                                                  k=6)) for _ in range(rnd.randint(1, 4)))
+        path = "/" + "/".join(
+            "".join(rnd.choices(string.ascii_lowercase + string.digits, k=6))
+            for _ in range(rnd.randint(1, 4))
+        )
         client.request(method, path)
         client.get(path)
         client.request(method, f"/dashboard{path}")
@@ -272,10 +296,11 @@ def test_metrics_cardinality_is_bounded(client: TestClient) -> None:
 
 # ---------------------------------------------------------------- item 8: dashboard files
 
+
 @pytest.mark.parametrize("path", ["/favicon.ico", "/static/bundle.js"])
-def test_dashboard_files_with_and_without_accept_encoding(client: TestClient,
-                                                          auth: dict[str, str],
-                                                          path: str) -> None:
+def test_dashboard_files_with_and_without_accept_encoding(
+    client: TestClient, auth: dict[str, str], path: str
+) -> None:
     """optuna-dashboard reads Accept-Encoding unguarded; seqtune supplies 'identity' when a
     client sends none, so the file comes back plain instead of a 500. With gzip accepted the
     same file comes back (the favicon plain: optuna-dashboard mislabels its gzipped one)."""
@@ -295,12 +320,16 @@ def test_dashboard_files_with_and_without_accept_encoding(client: TestClient,
 
 # ---------------------------------------------------------------- item 9: no leaks
 
+
 def test_readyz_does_not_reveal_the_database(client: TestClient, tmp_path: Path) -> None:
     """A database that cannot be reached is reported as such, without its host, port, user
     or the driver's message."""
     port = free_port()  # bound and released: nothing listens there
-    bad = Settings(database_url=f"postgresql+psycopg2://leaky:hunter2@127.0.0.1:{port}/nowhere",
-                   data_dir=tmp_path, migrate_on_start=False)
+    bad = Settings(
+        database_url=f"postgresql+psycopg2://leaky:hunter2@127.0.0.1:{port}/nowhere",
+        data_dir=tmp_path,
+        migrate_on_start=False,
+    )
     st = client.app.state.seqtune  # type: ignore[attr-defined]
     good, st.db = st.db, Database(bad)
     try:
@@ -311,14 +340,22 @@ def test_readyz_does_not_reveal_the_database(client: TestClient, tmp_path: Path)
     assert r.status_code == 503
     body = r.json()
     assert body["status"] == "unavailable" and "database" in body["reason"]
-    for leak in ("127.0.0.1", str(port), "leaky", "hunter2", "nowhere", "psycopg",
-                 "postgresql", "onnection", "refused"):
+    for leak in (
+        "127.0.0.1",
+        str(port),
+        "leaky",
+        "hunter2",
+        "nowhere",
+        "psycopg",
+        "postgresql",
+        "onnection",
+        "refused",
+    ):
         assert leak not in r.text, (leak, r.text)
     assert client.get("/readyz").status_code == 200  # the real database again
 
 
-def test_sign_in_posts_the_key_and_refuses_it_in_the_url(client: TestClient,
-                                                         key: str) -> None:
+def test_sign_in_posts_the_key_and_refuses_it_in_the_url(client: TestClient, key: str) -> None:
     """The sign-in form posts the key in its body; a key in the URL is never accepted (the
     answer is the form again, 400, and no cookie)."""
     r = client.get("/login", params={"next": "/dashboard/"})

@@ -71,24 +71,33 @@ def _steal(db: Database, storage: Any, old: leases.Claim) -> leases.Claim:
 
 
 def test_a_stale_attempt_cannot_store_a_model_for_a_trial_another_attempt_finished(
-        db: Database, storage: Any) -> None:
+    db: Database, storage: Any
+) -> None:
     make(db, storage)
     old = leases.claim(db, storage, owner="dead")
     assert old is not None
     trial = optuna.trial.Trial(ostudy(storage, old), old.optuna_trial_id)
-    leases.report(db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0},
-                  value=9.0)
+    leases.report(
+        db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0}, value=9.0
+    )
     new = _steal(db, storage, old)
     # The live attempt stores its model while it holds the lease, then finishes.
-    leases.save_checkpoint(db, claim=new, kind="best", epoch=0,
-                           data=b"weights of the attempt that scored 1.5")
+    leases.save_checkpoint(
+        db, claim=new, kind="best", epoch=0, data=b"weights of the attempt that scored 1.5"
+    )
     leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[1.5])
     # The stale attempt ends its training later and tries to store its own model.
     with pytest.raises(leases.Fenced):
         leases.save_checkpoint(db, claim=old, kind="best", epoch=3, data=b"stale weights")
     with pytest.raises(leases.Fenced):
-        leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.1],
-                      model=b"stale weights")
+        leases.finish(
+            db,
+            ostudy=ostudy(storage, old),
+            claim=old,
+            state="COMPLETE",
+            values=[0.1],
+            model=b"stale weights",
+        )
     number, served = trials.model_checkpoint(db, tenant="acme", name="L", number=new.number)
     assert number == new.number and served == b"weights of the attempt that scored 1.5"
     row = _row(db, new.trial_row_id)
@@ -96,22 +105,42 @@ def test_a_stale_attempt_cannot_store_a_model_for_a_trial_another_attempt_finish
 
 
 def test_a_refused_finish_stores_no_model_and_the_winner_stores_model_and_value_together(
-        db: Database, storage: Any) -> None:
+    db: Database, storage: Any
+) -> None:
     make(db, storage)
     old = leases.claim(db, storage, owner="dead")
     assert old is not None
     new = _steal(db, storage, old)
     # The stale attempt finishes first: its result and its model are refused together.
     with pytest.raises(leases.Fenced):
-        leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.1],
-                      model=b"stale weights", model_epoch=4)
+        leases.finish(
+            db,
+            ostudy=ostudy(storage, old),
+            claim=old,
+            state="COMPLETE",
+            values=[0.1],
+            model=b"stale weights",
+            model_epoch=4,
+        )
     with pytest.raises(SeqtuneError):  # no model yet: nothing of the stale attempt landed
         trials.model_checkpoint(db, tenant="acme", name="L", number=new.number)
-    leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[2.5],
-                  model=b"live weights", model_epoch=2)
+    leases.finish(
+        db,
+        ostudy=ostudy(storage, new),
+        claim=new,
+        state="COMPLETE",
+        values=[2.5],
+        model=b"live weights",
+        model_epoch=2,
+    )
     assert trials.model_checkpoint(db, tenant="acme", name="L")[1] == b"live weights"
-    ck = db.run(lambda s: s.scalar(select(Checkpoint).where(
-        Checkpoint.trial_id == new.trial_row_id, Checkpoint.kind == "best")))
+    ck = db.run(
+        lambda s: s.scalar(
+            select(Checkpoint).where(
+                Checkpoint.trial_id == new.trial_row_id, Checkpoint.kind == "best"
+            )
+        )
+    )
     assert ck.epoch == 2 and ck.size_bytes == len(b"live weights")
     assert _row(db, new.trial_row_id).value == 2.5
 
@@ -120,7 +149,8 @@ def test_a_refused_finish_stores_no_model_and_the_winner_stores_model_and_value_
 
 
 def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_redoes(
-        db: Database, storage: Any) -> None:
+    db: Database, storage: Any
+) -> None:
     """Attempt 1 reports epochs 0-4 and snapshots after epoch 1, then dies (kill -9): attempt
     2 resumes after epoch 1 and redoes 2-4. Optuna must hold attempt 2's values for them, as
     seqtune's curve does, and the pruner must judge those."""
@@ -130,8 +160,9 @@ def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_
     t1 = optuna.trial.Trial(ostudy(storage, first), first.optuna_trial_id)
     for e in range(5):
         value = 10.0 + e  # a poor start: above the pruner's threshold
-        leases.report(db, claim=first, trial=t1, epoch=e, record={"epoch": e, "val_rmse": value},
-                      value=value)
+        leases.report(
+            db, claim=first, trial=t1, epoch=e, record={"epoch": e, "val_rmse": value}, value=value
+        )
         if e == 1:
             leases.save_checkpoint(db, claim=first, kind="resume", epoch=1, data=b"after epoch 1")
     second = _steal(db, storage, first)
@@ -142,8 +173,14 @@ def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_
         warnings.simplefilter("error")  # Optuna's "already reported" warning fails the test
         for e in range(2, 5):
             value = 1.0 + e / 10
-            leases.report(db, claim=second, trial=t2, epoch=e,
-                          record={"epoch": e, "val_rmse": value}, value=value)
+            leases.report(
+                db,
+                claim=second,
+                trial=t2,
+                epoch=e,
+                record={"epoch": e, "val_rmse": value},
+                value=value,
+            )
     curve = _row(db, second.trial_row_id).curve
     assert [r["epoch"] for r in curve] == [0, 1, 2, 3, 4]
     assert [r["attempt"] for r in curve] == [1, 1, 2, 2, 2]
@@ -155,11 +192,14 @@ def test_a_resumed_attempt_replaces_optuna_intermediate_values_of_the_epochs_it_
 
 
 # Slow enough to interrupt mid-trial (about a second an epoch here), short enough to finish.
-RESUMABLE = {"dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 2000},
-             "objectives": [{"metric": "val_rmse"}],
-             "search_space": {"hidden_size": {"type": "int", "low": 6, "high": 10}},
-             "fixed": {"seq_len": 16, "batch_size": 8, "max_epochs": 8},
-             "early_stopping": {"patience": None}, "pruner": {"name": "none"}}
+RESUMABLE = {
+    "dataset": {"kind": "synthetic", "generator": "mackey_glass", "n_points": 2000},
+    "objectives": [{"metric": "val_rmse"}],
+    "search_space": {"hidden_size": {"type": "int", "low": 6, "high": 10}},
+    "fixed": {"seq_len": 16, "batch_size": 8, "max_epochs": 8},
+    "early_stopping": {"patience": None},
+    "pruner": {"name": "none"},
+}
 
 
 class Procs:
@@ -173,12 +213,18 @@ class Procs:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         exe = shutil.which("seqtune")
         cmd = [exe] if exe else [sys.executable, "-m", "seqtune.cli"]
-        env = {**os.environ, "SEQTUNE_DATABASE_URL": self.url,
-               "SEQTUNE_DATA_DIR": str(self.tmp), "SEQTUNE_CHECKPOINT_EVERY_S": "3600",
-               "SEQTUNE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "SEQTUNE_DATABASE_URL": self.url,
+            "SEQTUNE_DATA_DIR": str(self.tmp),
+            "SEQTUNE_CHECKPOINT_EVERY_S": "3600",
+            "SEQTUNE_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([*cmd, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [*cmd, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
@@ -199,12 +245,21 @@ def procs(settings: Settings, tmp_path: Path) -> Iterator[Procs]:
     p.stop_all()
 
 
-def _interrupt_mid_trial(db: Database, procs: Procs, name: str, proc: subprocess.Popen,
-                         log_name: str, codes: tuple[int, ...] = (0,)) -> Trial:
+def _interrupt_mid_trial(
+    db: Database,
+    procs: Procs,
+    name: str,
+    proc: subprocess.Popen,
+    log_name: str,
+    codes: tuple[int, ...] = (0,),
+) -> Trial:
     """Ctrl+C once the trial is under way: SIGINT to the process group, as a terminal sends
     it. Returns the trial after the process exited with one of ``codes``."""
-    wait_for(lambda: any(t.state == "RUNNING" and t.epochs >= 2 for t in trial_rows(db, name)),
-             240, "a trial mid-way")
+    wait_for(
+        lambda: any(t.state == "RUNNING" and t.epochs >= 2 for t in trial_rows(db, name)),
+        240,
+        "a trial mid-way",
+    )
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) in codes, procs.log(log_name)[-3000:]
     (t,) = trial_rows(db, name)
@@ -213,15 +268,19 @@ def _interrupt_mid_trial(db: Database, procs: Procs, name: str, proc: subprocess
 
 def _assert_handed_back_after_its_epoch(db: Database, t: Trial, log: str) -> None:
     assert t.state == "RUNNING" and t.lease_owner is None, (t.state, t.lease_owner)
-    ck = db.run(lambda s: s.scalar(select(Checkpoint.epoch).where(
-        Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")))
+    ck = db.run(
+        lambda s: s.scalar(
+            select(Checkpoint.epoch).where(Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")
+        )
+    )
     # Periodic snapshots are off: this one was taken at the stop, after the last epoch.
     assert ck is not None and ck == t.curve[-1]["epoch"], (ck, t.curve[-1]["epoch"], log[-3000:])
     assert "handed back" in log
 
 
-def _assert_resumed_exactly(db: Database, settings: Settings, name: str,
-                            handed_back_after: int) -> None:
+def _assert_resumed_exactly(
+    db: Database, settings: Settings, name: str, handed_back_after: int
+) -> None:
     (t,) = trial_rows(db, name)
     assert t.state == "COMPLETE" and t.attempts == 2
     epochs = [r["epoch"] for r in t.curve]
@@ -234,7 +293,8 @@ def _assert_resumed_exactly(db: Database, settings: Settings, name: str,
 
 
 def test_ctrl_c_on_seqtune_worker_finishes_the_epoch_and_the_next_attempt_resumes_after_it(
-        db: Database, settings: Settings, procs: Procs) -> None:
+    db: Database, settings: Settings, procs: Procs
+) -> None:
     """The terminal sends SIGINT to the worker and to its slot processes; the worker forwards
     its copy. Counted twice, the slot stopped mid-epoch with no snapshot ("a second signal
     stops at once"), and the next attempt redid every epoch since the last periodic one."""
@@ -249,7 +309,8 @@ def test_ctrl_c_on_seqtune_worker_finishes_the_epoch_and_the_next_attempt_resume
 
 
 def test_ctrl_c_on_seqtune_up_finishes_the_epoch_and_the_next_attempt_resumes_after_it(
-        db: Database, settings: Settings, procs: Procs) -> None:
+    db: Database, settings: Settings, procs: Procs
+) -> None:
     """`seqtune up`: the terminal's SIGINT reaches up, its worker and the slot, and up
     terminates its worker once the server is down: one request, however many copies."""
     create(db, settings, "upc", RESUMABLE, n_trials=1, lease_timeout_s=600)
@@ -269,13 +330,19 @@ def test_a_stop_at_a_walk_forward_fold_boundary_snapshots_there() -> None:
     from worker.engine import TrainConfig
     from worker.objective import fit, monitor_of, resolve
 
-    spec = parse_spec({
-        "name": "wf", "dataset": {"kind": "synthetic", "generator": "sine", "n_points": 600},
-        "objectives": [{"metric": "val_rmse"}], "search_space": {},
-        "fixed": {"seq_len": 8, "batch_size": 32, "max_epochs": 4, "hidden_size": 8},
-        # Every epoch after the first is stale: each fold ends by early stopping at epoch 1.
-        "early_stopping": {"patience": 1, "min_delta": 1e9},
-        "validation": {"scheme": "walk_forward", "folds": 2}, "budget": {"n_trials": 1}})
+    spec = parse_spec(
+        {
+            "name": "wf",
+            "dataset": {"kind": "synthetic", "generator": "sine", "n_points": 600},
+            "objectives": [{"metric": "val_rmse"}],
+            "search_space": {},
+            "fixed": {"seq_len": 8, "batch_size": 32, "max_epochs": 4, "hidden_size": 8},
+            # Every epoch after the first is stale: each fold ends by early stopping at epoch 1.
+            "early_stopping": {"patience": 1, "min_delta": 1e9},
+            "validation": {"scheme": "walk_forward", "folds": 2},
+            "budget": {"n_trials": 1},
+        }
+    )
     check_spec(spec)
     frame = datasets.load(spec.dataset, cache_dir=None)
     hp = resolve(spec, {})
@@ -291,8 +358,16 @@ def test_a_stop_at_a_walk_forward_fold_boundary_snapshots_there() -> None:
         stop["now"] = stop["now"] or step == 1  # the request comes in fold 0's last epoch
         return False
 
-    cut = fit(spec, hp, frame, cfg, on_epoch=on_epoch, should_stop=lambda: stop["now"],
-              on_snapshot=snaps.append, snapshot_every_s=3600)
+    cut = fit(
+        spec,
+        hp,
+        frame,
+        cfg,
+        on_epoch=on_epoch,
+        should_stop=lambda: stop["now"],
+        on_snapshot=snaps.append,
+        snapshot_every_s=3600,
+    )
     assert cut.reason == "interrupted"
     assert [r["fold"] for r in cut.curve] == [0, 0]  # no epoch of fold 1 was trained
     assert len(snaps) == 1 and snaps[0]["epoch"] == hp.max_epochs - 1
@@ -339,10 +414,10 @@ def test_a_claim_marks_the_trials_it_asks(db: Database, storage: Any) -> None:
 
 
 def test_a_queued_trial_run_by_an_outside_client_is_followed_counted_once_and_never_rerun(
-        db: Database, storage: Any) -> None:
+    db: Database, storage: Any
+) -> None:
     make(db, storage, budget={"n_trials": 3, "lease_timeout_s": 30})
-    queued = trials.enqueue_trial(db, storage, tenant="acme", name="L",
-                                  params={"hidden_size": 7})
+    queued = trials.enqueue_trial(db, storage, tenant="acme", name="L", params={"hidden_size": 7})
     # A plain Optuna client pops it (ask() takes queued trials first) and trains it.
     outside = optuna.load_study(study_name="acme/L", storage=storage)
     ot = outside.ask()
@@ -377,10 +452,10 @@ def test_a_queued_trial_run_by_an_outside_client_is_followed_counted_once_and_ne
 
 
 def test_a_queued_trial_an_outside_client_finished_is_recorded_by_the_next_claim(
-        db: Database, storage: Any) -> None:
+    db: Database, storage: Any
+) -> None:
     make(db, storage, budget={"n_trials": 2, "lease_timeout_s": 30})
-    queued = trials.enqueue_trial(db, storage, tenant="acme", name="L",
-                                  params={"hidden_size": 9})
+    queued = trials.enqueue_trial(db, storage, tenant="acme", name="L", params={"hidden_size": 9})
     outside = optuna.load_study(study_name="acme/L", storage=storage)
     ot = outside.ask()
     ot.suggest_int("hidden_size", 4, 64)
@@ -397,9 +472,15 @@ def test_a_queued_trial_an_outside_client_finished_is_recorded_by_the_next_claim
 
 
 def test_trials_an_outside_client_asked_stay_out_of_trials_best_plots_and_importances(
-        db: Database, storage: Any) -> None:
-    make(db, storage, search_space=SPACE, sampler={"name": "random", "seed": 3},
-         budget={"n_trials": 5})
+    db: Database, storage: Any
+) -> None:
+    make(
+        db,
+        storage,
+        search_space=SPACE,
+        sampler={"name": "random", "seed": 3},
+        budget={"n_trials": 5},
+    )
     for v in (5.0, 4.0, 3.0, 2.0, 1.0):
         c = leases.claim(db, storage, owner="w")
         assert c is not None
@@ -408,8 +489,9 @@ def test_trials_an_outside_client_asked_stay_out_of_trials_best_plots_and_import
     outside = optuna.load_study(study_name="acme/L", storage=storage)
     outside.optimize(lambda t: t.suggest_float("outside_param", 0, 1) * 0 + 0.001, n_trials=1)
     assert len(outside.trials) == 6
-    listed = trials.list_trials(db, tenant="acme", name="L", state=None, sort="number",
-                                limit=100, offset=0).items
+    listed = trials.list_trials(
+        db, tenant="acme", name="L", state=None, sort="number", limit=100, offset=0
+    ).items
     assert len(listed) == 5 and all(t.value != 0.001 for t in listed)
     assert studies.best(db, tenant="acme", name="L").best.value == 1.0
     imp = studies.importance(db, storage, tenant="acme", name="L")
@@ -419,7 +501,7 @@ def test_trials_an_outside_client_asked_stay_out_of_trials_best_plots_and_import
     assert sorted(t.value for t in shown.trials) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert shown.directions == outside.directions
     html, media = plots.render(storage, view, "history", db=db, fmt="html")
-    figure = html[html.index(b"Plotly.newPlot("):]  # the figure's data, after plotly.js
+    figure = html[html.index(b"Plotly.newPlot(") :]  # the figure's data, after plotly.js
     assert media == "text/html" and b"0.001" not in figure
     # seqtune's trial numbers on the axis, as /trials lists them (the outside trial is #5)
     assert b'"x":[0,1,2,3,4],"y":[5.0,4.0,3.0,2.0,1.0]' in figure

@@ -78,9 +78,11 @@ def test_a_line_over_the_cap_is_refused_as_it_streams_in() -> None:
     source = Counting(long_line())
     with pytest.raises(Invalid) as err:
         datasets.parse_csv(source)
-    assert err.value.message == (f"line 3: the line is longer than {datasets.MAX_LINE_BYTES} "
-                                 "bytes (the line-length cap)")
+    assert err.value.message == (
+        f"line 3: the line is longer than {datasets.MAX_LINE_BYTES} bytes (the line-length cap)"
+    )
     assert source.pulled <= 3
+
     # Quoted fields with line breaks make one record of many short lines: it is capped too
     # (one quoted field alone is capped by the csv module at 131,072 characters).
     def long_record() -> Iterator[bytes]:
@@ -91,8 +93,7 @@ def test_a_line_over_the_cap_is_refused_as_it_streams_in() -> None:
     source = Counting(long_record())
     with pytest.raises(Invalid) as err:
         datasets.parse_csv(source)
-    assert "line 2: a record (a quoted field with line breaks) is longer than" in \
-        err.value.message
+    assert "line 2: a record (a quoted field with line breaks) is longer than" in err.value.message
     assert source.pulled <= 4
 
 
@@ -128,8 +129,7 @@ def reference_parse(content: bytes) -> tuple[list[dict[str, Any]], int]:
             if not row or (len(row) == 1 and row[0].strip() == ""):
                 continue
             if len(row) != len(header):
-                raise Invalid(f"line {line}: {len(row)} fields, but the header has "
-                              f"{len(header)}")
+                raise Invalid(f"line {line}: {len(row)} fields, but the header has {len(header)}")
             for i, raw in enumerate(row):
                 value = raw.strip()
                 if value.lower() in ("", "nan", "na", "null"):
@@ -142,8 +142,9 @@ def reference_parse(content: bytes) -> tuple[list[dict[str, Any]], int]:
                 if types[i] is None:
                     types[i] = "numeric" if ok else "text"
                 elif types[i] == "numeric" and not ok:
-                    raise Invalid(f"line {line}: column '{header[i]}' is numeric but has "
-                                  f"'{value[:40]}'")
+                    raise Invalid(
+                        f"line {line}: column '{header[i]}' is numeric but has '{value[:40]}'"
+                    )
             n_rows += 1
     except csv.Error as exc:
         raise Invalid(f"line {reader.line_num}: malformed CSV: {exc}") from None
@@ -151,13 +152,47 @@ def reference_parse(content: bytes) -> tuple[list[dict[str, Any]], int]:
         raise Invalid("line 2: the file has a header but no data rows")
     if "numeric" not in types:
         raise Invalid("no numeric column found; a dataset needs at least one")
-    return ([{"name": h, "type": t or "numeric", "missing": m}
-             for h, t, m in zip(header, types, missing, strict=True)], n_rows)
+    return (
+        [
+            {"name": h, "type": t or "numeric", "missing": m}
+            for h, t, m in zip(header, types, missing, strict=True)
+        ],
+        n_rows,
+    )
 
 
-VALUES = ["1", "2.5", " 3 ", "-4e3", "+.5e-3", "1.", "7", "12", "", " ", "nan", "NaN", "NA",
-          "nUlL", "inf", "-nan", "1e999", "1e-999", "9" * 400, "1_0", "１２", "\u00a05", "0x1",
-          "abc", "x y", '"q,1"', '"a\nb"', '"1"', '"a ""b"""', "\t5"]
+VALUES = [
+    "1",
+    "2.5",
+    " 3 ",
+    "-4e3",
+    "+.5e-3",
+    "1.",
+    "7",
+    "12",
+    "",
+    " ",
+    "nan",
+    "NaN",
+    "NA",
+    "nUlL",
+    "inf",
+    "-nan",
+    "1e999",
+    "1e-999",
+    "9" * 400,
+    "1_0",
+    "１２",
+    "\u00a05",
+    "0x1",
+    "abc",
+    "x y",
+    '"q,1"',
+    '"a\nb"',
+    '"1"',
+    '"a ""b"""',
+    "\t5",
+]
 
 
 def random_csv(rng: random.Random) -> bytes:
@@ -196,29 +231,39 @@ def test_any_chunking_gives_the_value_by_value_answer(monkeypatch: pytest.Monkey
         want = outcome(reference_parse, content)
         for size in (1, 3, 7, 64, None):
             monkeypatch.setattr(datasets, "_BATCH_FIELDS", rng.choice((1, 5, 1 << 18)))
-            chunks = content if size is None else (content[i:i + size]
-                                                   for i in range(0, len(content), size))
+            chunks = (
+                content
+                if size is None
+                else (content[i : i + size] for i in range(0, len(content), size))
+            )
             got = outcome(datasets.parse_csv, chunks)
             assert got == want, (n, size, content)
 
 
 # -- the service ---------------------------------------------------------------------------------
-def test_upload_round_trips_through_small_chunks(client: TestClient, auth: dict[str, str],
-                                                 settings: Settings, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_round_trips_through_small_chunks(
+    client: TestClient,
+    auth: dict[str, str],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Chunks of 5 bytes split the BOM, CRLFs and a quoted field with a line break; the stored
     file is the uploaded one, byte for byte, on Postgres (streamed by COPY) and SQLite."""
     monkeypatch.setattr(datasets, "CHUNK_BYTES", 5)
-    content = ('\ufeffdate,"load, kW",note\r\n2024-01-01,1.5,"a\r\nb"\r\n2024-01-02,,x\r\n'
-               "2024-01-03,2.5,\r\n").encode()
-    r = client.post("/v1/datasets", files={"file": ("l.csv", content, "text/csv")},
-                    headers=auth)
+    content = (
+        '\ufeffdate,"load, kW",note\r\n2024-01-01,1.5,"a\r\nb"\r\n2024-01-02,,x\r\n'
+        "2024-01-03,2.5,\r\n"
+    ).encode()
+    r = client.post("/v1/datasets", files={"file": ("l.csv", content, "text/csv")}, headers=auth)
     assert r.status_code == 201, r.text
     d = r.json()
     assert d["n_rows"] == 3 and d["size_bytes"] == len(content)
-    assert d["columns"] == [{"name": "date", "type": "text", "missing": 0},
-                            {"name": "load, kW", "type": "numeric", "missing": 1},
-                            {"name": "note", "type": "text", "missing": 1}]
+    assert d["columns"] == [
+        {"name": "date", "type": "text", "missing": 0},
+        {"name": "load, kW", "type": "numeric", "missing": 1},
+        {"name": "note", "type": "text", "missing": 1},
+    ]
     db = Database(settings)
     try:
         sha, stored = datasets.dataset_content(db, dataset_id=d["id"])
@@ -231,8 +276,9 @@ def test_upload_round_trips_through_small_chunks(client: TestClient, auth: dict[
         from service.store import migrate
 
         migrate.upgrade(lite.engine)
-        view = datasets.upload_dataset(lite, tenant="default", name="l.csv",
-                                       stream=io.BytesIO(content), cap=1024)
+        view = datasets.upload_dataset(
+            lite, tenant="default", name="l.csv", stream=io.BytesIO(content), cap=1024
+        )
         assert view.columns == d["columns"] and view.sha256 == d["sha256"]
         assert datasets.dataset_content(lite, dataset_id=view.id) == (sha, content)
     finally:
@@ -255,21 +301,27 @@ def _kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def upload_measured(base: str, key: str, pid: int, path: Path) -> tuple[httpx.Response, float,
-                                                                         float]:
+def upload_measured(
+    base: str, key: str, pid: int, path: Path
+) -> tuple[httpx.Response, float, float]:
     """POST ``path``; the answer, the seconds it took and the server's peak memory growth in
     MiB over its resident memory just before (VmHWM, reset first)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _kib(pid, "VmRSS")
     t0 = time.perf_counter()
     with path.open("rb") as fh:
-        r = httpx.post(base + "/v1/datasets", files={"file": (path.name, fh, "text/csv")},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        r = httpx.post(
+            base + "/v1/datasets",
+            files={"file": (path.name, fh, "text/csv")},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=300,
+        )
     return r, time.perf_counter() - t0, (_kib(pid, "VmHWM") - before) / 1024
 
 
-def test_served_hostile_header_is_refused_in_flat_memory(served: tuple[str, str, int],
-                                                         tmp_path: Path) -> None:
+def test_served_hostile_header_is_refused_in_flat_memory(
+    served: tuple[str, str, int], tmp_path: Path
+) -> None:
     base, key, pid = served
     path = tmp_path / "header.csv"
     with path.open("wb") as fh:
@@ -295,8 +347,10 @@ def valid_file(path: Path, target_bytes: int) -> tuple[int, int]:
                 load = "" if j % 97 == 0 else f"{(j * 7919) % 100_000 / 13:.4f}"
                 missing += j % 97 == 0
                 note = '"calm, dry"' if j % 50 == 0 else "ok"
-                lines.append(f"2024-01-01T{j % 24:02d}:{j % 60:02d}:00,{load},{j * 0.5:.3f},"
-                             f"{(j % 1000) / 7:.5f},{note}\r\n")
+                lines.append(
+                    f"2024-01-01T{j % 24:02d}:{j % 60:02d}:00,{load},{j * 0.5:.3f},"
+                    f"{(j % 1000) / 7:.5f},{note}\r\n"
+                )
             block = "".join(lines)
             fh.write(block)
             size += len(block)
@@ -304,23 +358,27 @@ def valid_file(path: Path, target_bytes: int) -> tuple[int, int]:
     return rows, missing
 
 
-def test_served_valid_upload_round_trips_in_bounded_memory(served: tuple[str, str, int],
-                                                           settings: Settings,
-                                                           tmp_path: Path) -> None:
+def test_served_valid_upload_round_trips_in_bounded_memory(
+    served: tuple[str, str, int], settings: Settings, tmp_path: Path
+) -> None:
     base, key, pid = served
     path = tmp_path / "valid.csv"
     n_rows, n_missing = valid_file(path, 24_000_000)
     r, seconds, growth = upload_measured(base, key, pid, path)
-    print(f"valid {path.stat().st_size / 1e6:.0f} MB: {r.status_code} in {seconds:.2f} s, "
-          f"+{growth:.0f} MiB")
+    print(
+        f"valid {path.stat().st_size / 1e6:.0f} MB: {r.status_code} in {seconds:.2f} s, "
+        f"+{growth:.0f} MiB"
+    )
     assert r.status_code == 201, r.text
     d = r.json()
     assert d["n_rows"] == n_rows and d["size_bytes"] == path.stat().st_size
-    assert d["columns"] == [{"name": "time", "type": "text", "missing": 0},
-                            {"name": "load", "type": "numeric", "missing": n_missing},
-                            {"name": "temp", "type": "numeric", "missing": 0},
-                            {"name": "wind", "type": "numeric", "missing": 0},
-                            {"name": "note", "type": "text", "missing": 0}]
+    assert d["columns"] == [
+        {"name": "time", "type": "text", "missing": 0},
+        {"name": "load", "type": "numeric", "missing": n_missing},
+        {"name": "temp", "type": "numeric", "missing": 0},
+        {"name": "wind", "type": "numeric", "missing": 0},
+        {"name": "note", "type": "text", "missing": 0},
+    ]
     content = path.read_bytes()
     db = Database(settings)
     try:

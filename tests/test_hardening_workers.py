@@ -41,8 +41,9 @@ from service.store.tables import Study, Trial, Worker, utcnow
 from tests.conftest import free_port, seqtune_cmd
 from tests.test_fleet import SLOW, create, trials, wait_for
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                                reason="reads the process table from /proc (Linux)")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)"
+)
 
 LEASE_S = 5.0
 IDLE_S = 5.0  # SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S of the frozen worker
@@ -91,6 +92,7 @@ def epochs_of(n: int) -> dict[str, Any]:
 
 # -- processes ------------------------------------------------------------------------------
 
+
 def _stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, process group) of a live process, None when it is gone."""
     try:
@@ -126,14 +128,25 @@ class Procs:
         self.url, self.tmp = url, tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         full = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-        full.update(SEQTUNE_DATABASE_URL=self.url, SEQTUNE_DATA_DIR=str(self.tmp),
-                    SEQTUNE_CHECKPOINT_EVERY_S="0", PYTHONUNBUFFERED="1", **(env or {}))
+        full.update(
+            SEQTUNE_DATABASE_URL=self.url,
+            SEQTUNE_DATA_DIR=str(self.tmp),
+            SEQTUNE_CHECKPOINT_EVERY_S="0",
+            PYTHONUNBUFFERED="1",
+            **(env or {}),
+        )
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([*seqtune_cmd(), *args], env=full, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [*seqtune_cmd(), *args],
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()  # the child has its own copy
         self.procs.append(p)
         return p
@@ -169,27 +182,44 @@ def _with_hook(tmp: Path) -> dict[str, str]:
 
 # -- item 2: server-side session limits -------------------------------------------------------
 
+
 def _show(conn: Any, *names: str) -> list[str]:
     return [conn.execute(text(f"SHOW {n}")).scalar() for n in names]
 
 
 def test_every_connection_carries_the_session_limits(settings: Settings) -> None:
     """Ours and Optuna's (the same database, Optuna's own pool): both hold row locks."""
-    s = settings.model_copy(update={
-        "db_idle_in_transaction_timeout_s": 7, "db_statement_timeout_s": 120,
-        "db_lock_timeout_s": 2.5, "db_keepalives_idle_s": 11, "db_keepalives_interval_s": 4,
-        "db_keepalives_count": 2})
-    names = ("idle_in_transaction_session_timeout", "statement_timeout", "lock_timeout",
-             "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
-             "tcp_user_timeout")
+    s = settings.model_copy(
+        update={
+            "db_idle_in_transaction_timeout_s": 7,
+            "db_statement_timeout_s": 120,
+            "db_lock_timeout_s": 2.5,
+            "db_keepalives_idle_s": 11,
+            "db_keepalives_interval_s": 4,
+            "db_keepalives_count": 2,
+        }
+    )
+    names = (
+        "idle_in_transaction_session_timeout",
+        "statement_timeout",
+        "lock_timeout",
+        "tcp_keepalives_idle",
+        "tcp_keepalives_interval",
+        "tcp_keepalives_count",
+        "tcp_user_timeout",
+    )
     want = ["7s", "2min", "2500ms", "11", "4", "2", "19000"]
     db = Database(s)
     try:
         assert db.read(lambda c: _show(c, *names)) == want
         with db.engine.connect() as c:  # the client's side: libpq keepalives
             dsn = c.connection.dbapi_connection.get_dsn_parameters()  # type: ignore[union-attr]
-        assert (dsn["keepalives"], dsn["keepalives_idle"], dsn["keepalives_interval"],
-                dsn["keepalives_count"]) == ("1", "11", "4", "2")
+        assert (
+            dsn["keepalives"],
+            dsn["keepalives_idle"],
+            dsn["keepalives_interval"],
+            dsn["keepalives_count"],
+        ) == ("1", "11", "4", "2")
     finally:
         db.dispose()
     storage = make_storage(s)
@@ -197,11 +227,13 @@ def test_every_connection_carries_the_session_limits(settings: Settings) -> None
         assert _show(c, *names) == want
 
 
-def test_limits_can_be_turned_off_keep_url_options_and_leave_sqlite_alone(
-        tmp_path: Path) -> None:
-    off = Settings(database_url="postgresql://u@h/db?options=-csearch_path%3Dx",
-                   db_idle_in_transaction_timeout_s=0, db_statement_timeout_s=0,
-                   db_keepalives_idle_s=0)
+def test_limits_can_be_turned_off_keep_url_options_and_leave_sqlite_alone(tmp_path: Path) -> None:
+    off = Settings(
+        database_url="postgresql://u@h/db?options=-csearch_path%3Dx",
+        db_idle_in_transaction_timeout_s=0,
+        db_statement_timeout_s=0,
+        db_keepalives_idle_s=0,
+    )
     assert session_limits(off) == {}  # nothing sent; the URL's options reach libpq as is
     on = Settings(database_url="postgresql://u@h/db?options=-csearch_path%3Dx")
     opts = session_limits(on)["options"]  # replaces the URL's: so it carries them first
@@ -218,7 +250,8 @@ def test_limits_can_be_turned_off_keep_url_options_and_leave_sqlite_alone(
 
 
 def test_a_session_ended_for_idling_in_a_transaction_is_retried(
-        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     """What a frozen worker meets when it wakes up: the server ended its session; the work
     was rolled back and is done again on a new connection, on both transaction paths."""
     db = Database(settings.model_copy(update={"db_idle_in_transaction_timeout_s": 0.5}))
@@ -262,8 +295,9 @@ def test_migrations_are_exempt_from_statement_and_lock_timeouts(settings: Settin
         eng = create_engine(settings.url)
         try:
             with eng.begin() as c:
-                c.execute(text("SELECT pg_advisory_xact_lock(:k)"),
-                          {"k": migrate._ADVISORY_LOCK_KEY})
+                c.execute(
+                    text("SELECT pg_advisory_xact_lock(:k)"), {"k": migrate._ADVISORY_LOCK_KEY}
+                )
                 held.set()
                 time.sleep(hold_s)
         finally:
@@ -285,14 +319,22 @@ def test_migrations_are_exempt_from_statement_and_lock_timeouts(settings: Settin
 
 
 def _idle_in_transaction(db: Database, at_least_s: float) -> int:
-    return int(db.run(lambda s: s.scalar(text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
-        "application_name = 'seqtune' AND state = 'idle in transaction' AND "
-        "now() - state_change >= make_interval(secs => :t)"), {"t": at_least_s})))
+    return int(
+        db.run(
+            lambda s: s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
+                    "application_name = 'seqtune' AND state = 'idle in transaction' AND "
+                    "now() - state_change >= make_interval(secs => :t)"
+                ),
+                {"t": at_least_s},
+            )
+        )
+    )
 
 
 def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lease(
-        db: Database, settings: Settings, procs: Procs, capsys: pytest.CaptureFixture[str]
+    db: Database, settings: Settings, procs: Procs, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A worker stopped while its session is idle in a transaction that locks the trial's
     row. Without server-side limits the lock stays for as long as the process is stopped and
@@ -302,10 +344,14 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
     learns it was fenced off and goes on."""
     create(db, settings, "frozen", epochs_of(6), n_trials=1, lease_timeout_s=LEASE_S)
     timeouts = {"SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": str(IDLE_S)}
-    a = procs.start("a", "worker", "--gpus", "none", "--threads", "1",
-                    env={**timeouts, **_with_hook(procs.tmp)})
-    owned = wait_for(lambda: next((t for t in trials(db, "frozen") if t.lease_owner), None),
-                     120, "worker a to claim the trial")
+    a = procs.start(
+        "a", "worker", "--gpus", "none", "--threads", "1", env={**timeouts, **_with_hook(procs.tmp)}
+    )
+    owned = wait_for(
+        lambda: next((t for t in trials(db, "frozen") if t.lease_owner), None),
+        120,
+        "worker a to claim the trial",
+    )
     b = procs.start("b", "worker", "--gpus", "none", "--threads", "1", "--burst", env=timeouts)
     wait_for(lambda: "TEST-HOOK holding" in procs.log("a"), 120, "a's report transaction")
     os.killpg(a.pid, signal.SIGSTOP)  # the fleet parent and its slot
@@ -317,25 +363,32 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
         return t if t.lease_owner != owned.lease_owner else None
 
     bound = LEASE_S + IDLE_S + REAP_EVERY_S + 8.0  # + the other worker's start and poll
-    recovered = wait_for(taken, bound, f"the trial to be taken from the frozen worker "
-                                       f"within {bound:.0f}s")
+    recovered = wait_for(
+        taken, bound, f"the trial to be taken from the frozen worker within {bound:.0f}s"
+    )
     took = time.monotonic() - stopped_at
     with capsys.disabled():
-        print(f"\n[frozen worker] trial taken from it {took:.1f}s after SIGSTOP "
-              f"(lease {LEASE_S:.0f}s, idle-in-transaction timeout {IDLE_S:.0f}s)")
+        print(
+            f"\n[frozen worker] trial taken from it {took:.1f}s after SIGSTOP "
+            f"(lease {LEASE_S:.0f}s, idle-in-transaction timeout {IDLE_S:.0f}s)"
+        )
     assert recovered.fence > owned.fence
     assert _idle_in_transaction(db, IDLE_S + 1) == 0  # the server ended the frozen session
     assert alive(a.pid)  # still stopped, not dead: the database did all of it
     # From here the test checks that both workers go on correctly. A 5 s lease is shorter
     # than the heartbeat period (Settings.heartbeat_s) and than a resume's start on a loaded
     # machine: the new attempt's lease could lapse for no fault of its own. Lengthen it.
-    db.run(lambda s: s.execute(update(Study).where(Study.name == "frozen")
-                               .values(lease_timeout_s=120)))
+    db.run(
+        lambda s: s.execute(update(Study).where(Study.name == "frozen").values(lease_timeout_s=120))
+    )
 
     os.killpg(a.pid, signal.SIGCONT)
     # Woken: its commit fails on the ended session, the retry finds the trial fenced off.
-    wait_for(lambda: "abandoning trial" in procs.log("a"), HOLD_S + 60,
-             "the woken worker to abandon the trial")
+    wait_for(
+        lambda: "abandoning trial" in procs.log("a"),
+        HOLD_S + 60,
+        "the woken worker to abandon the trial",
+    )
     log_a = procs.log("a")
     assert "likely for idling longer than" in log_a, log_a[-3000:]
     assert a.poll() is None, log_a[-3000:]  # the slot went on; nothing crashed
@@ -352,8 +405,7 @@ LONG_LEASE_S = 60.0
 
 
 def _slot_pids(db: Database, leader: int) -> list[int]:
-    pids = db.run(lambda s: list(s.scalars(select(Worker.pid).where(
-        Worker.stopped_at.is_(None)))))
+    pids = db.run(lambda s: list(s.scalars(select(Worker.pid).where(Worker.stopped_at.is_(None)))))
     return [p for p in pids if p != leader and (_stat(p) or ("", 0, 0))[2] == leader]
 
 
@@ -363,8 +415,7 @@ def _claims(db: Database, name: str) -> tuple[int, dict[int, int]]:
     return row.n_claimed, {t.id: t.attempts for t in trials(db, name)}
 
 
-def _assert_handed_back(db: Database, settings: Settings, name: str,
-                        running: list[Trial]) -> None:
+def _assert_handed_back(db: Database, settings: Settings, name: str, running: list[Trial]) -> None:
     """Each trial that ran is handed back (RUNNING, no owner), or left to the reaper, which
     frees it once its lease is out."""
     for t in running:
@@ -377,25 +428,35 @@ def _assert_handed_back(db: Database, settings: Settings, name: str,
         assert now.lease_owner is None and now.fence > t.fence
 
 
-def test_kill_9_of_the_worker_stops_its_slots(db: Database, settings: Settings,
-                                              procs: Procs,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_kill_9_of_the_worker_stops_its_slots(
+    db: Database, settings: Settings, procs: Procs, capsys: pytest.CaptureFixture[str]
+) -> None:
     """kill -9 of `seqtune worker`: its slots notice within seconds, claim nothing more, hand
     their trials back and exit; no process of the worker is left."""
     create(db, settings, "orphans", LONG, n_trials=6, lease_timeout_s=LONG_LEASE_S)
     w = procs.start("w", "worker", "--gpus", "none", "--slots-per-gpu", "2", "--threads", "1")
-    running = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(
-        [t for t in trials(db, "orphans") if t.state == "RUNNING" and t.epochs >= 1]),
-        180, "both slots training")
-    slots = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_slot_pids(db, w.pid)),
-                     30, "the two slot processes")
+    running = wait_for(
+        lambda: (lambda r: r if len(r) == 2 else None)(
+            [t for t in trials(db, "orphans") if t.state == "RUNNING" and t.epochs >= 1]
+        ),
+        180,
+        "both slots training",
+    )
+    slots = wait_for(
+        lambda: (lambda p: p if len(p) == 2 else None)(_slot_pids(db, w.pid)),
+        30,
+        "the two slot processes",
+    )
     before = _claims(db, "orphans")
     os.kill(w.pid, signal.SIGKILL)  # the fleet parent only: its slots are orphaned
     killed_at = time.monotonic()
     w.wait()
     assert all(alive(p) for p in slots), "the slots died with the parent: nothing tested"
-    wait_for(lambda: not alive_in_group(w.pid), 10, "every process of the worker to end "
-             f"(left: {alive_in_group(w.pid)})")
+    wait_for(
+        lambda: not alive_in_group(w.pid),
+        10,
+        f"every process of the worker to end (left: {alive_in_group(w.pid)})",
+    )
     gone = time.monotonic() - killed_at
     with capsys.disabled():
         print(f"\n[orphans] all slot processes gone {gone:.1f}s after kill -9 of the worker")
@@ -405,32 +466,42 @@ def test_kill_9_of_the_worker_stops_its_slots(db: Database, settings: Settings,
     # Each slot says why it stopped (from its parent-death signal or its watch, whichever
     # comes first).
     for i in range(2):
-        assert any(f"slot{i} " in line and "that started this slot is gone" in line
-                   for line in log.splitlines()), log[-3000:]
+        assert any(
+            f"slot{i} " in line and "that started this slot is gone" in line
+            for line in log.splitlines()
+        ), log[-3000:]
 
 
 def test_kill_9_of_seqtune_up_stops_its_worker_and_slots(
-        db: Database, settings: Settings, procs: Procs,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    db: Database, settings: Settings, procs: Procs, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`seqtune up` starts `seqtune worker` as its child: kill -9 of `up` must not leave the
     worker and its slot training on."""
     create(db, settings, "upped", LONG, n_trials=3, lease_timeout_s=LONG_LEASE_S)
-    up = procs.start("up", "up", "--gpus", "none", "--port", str(free_port()),
-                     env={"SEQTUNE_LOG_LEVEL": "INFO"})
-    running = wait_for(lambda: [t for t in trials(db, "upped")
-                                if t.state == "RUNNING" and t.epochs >= 1], 180,
-                       "a trial training under seqtune up")
+    up = procs.start(
+        "up", "up", "--gpus", "none", "--port", str(free_port()), env={"SEQTUNE_LOG_LEVEL": "INFO"}
+    )
+    running = wait_for(
+        lambda: [t for t in trials(db, "upped") if t.state == "RUNNING" and t.epochs >= 1],
+        180,
+        "a trial training under seqtune up",
+    )
     before = _claims(db, "upped")
     group = alive_in_group(up.pid)
     assert len(group) >= 3, group  # up, its worker, the slot (and helpers)
     os.kill(up.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     up.wait()
-    wait_for(lambda: not alive_in_group(up.pid), 15,
-             f"the worker and its slot to end (left: {alive_in_group(up.pid)})")
+    wait_for(
+        lambda: not alive_in_group(up.pid),
+        15,
+        f"the worker and its slot to end (left: {alive_in_group(up.pid)})",
+    )
     with capsys.disabled():
-        print(f"\n[up] worker and slot gone {time.monotonic() - killed_at:.1f}s after "
-              "kill -9 of seqtune up")
+        print(
+            f"\n[up] worker and slot gone {time.monotonic() - killed_at:.1f}s after "
+            "kill -9 of seqtune up"
+        )
     assert _claims(db, "upped") == before
     _assert_handed_back(db, settings, "upped", running)
     assert re.search(r"process \d+, which started this worker, is gone", procs.log("up"))

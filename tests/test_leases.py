@@ -19,10 +19,13 @@ from service.store.tables import Study, Trial, utcnow
 
 
 def make(db: Database, storage, name: str = "L", **over) -> StudySpec:  # type: ignore[no-untyped-def]
-    body = {"name": name, "dataset": {"kind": "builtin", "name": "sunspots"},
-            "objectives": [{"metric": "val_rmse"}],
-            "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 64}},
-            "budget": {"n_trials": 5, "lease_timeout_s": 30, "max_retries": 1}}
+    body = {
+        "name": name,
+        "dataset": {"kind": "builtin", "name": "sunspots"},
+        "objectives": [{"metric": "val_rmse"}],
+        "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 64}},
+        "budget": {"n_trials": 5, "lease_timeout_s": 30, "max_retries": 1},
+    }
     body.update(over)
     spec = parse_spec(body)
     check_spec(spec)
@@ -40,8 +43,13 @@ def ostudy(storage, c: leases.Claim) -> optuna.Study:  # type: ignore[no-untyped
 
 
 def age_lease(db: Database, c: leases.Claim, seconds: float = 3600) -> None:
-    db.run(lambda s: s.execute(update(Trial).where(Trial.id == c.trial_row_id).values(
-        lease_renewed_at=utcnow() - timedelta(seconds=seconds))))
+    db.run(
+        lambda s: s.execute(
+            update(Trial)
+            .where(Trial.id == c.trial_row_id)
+            .values(lease_renewed_at=utcnow() - timedelta(seconds=seconds))
+        )
+    )
 
 
 def test_exactly_n_trials_are_claimed_under_a_race(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
@@ -66,10 +74,16 @@ def test_exactly_n_trials_are_claimed_under_a_race(db: Database, storage) -> Non
 
 
 def test_no_two_workers_get_the_same_grid_point(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
-    make(db, storage, search_space={
-        "hidden_size": {"type": "int", "low": 8, "high": 32, "step": 8},
-        "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}},
-        sampler={"name": "grid"}, budget={"n_trials": 8})
+    make(
+        db,
+        storage,
+        search_space={
+            "hidden_size": {"type": "int", "low": 8, "high": 32, "step": 8},
+            "optimizer": {"type": "categorical", "choices": ["adam", "sgd"]},
+        },
+        sampler={"name": "grid"},
+        budget={"n_trials": 8},
+    )
     got: list[leases.Claim] = []
     lock = threading.Lock()
 
@@ -116,8 +130,9 @@ def test_a_fenced_attempt_is_refused_and_changes_nothing(db: Database, storage) 
     old = leases.claim(db, storage, owner="dead")
     assert old is not None
     trial = optuna.trial.Trial(ostudy(storage, old), old.optuna_trial_id)
-    leases.report(db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0},
-                  value=9.0)
+    leases.report(
+        db, claim=old, trial=trial, epoch=0, record={"epoch": 0, "val_rmse": 9.0}, value=9.0
+    )
     age_lease(db, old)
     assert recovery.reap(db, storage).freed == 1
     new = leases.claim(db, storage, owner="alive")
@@ -130,7 +145,8 @@ def test_a_fenced_attempt_is_refused_and_changes_nothing(db: Database, storage) 
         leases.save_checkpoint(db, claim=old, kind="resume", epoch=1, data=b"stale")
     frozen = storage.get_trial(old.optuna_trial_id)
     assert frozen.state == optuna.trial.TrialState.RUNNING and frozen.intermediate_values == {
-        0: 9.0}
+        0: 9.0
+    }
     leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[1.5])
     assert storage.get_trial(new.optuna_trial_id).values == [1.5]
     row = db.run(lambda s: s.scalar(select(Trial).where(Trial.id == new.trial_row_id)))
@@ -165,7 +181,8 @@ def test_reaper_reconciles_orphans_and_deadlines(db: Database, storage) -> None:
 
 
 def test_service_reaper_recovers_when_every_worker_is_dead(
-        db: Database, storage, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    db: Database, storage, settings: Settings
+) -> None:  # type: ignore[no-untyped-def]
     from service.api.app import create_app
 
     make(db, storage)
@@ -185,11 +202,13 @@ def test_service_reaper_recovers_when_every_worker_is_dead(
     assert leases.claim(db, storage, owner="next").number == ghost.number  # type: ignore[union-attr]
 
 
-def test_workers_endpoint_lists_the_fleet(client: TestClient, auth: dict, db: Database,
-                                          storage) -> None:  # type: ignore[no-untyped-def]
+def test_workers_endpoint_lists_the_fleet(
+    client: TestClient, auth: dict, db: Database, storage
+) -> None:  # type: ignore[no-untyped-def]
     make(db, storage)
-    workers.register(db, worker_id="host-1-s0", host="host", slot=0, device="cpu", pid=1,
-                     versions={"torch": "x"})
+    workers.register(
+        db, worker_id="host-1-s0", host="host", slot=0, device="cpu", pid=1, versions={"torch": "x"}
+    )
     c = leases.claim(db, storage, owner="host-1-s0")
     workers.heartbeat(db, worker_id="host-1-s0", trial_row_id=c.trial_row_id)  # type: ignore[union-attr]
     rows = client.get("/v1/workers", headers=auth).json()
@@ -201,8 +220,11 @@ def test_workers_endpoint_lists_the_fleet(client: TestClient, auth: dict, db: Da
     theirs = client.get("/v1/workers", headers=other).json()
     assert theirs[0]["study"] is None and theirs[0]["trial"] is None
     db.run(lambda s: s.execute(update(Study).values(priority=0)))
-    db.run(lambda s: s.execute(
-        update(workers.Worker).values(heartbeat_at=utcnow() - timedelta(seconds=60))))
+    db.run(
+        lambda s: s.execute(
+            update(workers.Worker).values(heartbeat_at=utcnow() - timedelta(seconds=60))
+        )
+    )
     assert client.get("/v1/workers", headers=auth).json()[0]["status"] == "lost"
 
 
@@ -226,8 +248,10 @@ def test_final_phase_retrains_the_top_k_with_seeds_then_completes(db: Database, 
     st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "F")))
     assert st.status == "completed" and st.n_claimed == 10
     # Optuna holds the re-trains as ordinary trials, marked with their source.
-    marks = [t.user_attrs.get("seqtune_final_of") for t in
-             optuna.load_study(study_name=st.optuna_study_name, storage=storage).trials]
+    marks = [
+        t.user_attrs.get("seqtune_final_of")
+        for t in optuna.load_study(study_name=st.optuna_study_name, storage=storage).trials
+    ]
     assert marks == [None] * 4 + [1, 1, 1, 3, 3, 3]
 
 

@@ -30,8 +30,9 @@ def empty_url(pg_template: str) -> Iterator[str]:
 
 def _diff(engine) -> list:  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={
-            "include_name": migrate.include_name, "compare_type": True})
+        ctx = MigrationContext.configure(
+            conn, opts={"include_name": migrate.include_name, "compare_type": True}
+        )
         return compare_metadata(ctx, Base.metadata)
 
 
@@ -46,8 +47,15 @@ def test_migrations_match_models_beside_optuna(empty_url: str, optuna_first: boo
     assert _diff(engine) == []
     tables = set(inspect(engine).get_table_names())
     ours = {t for t in tables if t.startswith("seqtune_")}
-    assert ours == {"seqtune_api_keys", "seqtune_datasets", "seqtune_studies", "seqtune_trials",
-                    "seqtune_checkpoints", "seqtune_workers", "seqtune_alembic_version"}
+    assert ours == {
+        "seqtune_api_keys",
+        "seqtune_datasets",
+        "seqtune_studies",
+        "seqtune_trials",
+        "seqtune_checkpoints",
+        "seqtune_workers",
+        "seqtune_alembic_version",
+    }
     assert {"studies", "trials", "alembic_version"} <= tables  # Optuna's, untouched
     assert migrate.current_revision(engine) == migrate.head_revision()
     with engine.connect() as c:

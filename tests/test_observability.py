@@ -31,8 +31,9 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return out
 
 
-def test_metrics_follow_trials_workers_and_reaps(client: TestClient, auth: dict[str, str],
-                                                 db: Database) -> None:
+def test_metrics_follow_trials_workers_and_reaps(
+    client: TestClient, auth: dict[str, str], db: Database
+) -> None:
     storage = client.app.state.seqtune.storage  # type: ignore[attr-defined]
     m = scrape(client)
     assert m[("seqtune_trials", (("state", "complete"),))] == 0
@@ -44,8 +45,7 @@ def test_metrics_follow_trials_workers_and_reaps(client: TestClient, auth: dict[
     run_trial(db, storage, client, auth, "a", 3.0, state="PRUNED")
     c = leases.claim(db, storage, owner="dead", studies=["a"])  # a worker that will die
     assert c is not None
-    workers.register(db, worker_id="h-1-s0", host="h", slot=0, device="cpu", pid=1,
-                     versions={})
+    workers.register(db, worker_id="h-1-s0", host="h", slot=0, device="cpu", pid=1, versions={})
 
     m = scrape(client)
     assert m[("seqtune_trials", (("state", "complete"),))] == 2
@@ -61,13 +61,20 @@ def test_metrics_follow_trials_workers_and_reaps(client: TestClient, auth: dict[
     assert m[("seqtune_db_pool_size", ())] == 5
     assert ("seqtune_db_pool_checked_out", ()) in m
     # API latency by route template, never by raw path
-    key = ("seqtune_api_request_duration_seconds_count",
-           (("method", "POST"), ("route", "/v1/studies"), ("status", "201")))
+    key = (
+        "seqtune_api_request_duration_seconds_count",
+        (("method", "POST"), ("route", "/v1/studies"), ("status", "201")),
+    )
     assert m[key] == 1
 
     # the dying worker's lease expires; the reaper takes it and the counter moves
-    db.run(lambda s: s.execute(update(Trial).where(Trial.lease_owner == "dead").values(
-        lease_renewed_at=datetime.now(UTC) - timedelta(hours=1))))
+    db.run(
+        lambda s: s.execute(
+            update(Trial)
+            .where(Trial.lease_owner == "dead")
+            .values(lease_renewed_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+    )
     assert recovery.reap(db, storage).freed == 1
     assert scrape(client)[("seqtune_lease_reaps_total", ())] == 1
 
@@ -89,8 +96,9 @@ def restore_logging() -> Any:
     root.setLevel(level)
 
 
-def test_json_logs_carry_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys: Any,
-                                         restore_logging: Any) -> None:
+def test_json_logs_carry_study_and_trial(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any, restore_logging: Any
+) -> None:
     monkeypatch.setenv("SEQTUNE_LOG_FORMAT", "json")
     setup_logging(Settings())
     log = logging.getLogger("seqtune.test")
@@ -104,8 +112,9 @@ def test_json_logs_carry_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys
     assert "study" not in lines[1] and lines[1]["msg"] == "outside"
 
 
-def test_text_logs_tag_study_and_trial(monkeypatch: pytest.MonkeyPatch, capsys: Any,
-                                       restore_logging: Any) -> None:
+def test_text_logs_tag_study_and_trial(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any, restore_logging: Any
+) -> None:
     monkeypatch.setenv("SEQTUNE_LOG_FORMAT", "text")
     setup_logging(Settings())
     with log_context(study="sun", trial=2):

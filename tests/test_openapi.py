@@ -22,13 +22,22 @@ from service.store import trials
 from tests.conftest import study_body
 
 ERROR_REF = "#/components/schemas/ErrorBody"
-BODY_ROUTES = {("post", "/v1/studies"), ("patch", "/v1/studies/{name}"),
-               ("post", "/v1/studies/{name}/trials"), ("post", "/v1/datasets")}
+BODY_ROUTES = {
+    ("post", "/v1/studies"),
+    ("patch", "/v1/studies/{name}"),
+    ("post", "/v1/studies/{name}/trials"),
+    ("post", "/v1/datasets"),
+}
 CONFLICT_ROUTES = {
-    ("post", "/v1/studies"), ("patch", "/v1/studies/{name}"), ("delete", "/v1/studies/{name}"),
-    ("post", "/v1/studies/{name}/trials"), ("get", "/v1/studies/{name}/best"),
-    ("get", "/v1/studies/{name}/importance"), ("get", "/v1/studies/{name}/plots/{kind}"),
-    ("get", "/v1/studies/{name}/best/model"), ("get", "/v1/studies/{name}/trials/{number}/model"),
+    ("post", "/v1/studies"),
+    ("patch", "/v1/studies/{name}"),
+    ("delete", "/v1/studies/{name}"),
+    ("post", "/v1/studies/{name}/trials"),
+    ("get", "/v1/studies/{name}/best"),
+    ("get", "/v1/studies/{name}/importance"),
+    ("get", "/v1/studies/{name}/plots/{kind}"),
+    ("get", "/v1/studies/{name}/best/model"),
+    ("get", "/v1/studies/{name}/trials/{number}/model"),
     ("delete", "/v1/datasets/{dataset_id}"),
 }
 
@@ -41,8 +50,12 @@ def doc() -> dict[str, Any]:
 
 
 def _ops(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(m, p, op) for p, ops in doc["paths"].items() for m, op in ops.items()
-            if p.startswith("/v1/")]
+    return [
+        (m, p, op)
+        for p, ops in doc["paths"].items()
+        for m, op in ops.items()
+        if p.startswith("/v1/")
+    ]
 
 
 def _param(op: dict[str, Any], name: str) -> dict[str, Any]:
@@ -119,8 +132,9 @@ def _invalid(r: Any) -> dict[str, Any]:
 def test_malformed_bodies_answer_422_invalid(client: TestClient, auth: dict) -> None:
     json_h = {**auth, "content-type": "application/json"}
     err = _invalid(client.post("/v1/studies", content=b'{"name": ', headers=json_h))
-    assert err["details"] == [{"field": "(body)", "reason": "the body is not valid JSON "
-                                                             "(character 9)"}]
+    assert err["details"] == [
+        {"field": "(body)", "reason": "the body is not valid JSON (character 9)"}
+    ]
     # Not UTF-8: FastAPI says 400; the API answers like any other malformed JSON.
     err = _invalid(client.post("/v1/studies", content=b'{"name": "\xff\xfe"}', headers=json_h))
     assert err["details"] == [{"field": "(body)", "reason": "the body is not valid JSON"}]
@@ -134,13 +148,20 @@ def test_malformed_bodies_answer_422_invalid(client: TestClient, auth: dict) -> 
 
 def test_bodies_take_the_types_the_schema_names(client: TestClient, auth: dict) -> None:
     client.post("/v1/studies", json=study_body("t"), headers=auth)
-    for bad in ({"priority": True}, {"priority": "5"}, {"priority": 1.5}, {"status": None},
-                {}, {"n_trials": None, "priority": 3}):
+    for bad in (
+        {"priority": True},
+        {"priority": "5"},
+        {"priority": 1.5},
+        {"status": None},
+        {},
+        {"n_trials": None, "priority": 3},
+    ):
         _invalid(client.patch("/v1/studies/t", json=bad, headers=auth))
     ok = client.patch("/v1/studies/t", json={"priority": 5.0}, headers=auth)  # JSON's 5.0 is 5
     assert ok.status_code == 200 and ok.json()["priority"] == 5
-    err = _invalid(client.post("/v1/studies", json=study_body("u", budget={"n_trials": "3"}),
-                               headers=auth))
+    err = _invalid(
+        client.post("/v1/studies", json=study_body("u", budget={"n_trials": "3"}), headers=auth)
+    )
     assert err["details"][0]["field"] == "budget.n_trials"
 
 

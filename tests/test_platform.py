@@ -31,8 +31,9 @@ def test_healthz_and_readyz(client: TestClient, settings) -> None:  # type: igno
     assert client.get("/readyz").status_code == 200
 
 
-def test_api_study_is_an_ordinary_optuna_study(client: TestClient, auth: dict, db: Database,
-                                               settings) -> None:  # type: ignore[no-untyped-def]
+def test_api_study_is_an_ordinary_optuna_study(
+    client: TestClient, auth: dict, db: Database, settings
+) -> None:  # type: ignore[no-untyped-def]
     client.post("/v1/studies", json=study_body("interop"), headers=auth)
     for v in (3.0, 1.0, 2.0):
         run_trial(db, client.app.state.seqtune.storage, client, auth, "interop", v)  # type: ignore[attr-defined]
@@ -44,8 +45,12 @@ def test_api_study_is_an_ordinary_optuna_study(client: TestClient, auth: dict, d
     assert len(df) == 3 and "params_lr" in df.columns
     # Optuna's own command line reads the same database.
     optuna_cli = Path(sys.executable).parent / "optuna"
-    out = subprocess.run([str(optuna_cli), "studies", "--storage", settings.url, "-f", "json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(optuna_cli), "studies", "--storage", settings.url, "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "acme/interop" in out.stdout
 
 
@@ -54,9 +59,13 @@ def test_lost_connections_are_recovered(client: TestClient, auth: dict, settings
     dbname = settings.url.rsplit("/", 1)[1]
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:  # what a Postgres restart or an idle cut does to our pool
-        killed = c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                "WHERE datname = :d AND pid <> pg_backend_pid()"),
-                           {"d": dbname}).scalar()
+        killed = c.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = :d AND pid <> pg_backend_pid()"
+            ),
+            {"d": dbname},
+        ).scalar()
     admin.dispose()
     assert killed >= 1
     r = client.get("/v1/studies/pp", headers=auth)
@@ -85,8 +94,12 @@ def test_sqlite_default_serves_the_example(tmp_path: Path) -> None:
     from service.settings import Settings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQTUNE_")}
-    s = Settings(_env_file=None, data_dir=tmp_path, auth_enabled=False,
-                 **({} if "SEQTUNE_DATABASE_URL" not in env else {}))
+    s = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        auth_enabled=False,
+        **({} if "SEQTUNE_DATABASE_URL" not in env else {}),
+    )
     assert s.database_url is None and s.is_sqlite
     example = yaml.safe_load(Path("examples/sunspots.yaml").read_text())
     with TestClient(create_app(s)) as c:
@@ -112,10 +125,14 @@ def test_sqlite_default_runs_a_study_to_the_end(tmp_path: Path) -> None:
 
     s = Settings(_env_file=None, data_dir=tmp_path, auth_enabled=False)
     assert s.is_sqlite
-    body = {"name": "lite", "dataset": {"kind": "builtin", "name": "sunspots"},
-            "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 16}},
-            "fixed": {"max_epochs": 2, "seq_len": 6}, "budget": {"n_trials": 2},
-            "final": {"top_k": 1, "seeds": 2}}
+    body = {
+        "name": "lite",
+        "dataset": {"kind": "builtin", "name": "sunspots"},
+        "search_space": {"hidden_size": {"type": "int", "low": 4, "high": 16}},
+        "fixed": {"max_epochs": 2, "seq_len": 6},
+        "budget": {"n_trials": 2},
+        "final": {"top_k": 1, "seeds": 2},
+    }
     with TestClient(create_app(s)) as c:
         assert c.post("/v1/studies", json=body).status_code == 201
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

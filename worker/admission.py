@@ -38,8 +38,16 @@ def estimate(hp: Hyper, data: Prepared, device: str) -> int:
 
 
 @contextmanager
-def gpu_room(need: int, *, device: str, slots_on_device: int, ledger_dir: Path, slot: int,
-             should_stop: Callable[[], bool], on_wait: Callable[[], None]) -> Iterator[None]:
+def gpu_room(
+    need: int,
+    *,
+    device: str,
+    slots_on_device: int,
+    ledger_dir: Path,
+    slot: int,
+    should_stop: Callable[[], bool],
+    on_wait: Callable[[], None],
+) -> Iterator[None]:
     """Hold ``need`` bytes of the GPU's ledger for the duration of the block.
 
     Only on a CUDA device shared by several slots (``slots_on_device`` > 1): waits, calling
@@ -53,12 +61,13 @@ def gpu_room(need: int, *, device: str, slots_on_device: int, ledger_dir: Path, 
     # The fleet pins each slot to one GPU through CUDA_VISIBLE_DEVICES: its ledger is that
     # GPU's, shared with the other slots on it.
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0") or "0"
-    ledger = gpu_memory.Ledger(ledger_dir / f"{gpu}.json",
-                               gpu_memory.gpu_capacity(slots_on_device))
+    ledger = gpu_memory.Ledger(ledger_dir / f"{gpu}.json", gpu_memory.gpu_capacity(slots_on_device))
     if not ledger.fits_at_all(need):
-        raise TooBig(f"the trial needs about {need / 2**30:.2f} GiB of GPU memory and "
-                     f"a slot may use {ledger.capacity / 2**30:.2f} GiB; lower batch_size, "
-                     "hidden_size or seq_len, or run fewer slots per GPU")
+        raise TooBig(
+            f"the trial needs about {need / 2**30:.2f} GiB of GPU memory and "
+            f"a slot may use {ledger.capacity / 2**30:.2f} GiB; lower batch_size, "
+            "hidden_size or seq_len, or run fewer slots per GPU"
+        )
     owner = f"{os.getpid()}:{slot}"  # the ledger drops reservations of dead pids
     while not ledger.reserve(owner, need):
         on_wait()

@@ -40,8 +40,9 @@ from statsmodels.tsa.stattools import acf
 from worker.metrics import forecast_errors, macro_f1
 
 # (forecasts of shape (n_origins, horizon), params): one model, one column, one fit.
-_Forecaster = Callable[[np.ndarray, int, np.ndarray, int, int | None],
-                       tuple[np.ndarray, dict[str, Any]]]
+_Forecaster = Callable[
+    [np.ndarray, int, np.ndarray, int, int | None], tuple[np.ndarray, dict[str, Any]]
+]
 
 _ACF_MIN = 0.3  # a season's autocorrelation must clear this to count as one
 
@@ -52,8 +53,7 @@ _ACF_MIN = 0.3  # a season's autocorrelation must clear this to count as one
 def _peak_near(a: np.ndarray, centre: int, tol: int, floor: float) -> bool:
     """Whether ``a`` has a local maximum >= floor within ``centre +- tol`` (lags >= 2)."""
     lo, hi = max(2, centre - tol), min(len(a) - 2, centre + tol)
-    return any(a[k] >= floor and a[k] >= a[k - 1] and a[k] >= a[k + 1]
-               for k in range(lo, hi + 1))
+    return any(a[k] >= floor and a[k] >= a[k - 1] and a[k] >= a[k + 1] for k in range(lo, hi + 1))
 
 
 def detect_season(y: np.ndarray, max_lag: int | None = None) -> int | None:
@@ -75,14 +75,15 @@ def detect_season(y: np.ndarray, max_lag: int | None = None) -> int | None:
     if not np.isfinite(dy).all() or np.ptp(dy) == 0:
         return None
     a = acf(dy, nlags=n_lags + 1, fft=True)  # one lag more, to see whether n_lags is a peak
-    k = int(np.argmax(a[2:n_lags + 1])) + 2
+    k = int(np.argmax(a[2 : n_lags + 1])) + 2
     if not (a[k] > _ACF_MIN and a[k] >= a[k - 1] and a[k] >= a[k + 1]):
         return None
     floor = max(0.5 * a[k], a[k] - 2 / np.sqrt(len(dy)))
     for j in range(k // 2, 1, -1):
         period = k / j
-        if all(_peak_near(a, round(i * period), round(0.05 * i * period), floor)
-               for i in range(1, j)):
+        if all(
+            _peak_near(a, round(i * period), round(0.05 * i * period), floor) for i in range(1, j)
+        ):
             return round(period)
     return k
 
@@ -104,34 +105,42 @@ def _forecast_metrics(pred: np.ndarray, true: np.ndarray, scale: float) -> dict[
 # ---- forecast models (one column y, fitted on y[:fit_end], forecasts from each origin) ------
 
 
-def _persistence(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-                 m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _persistence(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     return np.repeat(y[origins - 1][:, None], h, axis=1), {}
 
 
-def _seasonal_naive(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-                    m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _seasonal_naive(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     assert m is not None
     steps = np.arange(h)
     # Step s repeats the last observed value of the same phase: always strictly before t0.
     return y[origins[:, None] + steps - m * (steps // m + 1)], {"season": m}
 
 
-def _mean(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-          m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _mean(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     mu = float(np.mean(y[:fit_end]))
     return np.full((len(origins), h), mu), {"mean": mu}
 
 
-def _ets(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-         m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _ets(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     seasonal = m is not None and fit_end >= 2 * m
     with warnings.catch_warnings():  # convergence chatter; a bad fit is caught below
         warnings.simplefilter("ignore")
-        model = ExponentialSmoothing(y[:fit_end], trend="add", damped_trend=True,
-                                     seasonal="add" if seasonal else None,
-                                     seasonal_periods=m if seasonal else None,
-                                     initialization_method="estimated")
+        model = ExponentialSmoothing(
+            y[:fit_end],
+            trend="add",
+            damped_trend=True,
+            seasonal="add" if seasonal else None,
+            seasonal_periods=m if seasonal else None,
+            initialization_method="estimated",
+        )
         p = model.fit().params
     alpha, beta, phi = p["smoothing_level"], p["smoothing_trend"], p["damping_trend"]
     gamma = p["smoothing_seasonal"] if seasonal else 0.0
@@ -151,11 +160,16 @@ def _ets(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
         trend[t + 1] = beta * (level[t + 1] - level[t]) + (1 - beta) * phi * trend[t]
         season[t + period] = gamma * (y[t] - prev) + (1 - gamma) * season[t]
     steps = np.arange(1, h + 1)
-    damp = np.cumsum(phi ** steps)  # phi + phi^2 + ... + phi^s
+    damp = np.cumsum(phi**steps)  # phi + phi^2 + ... + phi^s
     phase = origins[:, None] + steps - 1 - period * ((steps - 1) // period)
     pred = level[origins][:, None] + damp * trend[origins][:, None] + season[phase]
-    params = {"alpha": float(alpha), "beta": float(beta), "phi": float(phi),
-              "gamma": float(gamma) if seasonal else None, "season": m if seasonal else None}
+    params = {
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "phi": float(phi),
+        "gamma": float(gamma) if seasonal else None,
+        "season": m if seasonal else None,
+    }
     return pred, params
 
 
@@ -193,8 +207,9 @@ def _fit_ar(z: np.ndarray, max_p: int) -> tuple[float, np.ndarray]:
     return float(coef[0]), coef[1:]
 
 
-def _ar_recursive(z: np.ndarray, origins: np.ndarray, h: int, const: float,
-                  coef: np.ndarray) -> np.ndarray:
+def _ar_recursive(
+    z: np.ndarray, origins: np.ndarray, h: int, const: float, coef: np.ndarray
+) -> np.ndarray:
     """h-step recursive AR forecasts of z[t0:t0+h] from z[:t0], for all origins at once."""
     p = len(coef)
     hist = z[origins[:, None] - 1 - np.arange(p)]  # column k: z[t0-1-k]
@@ -209,14 +224,16 @@ def _ar_params(const: float, coef: np.ndarray) -> dict[str, Any]:
     return {"p": len(coef), "const": const, "coef": [float(v) for v in coef]}
 
 
-def _ar(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-        m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _ar(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     const, coef = _fit_ar(y[:fit_end], _ar_max_order(fit_end, m))
     return _ar_recursive(y, origins, h, const, coef), _ar_params(const, coef)
 
 
-def _arima(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
-           m: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+def _arima(
+    y: np.ndarray, fit_end: int, origins: np.ndarray, h: int, m: int | None
+) -> tuple[np.ndarray, dict[str, Any]]:
     # ARIMA(p,1,0): AR on dy[t] = y[t+1] - y[t]; the constant becomes a drift. From origin
     # t0 the known differences are dy[:t0-1]; the forecast differences are summed back onto
     # the last level y[t0-1].
@@ -228,8 +245,12 @@ def _arima(y: np.ndarray, fit_end: int, origins: np.ndarray, h: int,
 
 
 _MODELS: dict[str, _Forecaster] = {
-    "persistence": _persistence, "seasonal_naive": _seasonal_naive, "mean": _mean,
-    "ets": _ets, "ar": _ar, "arima": _arima,
+    "persistence": _persistence,
+    "seasonal_naive": _seasonal_naive,
+    "mean": _mean,
+    "ets": _ets,
+    "ar": _ar,
+    "arima": _arima,
 }
 
 
@@ -251,8 +272,10 @@ def _check(values: np.ndarray, bounds: tuple[int, int, int, int], horizon: int) 
         raise ValueError(f"the training split has {b} points; at least 3 are needed")
     for name, lo, hi in (("validation", b, c), ("test", c, d)):
         if hi - lo < horizon:
-            raise ValueError(f"the {name} split has {hi - lo} points, fewer than the horizon "
-                             f"{horizon}: no forecast target in it")
+            raise ValueError(
+                f"the {name} split has {hi - lo} points, fewer than the horizon "
+                f"{horizon}: no forecast target in it"
+            )
     if not np.isfinite(v).all():
         raise ValueError("values hold NaN or infinite entries; fill them first")
     return v
@@ -264,16 +287,15 @@ def _resolve_season(v: np.ndarray, b: int, season: int | None) -> int | None:
     return int(season) if season >= 2 else None  # 0 or 1: explicitly no season
 
 
-def _forecast_arrays(values: np.ndarray, bounds: tuple[int, int, int, int], horizon: int,
-                     season: int | None = None
-                     ) -> tuple[dict[str, dict[str, Any]], dict[str, str], int | None]:
+def _forecast_arrays(
+    values: np.ndarray, bounds: tuple[int, int, int, int], horizon: int, season: int | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], int | None]:
     """Every model's forecasts: ``({name: {"val": (N_val, H, T), "test": (N_test, H, T),
     "params": ...}}, skipped, season)``. The engine behind :func:`forecast_baselines`."""
     v = _check(values, bounds, horizon)
     _, b, c, d = (int(x) for x in bounds)
     m = _resolve_season(v, b, season)
-    splits = {"val": (b, np.arange(b, c - horizon + 1)),
-              "test": (c, np.arange(c, d - horizon + 1))}
+    splits = {"val": (b, np.arange(b, c - horizon + 1)), "test": (c, np.arange(c, d - horizon + 1))}
     models: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name, fn in _MODELS.items():
@@ -293,11 +315,15 @@ def _forecast_arrays(values: np.ndarray, bounds: tuple[int, int, int, int], hori
         except Exception as exc:  # a baseline that cannot be fitted is dropped, not fatal
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
-        per_col = [{**fv, "refit": ft} if fv or ft else {}
-                   for fv, ft in zip(fits["val"], fits["test"], strict=True)]
-        models[name] = {"val": np.stack(preds["val"], axis=-1),
-                        "test": np.stack(preds["test"], axis=-1),
-                        "params": per_col[0] if len(per_col) == 1 else {"targets": per_col}}
+        per_col = [
+            {**fv, "refit": ft} if fv or ft else {}
+            for fv, ft in zip(fits["val"], fits["test"], strict=True)
+        ]
+        models[name] = {
+            "val": np.stack(preds["val"], axis=-1),
+            "test": np.stack(preds["test"], axis=-1),
+            "params": per_col[0] if len(per_col) == 1 else {"targets": per_col},
+        }
     return models, skipped, m
 
 
@@ -306,8 +332,13 @@ def _targets(v: np.ndarray, lo: int, hi: int, horizon: int) -> np.ndarray:
     return v[origins[:, None] + np.arange(horizon)]  # (N, H, T)
 
 
-def forecast_baselines(values: np.ndarray, bounds: tuple[int, int, int, int], horizon: int,
-                       *, season: int | None = None) -> dict[str, Any]:
+def forecast_baselines(
+    values: np.ndarray,
+    bounds: tuple[int, int, int, int],
+    horizon: int,
+    *,
+    season: int | None = None,
+) -> dict[str, Any]:
     """Score persistence, seasonal naive, mean, damped Holt-Winters (ets), AR(p) and
     ARIMA(p,1,0) on the study's validation and test targets (see the module docstring).
 
@@ -325,16 +356,25 @@ def forecast_baselines(values: np.ndarray, bounds: tuple[int, int, int, int], ho
     true = {"val": _targets(v, b, c, horizon), "test": _targets(v, c, d, horizon)}
     out_models: dict[str, dict[str, Any]] = {}
     for name, res in models.items():
-        out_models[name] = {split: _forecast_metrics(res[split], true[split], scale)
-                            for split in ("val", "test")}
+        out_models[name] = {
+            split: _forecast_metrics(res[split], true[split], scale) for split in ("val", "test")
+        }
         out_models[name]["params"] = res["params"]
-    ranked = [(r["val"]["rmse"], name) for name, r in out_models.items()
-              if r["val"]["rmse"] is not None]
-    return {"task": "forecast", "horizon": int(horizon), "season": m,
-            "n_val_targets": int(true["val"].shape[0]),
-            "n_test_targets": int(true["test"].shape[0]), "mase_scale": scale,
-            "models": out_models, "best": min(ranked)[1] if ranked else None,
-            "skipped": skipped, "seconds": time.perf_counter() - t_start}
+    ranked = [
+        (r["val"]["rmse"], name) for name, r in out_models.items() if r["val"]["rmse"] is not None
+    ]
+    return {
+        "task": "forecast",
+        "horizon": int(horizon),
+        "season": m,
+        "n_val_targets": int(true["val"].shape[0]),
+        "n_test_targets": int(true["test"].shape[0]),
+        "mase_scale": scale,
+        "models": out_models,
+        "best": min(ranked)[1] if ranked else None,
+        "skipped": skipped,
+        "seconds": time.perf_counter() - t_start,
+    }
 
 
 # ---- classification -------------------------------------------------------------------------
@@ -347,34 +387,50 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def _class_metrics(log_p: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, Any]:
     pred = log_p.argmax(axis=1)
-    return {"accuracy": float(np.mean(pred == y)), "f1": macro_f1(pred, y, n_classes),
-            "loss": _num(-np.mean(log_p[np.arange(len(y)), y]))}
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "f1": macro_f1(pred, y, n_classes),
+        "loss": _num(-np.mean(log_p[np.arange(len(y)), y])),
+    }
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float,
-                  max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _fit_logistic(
+    x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, max_iter: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Multinomial logistic regression, mean cross-entropy + l2/2 |W|^2 (bias unpenalised),
     by L-BFGS with the analytic gradient: (W, bias, iterations)."""
     n, dim = x.shape
     onehot = np.eye(n_classes)[y]
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, bias = theta[: dim * n_classes].reshape(dim, n_classes), theta[dim * n_classes:]
+        w, bias = theta[: dim * n_classes].reshape(dim, n_classes), theta[dim * n_classes :]
         log_p = _log_softmax(x @ w + bias)
         loss = -float(np.sum(log_p * onehot)) / n + 0.5 * l2 * float(np.sum(w * w))
         resid = (np.exp(log_p) - onehot) / n
         grad = np.concatenate([(x.T @ resid + l2 * w).ravel(), resid.sum(axis=0)])
         return loss, grad
 
-    res = minimize(objective, np.zeros(dim * n_classes + n_classes), jac=True,
-                   method="L-BFGS-B", options={"maxiter": max_iter})
+    res = minimize(
+        objective,
+        np.zeros(dim * n_classes + n_classes),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter},
+    )
     theta = res.x
-    return (theta[: dim * n_classes].reshape(dim, n_classes), theta[dim * n_classes:],
-            int(res.nit))
+    return (
+        theta[: dim * n_classes].reshape(dim, n_classes),
+        theta[dim * n_classes :],
+        int(res.nit),
+    )
 
 
-def classify_baselines(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                       test: tuple[np.ndarray, np.ndarray], n_classes: int) -> dict[str, Any]:
+def classify_baselines(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+) -> dict[str, Any]:
     """Score a majority-class model and multinomial logistic regression on val and test.
 
     Each split is ``(x, y)``: x (N, L, F) scaled input windows, y (N,) class ids in
@@ -406,15 +462,25 @@ def classify_baselines(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarr
             return np.broadcast_to(np.log(prior), (len(x), n_classes))
         return _log_softmax(x @ w + bias)
 
-    params = {"majority": {"class": majority},
-              "logistic": {"l2": l2, "iterations": n_iter, "max_iterations": max_iter}}
+    params = {
+        "majority": {"class": majority},
+        "logistic": {"l2": l2, "iterations": n_iter, "max_iterations": max_iter},
+    }
     models: dict[str, dict[str, Any]] = {}
     for name in ("majority", "logistic"):
-        models[name] = {split: _class_metrics(log_probs(name, data[split][0]), data[split][1],
-                                              n_classes) for split in ("val", "test")}
+        models[name] = {
+            split: _class_metrics(log_probs(name, data[split][0]), data[split][1], n_classes)
+            for split in ("val", "test")
+        }
         models[name]["params"] = params[name]
     # Ties go to the first listed, the simpler majority model.
     best = max(models, key=lambda k: float(models[k]["val"]["accuracy"]))
-    return {"task": "classify", "n_val_targets": len(data["val"][1]),
-            "n_test_targets": len(data["test"][1]), "models": models, "best": best,
-            "skipped": {}, "seconds": time.perf_counter() - t_start}
+    return {
+        "task": "classify",
+        "n_val_targets": len(data["val"][1]),
+        "n_test_targets": len(data["test"][1]),
+        "models": models,
+        "best": best,
+        "skipped": {},
+        "seconds": time.perf_counter() - t_start,
+    }

@@ -36,17 +36,24 @@ def _worker_arguments(w: argparse.ArgumentParser) -> None:
     w.add_argument("--slots-per-gpu", type=int, default=1, help="trials at once per GPU")
     w.add_argument("--studies", help="only these studies (comma-separated names)")
     w.add_argument("--max-trials", type=int, help="each slot exits after this many trials")
-    w.add_argument("--burst", action="store_true",
-                   help="exit once no running study has work left")
+    w.add_argument("--burst", action="store_true", help="exit once no running study has work left")
     w.add_argument("--max-idle", type=float, help="exit after this many idle seconds")
-    w.add_argument("--threads", type=int,
-                   help="torch CPU threads per CPU slot (default: the cores split among this "
-                   "worker's slots; set it when several workers share one machine)")
-    w.add_argument("--exit-with-pid", type=int, metavar="PID",
-                   help="stop the slots and exit once process PID is gone (`seqtune up` passes "
-                   "its own; default $SEQTUNE_WORKER_EXIT_WITH_PID)")
-    w.add_argument("--database-url", default=argparse.SUPPRESS,
-                   help="overrides SEQTUNE_DATABASE_URL")
+    w.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per CPU slot (default: the cores split among this "
+        "worker's slots; set it when several workers share one machine)",
+    )
+    w.add_argument(
+        "--exit-with-pid",
+        type=int,
+        metavar="PID",
+        help="stop the slots and exit once process PID is gone (`seqtune up` passes "
+        "its own; default $SEQTUNE_WORKER_EXIT_WITH_PID)",
+    )
+    w.add_argument(
+        "--database-url", default=argparse.SUPPRESS, help="overrides SEQTUNE_DATABASE_URL"
+    )
     w.set_defaults(fn=cmd_worker)
 
 
@@ -62,11 +69,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = Settings.load(**({"database_url": url} if url else {}))
     setup_logging(settings)
     studies = tuple(x.strip() for x in (args.studies or "").split(",") if x.strip())
-    base = SlotConfig(database_url=url, studies=studies, max_trials=args.max_trials,
-                      burst=args.burst, max_idle_s=args.max_idle, threads=args.threads)
+    base = SlotConfig(
+        database_url=url,
+        studies=studies,
+        max_trials=args.max_trials,
+        burst=args.burst,
+        max_idle_s=args.max_idle,
+        threads=args.threads,
+    )
     try:
-        return fleet.run(base, gpus=args.gpus, slots_per_gpu=args.slots_per_gpu,
-                         exit_with=args.exit_with_pid, settings=settings)
+        return fleet.run(
+            base,
+            gpus=args.gpus,
+            slots_per_gpu=args.slots_per_gpu,
+            exit_with=args.exit_with_pid,
+            settings=settings,
+        )
     except ValueError as exc:
         print(f"seqtune: {exc}", file=sys.stderr)
         return Exit.BAD_INPUT
@@ -111,13 +129,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             predictor = load_predictor(model)
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise ApiError(0, ErrorCode.INVALID,
-                           f"{model} is not a seqtune model: {exc}") from None
+            raise ApiError(0, ErrorCode.INVALID, f"{model} is not a seqtune model: {exc}") from None
     ck = predictor.ckpt
     missing = [c for c in ck["features"] if c not in frame.columns]
     if missing:
-        raise ApiError(0, ErrorCode.INVALID, f"{args.csv} lacks the model's input column(s) "
-                       f"{', '.join(map(str, missing))}")
+        raise ApiError(
+            0,
+            ErrorCode.INVALID,
+            f"{args.csv} lacks the model's input column(s) {', '.join(map(str, missing))}",
+        )
     try:
         pred = predictor.predict(frame)
     except ValueError as exc:
@@ -125,8 +145,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     L = ck["seq_len"]
     ends = list(range(L - 1, L - 1 + len(pred)))  # row index of each window's last input
     if ck["task"] == "classify":
-        rows = [{"row": e, "label": p.item() if isinstance(p, np.generic) else p}
-                for e, p in zip(ends, pred, strict=True)]
+        rows = [
+            {"row": e, "label": p.item() if isinstance(p, np.generic) else p}
+            for e, p in zip(ends, pred, strict=True)
+        ]
     else:
         rows = []
         for e, p in zip(ends, pred, strict=True):

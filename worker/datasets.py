@@ -33,8 +33,9 @@ def generate(ref: SyntheticData) -> pd.DataFrame:
     return frame
 
 
-def cached_upload(dataset_id: str, cache_dir: Path,
-                  fetch: Callable[[str], tuple[str, bytes]]) -> pd.DataFrame:
+def cached_upload(
+    dataset_id: str, cache_dir: Path, fetch: Callable[[str], tuple[str, bytes]]
+) -> pd.DataFrame:
     """An uploaded CSV, fetched once per machine and cached under its content hash.
 
     ``fetch(dataset_id)`` returns ``(sha256, content)``; an index file maps ids to hashes so a
@@ -55,8 +56,12 @@ def cached_upload(dataset_id: str, cache_dir: Path,
     return pd.read_csv(io.BytesIO(content))
 
 
-def load(ref: BuiltinData | SyntheticData | UploadedData, *, cache_dir: Path | None = None,
-         fetch: Callable[[str], tuple[str, bytes]] | None = None) -> pd.DataFrame:
+def load(
+    ref: BuiltinData | SyntheticData | UploadedData,
+    *,
+    cache_dir: Path | None = None,
+    fetch: Callable[[str], tuple[str, bytes]] | None = None,
+) -> pd.DataFrame:
     """The frame a dataset reference names."""
     if isinstance(ref, BuiltinData):
         return builtin(ref.name)

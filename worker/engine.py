@@ -75,16 +75,23 @@ def make_optimizer(hp: Hyper, params: Any) -> torch.optim.Optimizer:
     if hp.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     if hp.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay,
-                                   momentum=hp.momentum)
+        return torch.optim.RMSprop(
+            params, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
+        )
     if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay,
-                               momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov and hp.momentum > 0,
+        )
     raise ValueError(f"unknown optimizer {hp.optimizer}")
 
 
-def make_scheduler(hp: Hyper, opt: torch.optim.Optimizer, steps_per_epoch: int,
-                   mode: str) -> tuple[Any, str]:
+def make_scheduler(
+    hp: Hyper, opt: torch.optim.Optimizer, steps_per_epoch: int, mode: str
+) -> tuple[Any, str]:
     """The LR scheduler and when it steps: 'step' (per batch), 'epoch', 'val' (on the
     monitored metric), or 'none'."""
     s = hp.scheduler
@@ -92,23 +99,34 @@ def make_scheduler(hp: Hyper, opt: torch.optim.Optimizer, steps_per_epoch: int,
     if s == "none":
         return None, "none"
     if s == "plateau":
-        return sched.ReduceLROnPlateau(opt, mode="min" if mode == "minimize" else "max",
-                                       factor=hp.scheduler_factor,
-                                       patience=hp.scheduler_patience), "val"
+        return sched.ReduceLROnPlateau(
+            opt,
+            mode="min" if mode == "minimize" else "max",
+            factor=hp.scheduler_factor,
+            patience=hp.scheduler_patience,
+        ), "val"
     if s == "exponential":
         return sched.ExponentialLR(opt, gamma=hp.scheduler_gamma), "epoch"
     if s == "step":
-        return sched.StepLR(opt, step_size=hp.scheduler_step_size,
-                            gamma=hp.scheduler_gamma), "epoch"
+        return sched.StepLR(
+            opt, step_size=hp.scheduler_step_size, gamma=hp.scheduler_gamma
+        ), "epoch"
     if s == "cosine":
         return sched.CosineAnnealingLR(opt, T_max=max(1, hp.max_epochs)), "epoch"
     if s == "onecycle":
-        return sched.OneCycleLR(opt, max_lr=hp.lr * hp.max_lr_factor,
-                                total_steps=max(2, hp.max_epochs * steps_per_epoch)), "step"
+        return sched.OneCycleLR(
+            opt,
+            max_lr=hp.lr * hp.max_lr_factor,
+            total_steps=max(2, hp.max_epochs * steps_per_epoch),
+        ), "step"
     if s == "cyclic":
-        return sched.CyclicLR(opt, base_lr=hp.lr, max_lr=hp.lr * hp.max_lr_factor,
-                              step_size_up=max(1, 2 * steps_per_epoch),
-                              cycle_momentum=False), "step"
+        return sched.CyclicLR(
+            opt,
+            base_lr=hp.lr,
+            max_lr=hp.lr * hp.max_lr_factor,
+            step_size_up=max(1, 2 * steps_per_epoch),
+            cycle_momentum=False,
+        ), "step"
     raise ValueError(f"unknown scheduler {s}")
 
 
@@ -146,7 +164,7 @@ def predict(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> torch
     outs = []
     for i in range(0, len(x), EVAL_BATCH):
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            outs.append(model(x[i:i + EVAL_BATCH]).float())
+            outs.append(model(x[i : i + EVAL_BATCH]).float())
     return torch.cat(outs) if outs else torch.empty(0, device=x.device)
 
 
@@ -154,8 +172,15 @@ def _forecast_metrics(pred: np.ndarray, true: np.ndarray, prefix: str) -> dict[s
     return {f"{prefix}_{k}": v for k, v in forecast_errors(pred, true).items()}
 
 
-def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
-             amp: torch.dtype | None, *, baseline: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: Prepared,
+    split: str,
+    loss_fn: nn.Module,
+    amp: torch.dtype | None,
+    *,
+    baseline: bool = False,
+) -> dict[str, float]:
     """Metrics of one split. Forecast: loss, RMSE, MAE and MAPE in original units (after the
     target transform is inverted), the same in the network's space (``*_scaled``), and how many
     forecast origins were scored (``*_n_targets``); with ``baseline`` the persistence
@@ -168,10 +193,13 @@ def evaluate(model: nn.Module, data: Prepared, split: str, loss_fn: nn.Module,
         ce = float(loss_fn(out, s.y).item())
         pred = out.argmax(dim=1).cpu().numpy()
         true = s.y.cpu().numpy()
-        return {f"{p}_loss": ce, f"{p}_cross_entropy": ce,
-                f"{p}_accuracy": float(np.mean(pred == true)),
-                f"{p}_f1": macro_f1(pred, true, len(data.classes)),
-                f"{p}_n_targets": float(len(true))}
+        return {
+            f"{p}_loss": ce,
+            f"{p}_cross_entropy": ce,
+            f"{p}_accuracy": float(np.mean(pred == true)),
+            f"{p}_f1": macro_f1(pred, true, len(data.classes)),
+            f"{p}_n_targets": float(len(true)),
+        }
     pred_t = out.reshape(s.y.shape)
     metrics = {f"{p}_loss": float(loss_fn(pred_t, s.y).item())}
     pred_s, true_s = pred_t.cpu().numpy(), s.y.float().cpu().numpy()
@@ -191,13 +219,17 @@ class _Diverged(Exception):
     pass
 
 
-def train(cfg: TrainConfig, data: Prepared,
-          on_epoch: Callable[[int, dict[str, float]], bool] | None = None, *,
-          resume: dict[str, Any] | None = None,
-          should_stop: Callable[[], bool] | None = None,
-          on_step: Callable[[], None] | None = None,
-          on_snapshot: Callable[[dict[str, Any]], None] | None = None,
-          snapshot_every_s: float = 30.0) -> TrialResult:
+def train(
+    cfg: TrainConfig,
+    data: Prepared,
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[], None] | None = None,
+    on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+    snapshot_every_s: float = 30.0,
+) -> TrialResult:
     """Train one trial.
 
     ``on_epoch(epoch, record)`` runs after each epoch's validation and returns True to prune
@@ -215,10 +247,18 @@ def train(cfg: TrainConfig, data: Prepared,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    model = LSTMModel(ModelArgs(
-        n_features=data.n_features, hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-        dropout=hp.dropout, bidirectional=hp.bidirectional, head_dropout=hp.head_dropout,
-        out_dim=data.out_dim, init=hp.init)).to(device)
+    model = LSTMModel(
+        ModelArgs(
+            n_features=data.n_features,
+            hidden_size=hp.hidden_size,
+            num_layers=hp.num_layers,
+            dropout=hp.dropout,
+            bidirectional=hp.bidirectional,
+            head_dropout=hp.head_dropout,
+            out_dim=data.out_dim,
+            init=hp.init,
+        )
+    ).to(device)
     opt = make_optimizer(hp, model.parameters())
     x, y = data.train.x, data.train.y
     n = len(x)
@@ -255,24 +295,23 @@ def train(cfg: TrainConfig, data: Prepared,
     for epoch in range(first_epoch, hp.max_epochs):
         t_epoch = time.perf_counter()
         model.train()
-        seq = curriculum_len(data.seq_len, epoch, hp.max_epochs) if hp.curriculum \
-            else data.seq_len
+        seq = curriculum_len(data.seq_len, epoch, hp.max_epochs) if hp.curriculum else data.seq_len
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         try:
             for step, i in enumerate(range(0, n, bs)):
-                idx = perm[i:i + bs]
+                idx = perm[i : i + bs]
                 xb, yb = x[idx], y[idx]  # slices of device tensors: no host copies
                 if seq < data.seq_len:
                     xb = xb[:, -seq:]
                 if hp.noise_std > 0:
                     xb = xb + hp.noise_std * torch.randn(xb.shape, device=device, generator=gen)
-                with torch.autocast(x.device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
+                with torch.autocast(
+                    x.device.type, dtype=amp or torch.float32, enabled=amp is not None
+                ):
                     out = model(xb)
-                    loss = loss_fn(out if data.task == "classify" else out.reshape(yb.shape),
-                                   yb)
+                    loss = loss_fn(out if data.task == "classify" else out.reshape(yb.shape), yb)
                 opt.zero_grad(set_to_none=True)
                 grad_scaler.scale(loss).backward()
                 check = (step + 1) % check_every == 0
@@ -296,8 +335,9 @@ def train(cfg: TrainConfig, data: Prepared,
                     loss_sum += loss.detach().float() * len(idx)
                 else:
                     value = float(loss.item())  # no device to wait for on the CPU
-                    if not math.isfinite(value) or (norm is not None and not (
-                            float(norm) <= DIVERGED_GRAD_NORM)):
+                    if not math.isfinite(value) or (
+                        norm is not None and not (float(norm) <= DIVERGED_GRAD_NORM)
+                    ):
                         raise _Diverged
                     loss_sum += value * len(idx)
                 grad_scaler.step(opt)
@@ -322,9 +362,14 @@ def train(cfg: TrainConfig, data: Prepared,
             sched.step()
         elif sched_when == "val":
             sched.step(monitored)
-        record = {"epoch": epoch, "train_loss": float(loss_sum.item()) / n, **val,
-                  "lr": opt.param_groups[0]["lr"], "train_seconds": epoch_train_s,
-                  "seconds": time.perf_counter() - t_epoch}
+        record = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum.item()) / n,
+            **val,
+            "lr": opt.param_groups[0]["lr"],
+            "train_seconds": epoch_train_s,
+            "seconds": time.perf_counter() - t_epoch,
+        }
         curve.append(record)
         if not math.isfinite(monitored):
             reason = "diverged"
@@ -345,15 +390,25 @@ def train(cfg: TrainConfig, data: Prepared,
             break
         stop = should_stop is not None and should_stop()
         if on_snapshot is not None and (
-                stop or time.perf_counter() - last_snapshot >= snapshot_every_s):
-            on_snapshot({
-                "epoch": epoch, "model": _cpu(model.state_dict()), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "grad_scaler": grad_scaler.state_dict(), "generator": gen.get_state().cpu(),
-                "best": best, "best_epoch": best_epoch, "stale": stale,
-                "best_state": _cpu(best_state) if best_state is not None else None,
-                "curve": curve, "samples": samples, "train_s": train_s,
-            })
+            stop or time.perf_counter() - last_snapshot >= snapshot_every_s
+        ):
+            on_snapshot(
+                {
+                    "epoch": epoch,
+                    "model": _cpu(model.state_dict()),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "grad_scaler": grad_scaler.state_dict(),
+                    "generator": gen.get_state().cpu(),
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "stale": stale,
+                    "best_state": _cpu(best_state) if best_state is not None else None,
+                    "curve": curve,
+                    "samples": samples,
+                    "train_s": train_s,
+                }
+            )
             last_snapshot = time.perf_counter()
         if stop:
             reason = "interrupted"
@@ -370,11 +425,20 @@ def train(cfg: TrainConfig, data: Prepared,
         checkpoint = make_checkpoint(model, data, hp)
     peak = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
     return TrialResult(
-        reason=reason, best_epoch=best_epoch, epochs=len(curve), val=val_best, test=test,
-        curve=curve, param_count=param_count(model), train_seconds=train_s,
+        reason=reason,
+        best_epoch=best_epoch,
+        epochs=len(curve),
+        val=val_best,
+        test=test,
+        curve=curve,
+        param_count=param_count(model),
+        train_seconds=train_s,
         wall_seconds=time.perf_counter() - t_start,
-        samples_per_s=samples / train_s if train_s > 0 else 0.0, peak_gpu_mem_bytes=peak,
-        precision=str(amp).replace("torch.", "") if amp else "fp32", checkpoint=checkpoint)
+        samples_per_s=samples / train_s if train_s > 0 else 0.0,
+        peak_gpu_mem_bytes=peak,
+        precision=str(amp).replace("torch.", "") if amp else "fp32",
+        checkpoint=checkpoint,
+    )
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -389,9 +453,15 @@ def make_checkpoint(model: LSTMModel, data: Prepared, hp: Hyper) -> dict[str, An
     return {
         "format": 2,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": model.args.to_dict(), "task": data.task, "features": data.features,
-        "targets": data.targets, "seq_len": data.seq_len, "horizon": data.horizon,
-        "target_idx": data.target_idx, "scaler": data.scaler.state(), "classes": data.classes,
+        "model": model.args.to_dict(),
+        "task": data.task,
+        "features": data.features,
+        "targets": data.targets,
+        "seq_len": data.seq_len,
+        "horizon": data.horizon,
+        "target_idx": data.target_idx,
+        "scaler": data.scaler.state(),
+        "classes": data.classes,
         "target_transform": data.transform.state(),
         "hparams": {f.name: getattr(hp, f.name) for f in fields(hp)},
     }
@@ -423,16 +493,20 @@ class Predictor:
         """
         c = self.ckpt
         n_in, L = len(c["features"]), c["seq_len"]
-        cols = list(dict.fromkeys([*c["features"],
-                                   *(c["targets"] if c["task"] == "forecast" else [])]))
+        cols = list(
+            dict.fromkeys([*c["features"], *(c["targets"] if c["task"] == "forecast" else [])])
+        )
         values = frame[cols].to_numpy(dtype=np.float64)
         if len(values) < L:
             raise ValueError(f"need at least seq_len={L} rows, got {len(values)}")
         z = self.scaler.transform(values)
         origins = np.arange(L, len(values) + 1)  # after each full window
         x = self.transform.inputs(z, origins, L, n_in, c["target_idx"])
-        out = predict(self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device),
-                      None).cpu().numpy()
+        out = (
+            predict(self.model, torch.as_tensor(x, dtype=torch.float32, device=self.device), None)
+            .cpu()
+            .numpy()
+        )
         if c["task"] == "classify":
             return np.asarray(c["classes"])[out.argmax(axis=1)]
         out = out.reshape(len(out), c["horizon"], len(c["targets"])).astype(np.float64)

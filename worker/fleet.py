@@ -39,8 +39,9 @@ def plan(gpus: str, slots_per_gpu: int) -> list[tuple[str, str | None]]:
     elif gpus == "all":
         import torch
 
-        ids = [str(i) for i in range(torch.cuda.device_count())] \
-            if torch.cuda.is_available() else []
+        ids = (
+            [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        )
     else:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if not all(g.isdigit() for g in ids):
@@ -55,8 +56,14 @@ def _exit_with_from_env() -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
-        exit_with: int | None = None, settings: Settings | None = None) -> int:
+def run(
+    base: SlotConfig,
+    *,
+    gpus: str = "all",
+    slots_per_gpu: int = 1,
+    exit_with: int | None = None,
+    settings: Settings | None = None,
+) -> int:
     """Start the slots and supervise them until they all end. Returns an exit code.
 
     ``settings`` (default: read from the environment, once, here) go to every slot.
@@ -71,9 +78,17 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
     threads = base.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None)
     ctx = mp.get_context("spawn")
     # Each slot watches this pid and stops once it is gone: its supervisor died with it.
-    configs = [replace(base, slot=i, device=dev, threads=threads if dev == "cpu" else None,
-                       slots_on_device=slots_per_gpu, parent_pid=os.getpid())
-               for i, (dev, _) in enumerate(slots)]
+    configs = [
+        replace(
+            base,
+            slot=i,
+            device=dev,
+            threads=threads if dev == "cpu" else None,
+            slots_on_device=slots_per_gpu,
+            parent_pid=os.getpid(),
+        )
+        for i, (dev, _) in enumerate(slots)
+    ]
     visible = [cuda for _, cuda in slots]
     procs: dict[int, mp.process.BaseProcess] = {}
     stopping = {"count": 0}
@@ -84,8 +99,7 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[i] or ""
         try:
             # The Settings object pickles across spawn: a slot never re-reads the environment.
-            p = ctx.Process(target=slot_main, args=(configs[i], settings),
-                            name=f"seqtune-slot{i}")
+            p = ctx.Process(target=slot_main, args=(configs[i], settings), name=f"seqtune-slot{i}")
             p.start()
         finally:
             if old is None:
@@ -93,8 +107,13 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = old
         procs[i] = p
-        log.info("slot %d on %s%s: pid %s", i, configs[i].device,
-                 f" (GPU {visible[i]})" if visible[i] else "", p.pid)
+        log.info(
+            "slot %d on %s%s: pid %s",
+            i,
+            configs[i].device,
+            f" (GPU {visible[i]})" if visible[i] else "",
+            p.pid,
+        )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         # One STOP_SIGNAL per request: a slot ignores the SIGTERM/SIGINT copies that reach it
@@ -113,8 +132,11 @@ def run(base: SlotConfig, *, gpus: str = "all", slots_per_gpu: int = 1,
     for i in range(len(configs)):
         start(i)
     finite = base.burst or base.max_trials is not None or base.max_idle_s is not None
-    watch = _ExitWith(exit_with, forward, grace_s=settings.orphan_grace_s) \
-        if exit_with is not None else None
+    watch = (
+        _ExitWith(exit_with, forward, grace_s=settings.orphan_grace_s)
+        if exit_with is not None
+        else None
+    )
     while procs:
         if watch is not None:
             watch.check(procs)
@@ -139,8 +161,9 @@ class _ExitWith:
     is left after as long again (the reaper recovers its trial). ``check`` runs in the
     supervision loop."""
 
-    def __init__(self, pid: int, forward: Callable[[int, FrameType | None], None], *,
-                 grace_s: float) -> None:
+    def __init__(
+        self, pid: int, forward: Callable[[int, FrameType | None], None], *, grace_s: float
+    ) -> None:
         self.pid, self.forward, self.grace_s = pid, forward, grace_s
         self.gone_at: float | None = None
         self.steps = 0  # escalation steps taken
@@ -150,8 +173,9 @@ class _ExitWith:
         if self.gone_at is None:
             if os.getppid() == self.pid:
                 return
-            log.warning("process %d, which started this worker, is gone: stopping the slots",
-                        self.pid)
+            log.warning(
+                "process %d, which started this worker, is gone: stopping the slots", self.pid
+            )
             self.gone_at, self.steps = now, 1
             self.forward(signal.SIGTERM, None)
             return

@@ -71,13 +71,20 @@ def shape_of(hp: Any, data: Any, device: str = "cuda") -> Shape:
     precision = getattr(hp, "precision", "auto")
     half = precision in ("bf16", "fp16") or (precision == "auto" and device.startswith("cuda"))
     n_windows = sum(len(split.x) for split in (data.train, data.val, data.test))
-    return Shape(hidden=hp.hidden_size, layers=hp.num_layers, seq_len=data.seq_len,
-                 batch=hp.batch_size, n_in=len(data.features),
-                 n_out=int(np.prod(data.train.y.shape[1:])) if data.task == "forecast" else
-                 len(data.classes or [0, 1]),
-                 bidirectional=bool(getattr(hp, "bidirectional", False)),
-                 n_windows=n_windows, optimizer=hp.optimizer,
-                 half=half)
+    return Shape(
+        hidden=hp.hidden_size,
+        layers=hp.num_layers,
+        seq_len=data.seq_len,
+        batch=hp.batch_size,
+        n_in=len(data.features),
+        n_out=int(np.prod(data.train.y.shape[1:]))
+        if data.task == "forecast"
+        else len(data.classes or [0, 1]),
+        bidirectional=bool(getattr(hp, "bidirectional", False)),
+        n_windows=n_windows,
+        optimizer=hp.optimizer,
+        half=half,
+    )
 
 
 class Ledger:

@@ -14,8 +14,11 @@ def forecast_errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     err = pred - true
     nz = np.abs(true) > 1e-8
     mape = float(np.mean(np.abs(err[nz]) / np.abs(true[nz])) * 100) if nz.any() else math.nan
-    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err))),
-            "mape": mape}
+    return {
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "mae": float(np.mean(np.abs(err))),
+        "mape": mape,
+    }
 
 
 def macro_f1(pred: np.ndarray, true: np.ndarray, n_classes: int) -> float:

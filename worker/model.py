@@ -32,9 +32,14 @@ class LSTMModel(nn.Module):
     def __init__(self, a: ModelArgs) -> None:
         super().__init__()
         self.args = a
-        self.lstm = nn.LSTM(a.n_features, a.hidden_size, num_layers=a.num_layers,
-                            dropout=a.dropout if a.num_layers > 1 else 0.0,
-                            bidirectional=a.bidirectional, batch_first=True)
+        self.lstm = nn.LSTM(
+            a.n_features,
+            a.hidden_size,
+            num_layers=a.num_layers,
+            dropout=a.dropout if a.num_layers > 1 else 0.0,
+            bidirectional=a.bidirectional,
+            batch_first=True,
+        )
         self.dirs = 2 if a.bidirectional else 1
         self.head_dropout = nn.Dropout(a.head_dropout)
         self.head = nn.Linear(a.hidden_size * self.dirs, a.out_dim)
@@ -53,13 +58,13 @@ class LSTMModel(nn.Module):
             else:
                 nn.init.zeros_(p)
                 if name.startswith("bias_ih"):  # forget-gate bias 1: remember by default
-                    p.data[self.lstm.hidden_size: 2 * self.lstm.hidden_size] = 1.0
+                    p.data[self.lstm.hidden_size : 2 * self.lstm.hidden_size] = 1.0
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, (h, _) = self.lstm(x)
-        last = h[-self.dirs:].transpose(0, 1).reshape(x.shape[0], -1)  # top layer, all dirs
+        last = h[-self.dirs :].transpose(0, 1).reshape(x.shape[0], -1)  # top layer, all dirs
         return self.head(self.head_dropout(last))
 
 

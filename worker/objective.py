@@ -42,24 +42,40 @@ def resolve(spec: StudySpec, params: dict[str, Any]) -> Hyper:
     return Hyper.from_params({**spec.fixed_config(), **params})
 
 
-def prepare_for(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, device: str,
-                fold: int | None = None) -> Prepared:
+def prepare_for(
+    spec: StudySpec, hp: Hyper, frame: pd.DataFrame, device: str, fold: int | None = None
+) -> Prepared:
     """The trial's data: the hold-out split, or walk-forward fold ``fold`` (0-based)."""
-    return prepare(frame, task=spec.task, seq_len=hp.seq_len, horizon=spec.horizon,
-                   fractions=(spec.splits.train, spec.splits.val, spec.splits.test),
-                   scaler=hp.scaler, target=spec.target, features=spec.features,
-                   missing=spec.missing, device=device,
-                   target_transform=hp.target_transform if spec.task == "forecast" else "none",
-                   fold=None if fold is None else (fold, spec.n_folds),
-                   gap=spec.validation.gap if fold is not None else 0)
+    return prepare(
+        frame,
+        task=spec.task,
+        seq_len=hp.seq_len,
+        horizon=spec.horizon,
+        fractions=(spec.splits.train, spec.splits.val, spec.splits.test),
+        scaler=hp.scaler,
+        target=spec.target,
+        features=spec.features,
+        missing=spec.missing,
+        device=device,
+        target_transform=hp.target_transform if spec.task == "forecast" else "none",
+        fold=None if fold is None else (fold, spec.n_folds),
+        gap=spec.validation.gap if fold is not None else 0,
+    )
 
 
-def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
-        on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        on_step: Callable[[], None] | None = None,
-        on_snapshot: Callable[[dict[str, Any]], None] | None = None,
-        snapshot_every_s: float = 30.0) -> TrialResult:
+def fit(
+    spec: StudySpec,
+    hp: Hyper,
+    frame: pd.DataFrame,
+    cfg: TrainConfig,
+    *,
+    on_epoch: OnEpoch | None = None,
+    resume: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[], None] | None = None,
+    on_snapshot: Callable[[dict[str, Any]], None] | None = None,
+    snapshot_every_s: float = 30.0,
+) -> TrialResult:
     """Train one trial under the study's validation scheme (arguments as ``engine.train``).
 
     Walk-forward: fold k trains on everything before its validation block (less the gap) and
@@ -74,9 +90,16 @@ def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
     than one more epoch of the next fold first."""
     if spec.n_folds == 1:
         data = prepare_for(spec, hp, frame, cfg.device)
-        return train(cfg, data, on_epoch, resume=resume, should_stop=should_stop,
-                     on_step=on_step, on_snapshot=on_snapshot,
-                     snapshot_every_s=snapshot_every_s)
+        return train(
+            cfg,
+            data,
+            on_epoch,
+            resume=resume,
+            should_stop=should_stop,
+            on_step=on_step,
+            on_snapshot=on_snapshot,
+            snapshot_every_s=snapshot_every_s,
+        )
 
     folds: list[dict[str, Any]] = list(resume["folds_done"]) if resume else []
     inner = resume["state"] if resume else None
@@ -93,42 +116,92 @@ def fit(spec: StudySpec, hp: Hyper, frame: pd.DataFrame, cfg: TrainConfig, *,
 
         def snapshot(state: dict[str, Any], k: int = k, base: int = base) -> None:
             if on_snapshot is not None:
-                on_snapshot({"epoch": base + state["epoch"], "fold": k, "folds_done": folds,
-                             "curve": curve, "state": state})
+                on_snapshot(
+                    {
+                        "epoch": base + state["epoch"],
+                        "fold": k,
+                        "folds_done": folds,
+                        "curve": curve,
+                        "state": state,
+                    }
+                )
 
-        r = train(cfg, data, step, resume=inner, should_stop=should_stop, on_step=on_step,
-                  on_snapshot=snapshot, snapshot_every_s=snapshot_every_s)
+        r = train(
+            cfg,
+            data,
+            step,
+            resume=inner,
+            should_stop=should_stop,
+            on_step=on_step,
+            on_snapshot=snapshot,
+            snapshot_every_s=snapshot_every_s,
+        )
         inner = None
         results.append(r)
-        folds.append({"fold": k, "reason": r.reason, "epochs": r.epochs, "val": r.val,
-                      "train_seconds": r.train_seconds, "n_train": int(len(data.train.x)),
-                      "val_origins": [int(data.val.origins[0]), int(data.val.origins[-1])]})
+        folds.append(
+            {
+                "fold": k,
+                "reason": r.reason,
+                "epochs": r.epochs,
+                "val": r.val,
+                "train_seconds": r.train_seconds,
+                "n_train": int(len(data.train.x)),
+                "val_origins": [int(data.val.origins[0]), int(data.val.origins[-1])],
+            }
+        )
         if r.reason not in ("early_stopped", "max_epochs"):
             break
         if k + 1 < spec.n_folds and should_stop is not None and should_stop():
             boundary = (k + 1) * hp.max_epochs - 1  # the claim keeps every record up to here
             if on_snapshot is not None:
-                on_snapshot({"epoch": boundary, "fold": k + 1, "folds_done": folds,
-                             "curve": curve, "state": None})
-            return replace(r, reason="interrupted", curve=curve, epochs=len(curve),
-                           folds=folds, checkpoint=None)
+                on_snapshot(
+                    {
+                        "epoch": boundary,
+                        "fold": k + 1,
+                        "folds_done": folds,
+                        "curve": curve,
+                        "state": None,
+                    }
+                )
+            return replace(
+                r,
+                reason="interrupted",
+                curve=curve,
+                epochs=len(curve),
+                folds=folds,
+                checkpoint=None,
+            )
     last = results[-1]
     complete = [f for f in folds if f["val"]]
-    val = {key: float(np.mean([f["val"][key] for f in complete]))
-           for key in (complete[-1]["val"] if complete else {})}
+    val = {
+        key: float(np.mean([f["val"][key] for f in complete]))
+        for key in (complete[-1]["val"] if complete else {})
+    }
     if complete:
         val["val_n_targets"] = float(sum(f["val"]["val_n_targets"] for f in complete))
     return replace(
-        last, val=val, curve=curve, epochs=len(curve), folds=folds,
-        best_epoch=None if last.best_epoch is None else
-        (len(folds) - 1) * hp.max_epochs + last.best_epoch,
+        last,
+        val=val,
+        curve=curve,
+        epochs=len(curve),
+        folds=folds,
+        best_epoch=None
+        if last.best_epoch is None
+        else (len(folds) - 1) * hp.max_epochs + last.best_epoch,
         train_seconds=sum(f["train_seconds"] for f in folds),
-        wall_seconds=sum(r.wall_seconds for r in results))
+        wall_seconds=sum(r.wall_seconds for r in results),
+    )
 
 
-def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: str = "cpu",
-        seed: int | None = None,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrialResult:
+def run(
+    spec: StudySpec,
+    trial: optuna.Trial,
+    frame: pd.DataFrame,
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrialResult:
     """Train the trial's hyperparameters on ``frame`` through the trial runner, as a worker
     slot does; report each step's monitored metric to Optuna (single objective) and stop when
     its pruner says so. ``on_epoch(step, record)`` sees every step. Returns the training's
@@ -143,9 +216,14 @@ def run(spec: StudySpec, trial: optuna.Trial, frame: pd.DataFrame, *, device: st
         if value is not None:
             trial.report(value, step)
 
-    outcome = runner.run(spec, trial.params, frame, seed=trial.number if seed is None else seed,
-                         device=device,
-                         hooks=runner.Hooks(report=report, should_prune=trial.should_prune))
+    outcome = runner.run(
+        spec,
+        trial.params,
+        frame,
+        seed=trial.number if seed is None else seed,
+        device=device,
+        hooks=runner.Hooks(report=report, should_prune=trial.should_prune),
+    )
     assert outcome.result is not None  # a run that returns has trained to an end
     return outcome.result
 
@@ -161,19 +239,29 @@ def study_baselines(spec: StudySpec, frame: pd.DataFrame) -> dict[str, Any]:
         targets = spec.target or numeric[:1]
         filled = fill_missing(frame, spec.missing, targets, fractions)
         values = filled[targets].to_numpy(dtype=np.float64)
-        return baselines.forecast_baselines(values, split_bounds(len(values), fractions),
-                                            spec.horizon, season=spec.season)
+        return baselines.forecast_baselines(
+            values, split_bounds(len(values), fractions), spec.horizon, season=spec.season
+        )
     dist = spec.search_space.get("seq_len")
     seq_len = int(spec.fixed_config().get("seq_len", 24))  # type: ignore[arg-type]
     if isinstance(dist, IntRange):
         seq_len = int(round(math.sqrt(max(dist.low, 1) * dist.high)))
     elif isinstance(dist, Categorical):
         seq_len = int(dist.choices[0])  # type: ignore[arg-type]
-    data = prepare(frame, task="classify", seq_len=seq_len, horizon=1, fractions=fractions,
-                   target=spec.target, features=spec.features, missing=spec.missing)
+    data = prepare(
+        frame,
+        task="classify",
+        seq_len=seq_len,
+        horizon=1,
+        fractions=fractions,
+        target=spec.target,
+        features=spec.features,
+        missing=spec.missing,
+    )
     assert data.test is not None
-    parts = [(s.x.numpy().astype(np.float64), s.y.numpy()) for s in
-             (data.train, data.val, data.test)]
+    parts = [
+        (s.x.numpy().astype(np.float64), s.y.numpy()) for s in (data.train, data.val, data.test)
+    ]
     out = baselines.classify_baselines(parts[0], parts[1], parts[2], len(data.classes))
     return {**out, "seq_len": seq_len}
 

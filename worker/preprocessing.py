@@ -92,18 +92,27 @@ class TargetTransform:
     input_targets: list[int] = field(default_factory=list)
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "scale": self.scale.tolist(), "input_cols": self.input_cols,
-                "input_targets": self.input_targets}
+        return {
+            "kind": self.kind,
+            "scale": self.scale.tolist(),
+            "input_cols": self.input_cols,
+            "input_targets": self.input_targets,
+        }
 
     @classmethod
     def from_state(cls, s: dict[str, Any] | None) -> TargetTransform:
         if s is None:  # checkpoints from before transforms existed
             return cls()
-        return cls(s["kind"], np.asarray(s["scale"], dtype=np.float64), list(s["input_cols"]),
-                   list(s["input_targets"]))
+        return cls(
+            s["kind"],
+            np.asarray(s["scale"], dtype=np.float64),
+            list(s["input_cols"]),
+            list(s["input_targets"]),
+        )
 
-    def inputs(self, z: np.ndarray, origins: np.ndarray, seq_len: int, n_in: int,
-               target_idx: list[int]) -> np.ndarray:
+    def inputs(
+        self, z: np.ndarray, origins: np.ndarray, seq_len: int, n_in: int, target_idx: list[int]
+    ) -> np.ndarray:
         """The network's input windows ``(N, seq_len, n_in)`` for forecast ``origins`` from
         the scaled series ``z`` (all columns). Reads only ``z[origin - seq_len : origin]``
         (and, for ``diff``, the point before the window)."""
@@ -121,8 +130,9 @@ class TargetTransform:
             x[:, :, col] /= self.scale[t]
         return x
 
-    def targets(self, z: np.ndarray, origins: np.ndarray, horizon: int,
-                target_idx: list[int]) -> np.ndarray:
+    def targets(
+        self, z: np.ndarray, origins: np.ndarray, horizon: int, target_idx: list[int]
+    ) -> np.ndarray:
         """What the network is trained to output, ``(N, horizon, n_targets)``."""
         tidx = origins[:, None] + np.arange(horizon)[None, :]
         y = z[tidx][:, :, target_idx]
@@ -202,8 +212,9 @@ def split_bounds(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
     return 0, n_train, n_train + n_val, n
 
 
-def fold_bounds(bounds: tuple[int, int, int, int], k: int, n_folds: int
-                ) -> tuple[int, int, int, int]:
+def fold_bounds(
+    bounds: tuple[int, int, int, int], k: int, n_folds: int
+) -> tuple[int, int, int, int]:
     """Walk-forward fold ``k`` of ``n_folds``: the validation region ``[b, c)`` is cut into
     ``n_folds`` consecutive blocks; fold k trains on everything before block k and validates
     on it. Only the last fold keeps the test split (``c == d`` means none)."""
@@ -214,8 +225,9 @@ def fold_bounds(bounds: tuple[int, int, int, int], k: int, n_folds: int
     return a, edges[k], edges[k + 1], edges[k + 1]
 
 
-def fill_missing(frame: pd.DataFrame, how: str, columns: list[str],
-                 fractions: tuple[float, float, float]) -> pd.DataFrame:
+def fill_missing(
+    frame: pd.DataFrame, how: str, columns: list[str], fractions: tuple[float, float, float]
+) -> pd.DataFrame:
     """Drop rows with a missing value, or interpolate within each split: a gap is never filled
     from the other side of a split boundary (that would carry later values into earlier
     splits)."""
@@ -224,13 +236,20 @@ def fill_missing(frame: pd.DataFrame, how: str, columns: list[str],
     out = frame.copy()
     _, b, c, d = split_bounds(len(out), fractions)
     for lo, hi in ((0, b), (b, c), (c, d)):
-        part = out.loc[lo:hi - 1, columns]
-        out.loc[lo:hi - 1, columns] = part.interpolate(method="linear", limit_direction="both")
+        part = out.loc[lo : hi - 1, columns]
+        out.loc[lo : hi - 1, columns] = part.interpolate(method="linear", limit_direction="both")
     return out
 
 
-def fit_transform(kind: str, z: np.ndarray, train_end: int, seq_len: int, horizon: int,
-                  target_idx: list[int], n_in: int) -> TargetTransform:
+def fit_transform(
+    kind: str,
+    z: np.ndarray,
+    train_end: int,
+    seq_len: int,
+    horizon: int,
+    target_idx: list[int],
+    n_in: int,
+) -> TargetTransform:
     """A target transform whose scale is fit on the training split ``[0, train_end)`` only."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown target_transform {kind}")
@@ -246,12 +265,23 @@ def fit_transform(kind: str, z: np.ndarray, train_end: int, seq_len: int, horizo
     return t
 
 
-def prepare(frame: pd.DataFrame, *, task: str, seq_len: int, horizon: int,
-            fractions: tuple[float, float, float], scaler: str = "standard",
-            target: list[str] | None = None, features: list[str] | None = None,
-            missing: str = "interpolate", device: str | torch.device = "cpu",
-            dtype: torch.dtype = torch.float32, target_transform: str = "none",
-            fold: tuple[int, int] | None = None, gap: int = 0) -> Prepared:
+def prepare(
+    frame: pd.DataFrame,
+    *,
+    task: str,
+    seq_len: int,
+    horizon: int,
+    fractions: tuple[float, float, float],
+    scaler: str = "standard",
+    target: list[str] | None = None,
+    features: list[str] | None = None,
+    missing: str = "interpolate",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    target_transform: str = "none",
+    fold: tuple[int, int] | None = None,
+    gap: int = 0,
+) -> Prepared:
     """Turn a time-ordered frame into device-resident windows for train, val and test.
 
     Forecast: inputs ``features[t0-seq_len : t0]``, targets ``target[t0 : t0+horizon]`` for the
@@ -286,8 +316,10 @@ def prepare(frame: pd.DataFrame, *, task: str, seq_len: int, horizon: int,
     if fold is not None:
         a, b, c, d = fold_bounds((a, b, c, d), *fold)
         if c - b < max(horizon, 1) + 1:
-            raise DataError(f"walk-forward fold {fold[0]} validates on {c - b} points; use "
-                            "fewer folds or a larger validation split")
+            raise DataError(
+                f"walk-forward fold {fold[0]} validates on {c - b} points; use "
+                "fewer folds or a larger validation split"
+            )
     train_end = b - gap
     sc = Scaler.fit(scaler, values[a:train_end])  # training split only: no peeking at val/test
     z = sc.transform(values)
@@ -296,8 +328,10 @@ def prepare(frame: pd.DataFrame, *, task: str, seq_len: int, horizon: int,
     H = horizon if task == "forecast" else 0
     need = seq_len + max(H, 1)
     if train_end - a < need:
-        raise DataError(f"the training split has {train_end - a} points, fewer than seq_len + "
-                        f"horizon = {need}; lower seq_len or horizon, or use more data")
+        raise DataError(
+            f"the training split has {train_end - a} points, fewer than seq_len + "
+            f"horizon = {need}; lower seq_len or horizon, or use more data"
+        )
 
     classes: list[Any] = []
     codes = np.empty(0, dtype=np.int64)
@@ -313,26 +347,36 @@ def prepare(frame: pd.DataFrame, *, task: str, seq_len: int, horizon: int,
     def windows(first: int, last: int, name: str, span: int) -> Split:
         """Windows whose origin (forecast) or label time + 1 (classify) lies in [first, last]."""
         if last < first:
-            raise DataError(f"the {name} split has {span} points, fewer than the horizon "
-                            f"({max(H, 1)}); lower the horizon or use more data")
+            raise DataError(
+                f"the {name} split has {span} points, fewer than the horizon "
+                f"({max(H, 1)}); lower the horizon or use more data"
+            )
         origins = np.arange(first, last + 1)
         x = tf.inputs(z, origins, seq_len, n_in, target_idx)
         starts = origins - seq_len
         if task == "classify":
             labels = codes[origins - 1]
             keep = labels >= 0
-            return Split(x=torch.as_tensor(x[keep], dtype=dtype, device=device),
-                         y=torch.as_tensor(labels[keep], dtype=torch.long, device=device),
-                         start=first, window_starts=starts[keep], origins=origins[keep] - 1)
+            return Split(
+                x=torch.as_tensor(x[keep], dtype=dtype, device=device),
+                y=torch.as_tensor(labels[keep], dtype=torch.long, device=device),
+                start=first,
+                window_starts=starts[keep],
+                origins=origins[keep] - 1,
+            )
         tidx = origins[:, None] + np.arange(H)[None, :]
         truth = values[tidx][:, :, target_idx]
         last_seen = values[origins - 1][:, target_idx]
-        return Split(x=torch.as_tensor(x, dtype=dtype, device=device),
-                     y=torch.as_tensor(tf.targets(z, origins, H, target_idx), dtype=dtype,
-                                       device=device),
-                     start=first, window_starts=starts, origins=origins,
-                     anchor=z[origins - 1][:, target_idx], truth=truth,
-                     persistence=np.repeat(last_seen[:, None, :], H, axis=1))
+        return Split(
+            x=torch.as_tensor(x, dtype=dtype, device=device),
+            y=torch.as_tensor(tf.targets(z, origins, H, target_idx), dtype=dtype, device=device),
+            start=first,
+            window_starts=starts,
+            origins=origins,
+            anchor=z[origins - 1][:, target_idx],
+            truth=truth,
+            persistence=np.repeat(last_seen[:, None, :], H, axis=1),
+        )
 
     # Forecast: origins t0, targets [t0, t0 + H). Classify: "origin" = label time + 1.
     if H:
@@ -342,6 +386,18 @@ def prepare(frame: pd.DataFrame, *, task: str, seq_len: int, horizon: int,
     train = windows(*spans[0], "training", train_end - a)
     val = windows(*spans[1], "validation", c - b)
     test = windows(*spans[2], "test", d - c) if d > c else None
-    return Prepared(task=task, features=feats, targets=targets, seq_len=seq_len,
-                    horizon=horizon, scaler=sc, target_idx=target_idx, classes=classes,
-                    train=train, val=val, test=test, bounds=(a, b, c, d), transform=tf)
+    return Prepared(
+        task=task,
+        features=feats,
+        targets=targets,
+        seq_len=seq_len,
+        horizon=horizon,
+        scaler=sc,
+        target_idx=target_idx,
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        bounds=(a, b, c, d),
+        transform=tf,
+    )

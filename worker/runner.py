@@ -84,15 +84,28 @@ class Hooks:
 def train_config(spec: StudySpec, hp: Hyper, *, seed: int, device: str) -> TrainConfig:
     """The engine's config for a trial of ``spec`` with hyperparameters ``hp``."""
     monitor, direction = monitor_of(spec)
-    return TrainConfig(hp=hp, monitor=monitor, direction=direction,
-                       patience=spec.early_stopping.patience,
-                       min_delta=spec.early_stopping.min_delta, seed=seed, device=device,
-                       timeout_s=spec.budget.trial_timeout_s)
+    return TrainConfig(
+        hp=hp,
+        monitor=monitor,
+        direction=direction,
+        patience=spec.early_stopping.patience,
+        min_delta=spec.early_stopping.min_delta,
+        seed=seed,
+        device=device,
+        timeout_s=spec.budget.trial_timeout_s,
+    )
 
 
-def run(spec: StudySpec, params: dict[str, Any], frame: pd.DataFrame, *, seed: int,
-        device: str = "cpu", hooks: Hooks | None = None,
-        resume: dict[str, Any] | None = None) -> Outcome:
+def run(
+    spec: StudySpec,
+    params: dict[str, Any],
+    frame: pd.DataFrame,
+    *,
+    seed: int,
+    device: str = "cpu",
+    hooks: Hooks | None = None,
+    resume: dict[str, Any] | None = None,
+) -> Outcome:
     """Train the trial ``params`` (the sampled hyperparameters) of ``spec`` on ``frame``,
     from the snapshot ``resume`` when given, and classify how it ended.
 
@@ -109,9 +122,18 @@ def run(spec: StudySpec, params: dict[str, Any], frame: pd.DataFrame, *, seed: i
             h.report(step, record, record[cfg.monitor] if single else None)
         return single and h.should_prune is not None and h.should_prune()
 
-    result = fit(spec, hp, frame, cfg, on_epoch=on_epoch, resume=resume,
-                 should_stop=h.should_stop, on_step=h.on_step, on_snapshot=h.on_snapshot,
-                 snapshot_every_s=h.snapshot_every_s)
+    result = fit(
+        spec,
+        hp,
+        frame,
+        cfg,
+        on_epoch=on_epoch,
+        resume=resume,
+        should_stop=h.should_stop,
+        on_step=h.on_step,
+        on_snapshot=h.on_snapshot,
+        snapshot_every_s=h.snapshot_every_s,
+    )
     return classify(spec, result)
 
 
@@ -132,10 +154,16 @@ def classify(spec: StudySpec, ended: TrialResult | Exception) -> Outcome:
         return Outcome(Action.FINISH, TrialState.PRUNED, reason=r.reason, result=r)
     values = objective_values(spec, r)
     if not all(math.isfinite(v) for v in values):
-        return Outcome(Action.FINISH, TrialState.FAIL, reason="nan_objective", result=r,
-                       error=f"objective values {values} are not finite")
-    return Outcome(Action.FINISH, TrialState.COMPLETE, reason=r.reason, values=tuple(values),
-                   result=r)
+        return Outcome(
+            Action.FINISH,
+            TrialState.FAIL,
+            reason="nan_objective",
+            result=r,
+            error=f"objective values {values} are not finite",
+        )
+    return Outcome(
+        Action.FINISH, TrialState.COMPLETE, reason=r.reason, values=tuple(values), result=r
+    )
 
 
 def _failure(exc: Exception) -> Outcome:
@@ -156,15 +184,22 @@ def _failed(reason: str, error: str) -> Outcome:
     return Outcome(Action.FINISH, TrialState.FAIL, reason=reason, error=error)
 
 
-def trial_info(r: TrialResult, *, device: str, gpu_mem_estimate_bytes: int | None
-               ) -> dict[str, Any]:
+def trial_info(
+    r: TrialResult, *, device: str, gpu_mem_estimate_bytes: int | None
+) -> dict[str, Any]:
     """What a finished trial records about its run beside its metrics (``Trial.info``)."""
     info: dict[str, Any] = {
-        "best_epoch": r.best_epoch, "param_count": r.param_count,
-        "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
-        "samples_per_s": r.samples_per_s, "peak_gpu_mem_bytes": r.peak_gpu_mem_bytes,
-        "precision": r.precision, "device": device, "val": r.val,
-        "gpu_mem_estimate_bytes": gpu_mem_estimate_bytes}
+        "best_epoch": r.best_epoch,
+        "param_count": r.param_count,
+        "train_seconds": r.train_seconds,
+        "wall_seconds": r.wall_seconds,
+        "samples_per_s": r.samples_per_s,
+        "peak_gpu_mem_bytes": r.peak_gpu_mem_bytes,
+        "precision": r.precision,
+        "device": device,
+        "val": r.val,
+        "gpu_mem_estimate_bytes": gpu_mem_estimate_bytes,
+    }
     if r.folds is not None:
         info["folds"] = r.folds
     return info

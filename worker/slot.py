@@ -93,16 +93,26 @@ class _Signals:
 
     def _copy_of_fleets(self, signum: int) -> bool:
         """A SIGTERM/SIGINT that the live fleet received too and forwards as STOP_SIGNAL."""
-        return signum != STOP_SIGNAL and self._parent_pid is not None \
+        return (
+            signum != STOP_SIGNAL
+            and self._parent_pid is not None
             and os.getppid() == self._parent_pid
+        )
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self._copy_of_fleets(signum):
             # Logged from a thread, like _stop_soon: the interrupted main thread may hold the
             # logging lock.
-            threading.Thread(target=log.debug, args=(
-                "signal %d left to the worker process %s, which forwards it", signum,
-                self._parent_pid), name="seqtune-signal", daemon=True).start()
+            threading.Thread(
+                target=log.debug,
+                args=(
+                    "signal %d left to the worker process %s, which forwards it",
+                    signum,
+                    self._parent_pid,
+                ),
+                name="seqtune-signal",
+                daemon=True,
+            ).start()
             return
         if self._signalled:
             raise SystemExit(128 + signum)
@@ -110,18 +120,21 @@ class _Signals:
         # Never Event.set() in the handler itself: the interrupted main thread may be inside
         # stop.wait() holding the event's (non-reentrant) lock, and the set would deadlock.
         # A helper thread sets it as soon as the main thread lets go of that lock.
-        threading.Thread(target=self._stop_soon, args=(signum,), name="seqtune-signal",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._stop_soon, args=(signum,), name="seqtune-signal", daemon=True
+        ).start()
 
     def _stop_soon(self, signum: int) -> None:
         source = "the worker process" if signum == STOP_SIGNAL else f"signal {signum}"
         if self._parent_pid is not None and os.getppid() != self._parent_pid:
             # Said here too: the parent-death signal can stop the slot before _ParentWatch's
             # next poll notices, and the log must say why the slot stopped.
-            source += (f" (the worker process {self._parent_pid} that started this slot is "
-                       "gone)")
-        log.info("stop requested by %s: finishing the epoch, then handing the trial back (a "
-                 "second signal stops at once)", source)
+            source += f" (the worker process {self._parent_pid} that started this slot is gone)"
+        log.info(
+            "stop requested by %s: finishing the epoch, then handing the trial back (a "
+            "second signal stops at once)",
+            source,
+        )
         self.stop.set()
 
 
@@ -148,8 +161,9 @@ class _Heartbeat(threading.Thread):
         while not self._halt.wait(self.interval):
             c = self.claim
             try:
-                workers.heartbeat(self.db, worker_id=self.worker_id,
-                                  trial_row_id=c.trial_row_id if c else None)
+                workers.heartbeat(
+                    self.db, worker_id=self.worker_id, trial_row_id=c.trial_row_id if c else None
+                )
                 if c is not None and self.progress != self._seen:
                     self._seen = self.progress
                     leases.renew(self.db, claim=c)
@@ -177,8 +191,9 @@ class _ParentWatch(threading.Thread):
 
     So an orphaned slot is gone within about ``2 * grace_s`` plus one poll."""
 
-    def __init__(self, parent_pid: int, *, signalled_by_kernel: bool, grace_s: float,
-                 poll_s: float = 0.5) -> None:
+    def __init__(
+        self, parent_pid: int, *, signalled_by_kernel: bool, grace_s: float, poll_s: float = 0.5
+    ) -> None:
         super().__init__(name="seqtune-parent-watch", daemon=True)
         self.parent_pid, self.poll_s, self.grace_s = parent_pid, poll_s, grace_s
         self.signalled_by_kernel = signalled_by_kernel
@@ -189,9 +204,12 @@ class _ParentWatch(threading.Thread):
     def run(self) -> None:
         while not self.orphaned():
             time.sleep(self.poll_s)
-        log.warning("the worker process %d that started this slot is gone: stopping this "
-                    "slot (finish the epoch within %.0fs, else hand the trial back at once)",
-                    self.parent_pid, self.grace_s)
+        log.warning(
+            "the worker process %d that started this slot is gone: stopping this "
+            "slot (finish the epoch within %.0fs, else hand the trial back at once)",
+            self.parent_pid,
+            self.grace_s,
+        )
         # Signals, not a direct Event.set(): the slot's SIGTERM contract (first: graceful,
         # second: now) is then the one path for operators, the fleet and this watch.
         if not self.signalled_by_kernel:
@@ -202,9 +220,15 @@ class _ParentWatch(threading.Thread):
         # The main thread is stuck: no cleanup can be trusted, not even logging (a stuck
         # thread may hold a handler's lock, or the log pipe may be full), so the last word
         # gets half a second on a thread of its own, then the process ends regardless.
-        last = threading.Thread(target=log.error, daemon=True, args=(
-            "slot still running %.0fs after its worker process died: exiting now; the reaper "
-            "recovers its trial after the lease timeout", 2 * self.grace_s))
+        last = threading.Thread(
+            target=log.error,
+            daemon=True,
+            args=(
+                "slot still running %.0fs after its worker process died: exiting now; the reaper "
+                "recovers its trial after the lease timeout",
+                2 * self.grace_s,
+            ),
+        )
         last.start()
         last.join(0.5)
         os._exit(1)
@@ -254,15 +278,27 @@ class Slot:
 
     def run(self) -> int:
         """The slot's loop. Returns the number of trials it ran."""
-        workers.register(self.db, worker_id=self.worker_id, host=socket.gethostname(),
-                         slot=self.cfg.slot, device=self.cfg.device, pid=os.getpid(),
-                         versions={"torch": torch.__version__, "optuna": optuna.__version__,
-                                   "python": platform.python_version(),
-                                   "cuda": torch.version.cuda})
+        workers.register(
+            self.db,
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            slot=self.cfg.slot,
+            device=self.cfg.device,
+            pid=os.getpid(),
+            versions={
+                "torch": torch.__version__,
+                "optuna": optuna.__version__,
+                "python": platform.python_version(),
+                "cuda": torch.version.cuda,
+            },
+        )
         self.hb.start()
         if self.cfg.parent_pid is not None:
-            _ParentWatch(self.cfg.parent_pid, signalled_by_kernel=self.parent_death_signal,
-                         grace_s=self.settings.orphan_grace_s).start()
+            _ParentWatch(
+                self.cfg.parent_pid,
+                signalled_by_kernel=self.parent_death_signal,
+                grace_s=self.settings.orphan_grace_s,
+            ).start()
         done, idle_since = 0, time.monotonic()
         names = list(self.cfg.studies) or None
         log.info("worker %s up on %s", self.worker_id, self.cfg.device)
@@ -279,8 +315,10 @@ class Slot:
                     if self.cfg.burst and not leases.has_work(self.db, studies=names):
                         log.info("burst: no study has work left; exiting")
                         break
-                    if self.cfg.max_idle_s is not None and \
-                            time.monotonic() - idle_since > self.cfg.max_idle_s:
+                    if (
+                        self.cfg.max_idle_s is not None
+                        and time.monotonic() - idle_since > self.cfg.max_idle_s
+                    ):
                         log.info("idle for %.0fs; exiting", self.cfg.max_idle_s)
                         break
                     # Jittered: slots started together do not poll the database in step.
@@ -318,16 +356,21 @@ class Slot:
         key = f"{c.study_id}"
         if key not in self.frames:
             cache = self.settings.data_dir / "cache" / "datasets"
-            self.frames = {key: datasets.load(
-                spec.dataset, cache_dir=cache,
-                fetch=lambda i: service_datasets.dataset_content(self.db, dataset_id=i))}
+            self.frames = {
+                key: datasets.load(
+                    spec.dataset,
+                    cache_dir=cache,
+                    fetch=lambda i: service_datasets.dataset_content(self.db, dataset_id=i),
+                )
+            }
         return self.frames[key]
 
     def run_trial(self, c: leases.Claim) -> None:
         """Train one claimed trial and record its end. Never raises for the trial's own
         failures: they end the trial (FAIL with a reason) and the slot goes on."""
-        with log_context(study=c.study_name, trial=c.number, attempt=c.attempt,
-                         worker=self.worker_id):
+        with log_context(
+            study=c.study_name, trial=c.number, attempt=c.attempt, worker=self.worker_id
+        ):
             self._run_trial(c)
 
     def _run_trial(self, c: leases.Claim) -> None:
@@ -352,8 +395,9 @@ class Slot:
             self.hb.watch(None)
         self._settle(ostudy, c, outcome, estimate)
 
-    def _attempt(self, c: leases.Claim, spec: StudySpec,
-                 trial: optuna.Trial) -> tuple[runner.Outcome, int]:
+    def _attempt(
+        self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial
+    ) -> tuple[runner.Outcome, int]:
         """Load the study's data (and its baselines, once per study), wait for room on the
         GPU, run the trial. Returns the outcome and the trial's GPU memory estimate."""
         hp = resolve(spec, c.params)
@@ -362,11 +406,15 @@ class Slot:
         # The hold-out split sizes the memory estimate (walk-forward folds train on less).
         data = prepare_for(spec, hp, frame, self.cfg.device)
         need = admission.estimate(hp, data, self.cfg.device)
-        with admission.gpu_room(need, device=self.cfg.device,
-                                slots_on_device=self.cfg.slots_on_device,
-                                ledger_dir=self.settings.data_dir / "gpu", slot=self.cfg.slot,
-                                should_stop=self.signals.stop.is_set,
-                                on_wait=self.hb.bump):  # waiting for room is progress
+        with admission.gpu_room(
+            need,
+            device=self.cfg.device,
+            slots_on_device=self.cfg.slots_on_device,
+            ledger_dir=self.settings.data_dir / "gpu",
+            slot=self.cfg.slot,
+            should_stop=self.signals.stop.is_set,
+            on_wait=self.hb.bump,
+        ):  # waiting for room is progress
             return self._train(c, spec, trial, frame), need
 
     def _baselines(self, c: leases.Claim, spec: StudySpec, frame: Any) -> None:
@@ -379,28 +427,39 @@ class Slot:
             result = study_baselines(spec, frame)
         except Exception as exc:  # noqa: BLE001 - the trial goes on without baselines
             log.exception("baselines of %s failed", c.study_name)
-            service_baselines.fail(self.db, study_id=c.study_id, owner=self.worker_id,
-                                   error=leases.error_text(exc))
+            service_baselines.fail(
+                self.db, study_id=c.study_id, owner=self.worker_id, error=leases.error_text(exc)
+            )
             return
-        service_baselines.store(self.db, study_id=c.study_id, owner=self.worker_id,
-                                result=result)
-        log.info("baselines of %s: best %s (%.1fs)", c.study_name, result.get("best"),
-                 result.get("seconds", 0.0))
+        service_baselines.store(self.db, study_id=c.study_id, owner=self.worker_id, result=result)
+        log.info(
+            "baselines of %s: best %s (%.1fs)",
+            c.study_name,
+            result.get("best"),
+            result.get("seconds", 0.0),
+        )
 
-    def _train(self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial,
-               frame: Any) -> runner.Outcome:
+    def _train(
+        self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial, frame: Any
+    ) -> runner.Outcome:
         """Run the trial from its last snapshot, if an earlier attempt left one."""
         resume = None
         if c.resumed:
             snap = checkpoints.load_resume(self.db, trial_row_id=c.trial_row_id)
             if snap is not None:
                 resume = snap.state
-                log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number,
-                         snap.epoch)
+                log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number, snap.epoch)
         tb = tensorboard_writer(self.settings.tensorboard_dir, c)
         try:
-            return runner.run(spec, c.params, frame, seed=c.number, device=self.cfg.device,
-                              hooks=self._hooks(c, trial, tb), resume=resume)
+            return runner.run(
+                spec,
+                c.params,
+                frame,
+                seed=c.number,
+                device=self.cfg.device,
+                hooks=self._hooks(c, trial, tb),
+                resume=resume,
+            )
         finally:
             if tb is not None:
                 tb.close()
@@ -412,8 +471,14 @@ class Slot:
         def report(step: int, record: dict[str, float], value: float | None) -> None:
             if self.hb.fenced:
                 raise leases.Fenced("the lease was taken from this attempt")
-            leases.report(self.db, claim=c, trial=trial if value is not None else None,
-                          epoch=step, record=record, value=value)
+            leases.report(
+                self.db,
+                claim=c,
+                trial=trial if value is not None else None,
+                epoch=step,
+                record=record,
+                value=value,
+            )
             if tb is not None:
                 for k, v in record.items():
                     if k != "epoch" and isinstance(v, int | float):
@@ -424,12 +489,15 @@ class Slot:
             report=report,
             # A final-phase re-train measures a configuration's spread: it runs to the end.
             should_prune=trial.should_prune if c.final_of is None else None,
-            should_stop=self.signals.stop.is_set, on_step=self.hb.bump,
+            should_stop=self.signals.stop.is_set,
+            on_step=self.hb.bump,
             on_snapshot=lambda state: checkpoints.save_snapshot(self.db, c, state),
-            snapshot_every_s=self.settings.checkpoint_every_s)
+            snapshot_every_s=self.settings.checkpoint_every_s,
+        )
 
-    def _settle(self, ostudy: optuna.Study, c: leases.Claim, outcome: runner.Outcome,
-                estimate: int | None) -> None:
+    def _settle(
+        self, ostudy: optuna.Study, c: leases.Claim, outcome: runner.Outcome, estimate: int | None
+    ) -> None:
         """Do what the outcome says: record the trial's end, hand it back, or let it go."""
         if outcome.action is runner.Action.ABANDON:
             log.warning("abandoning trial: %s", outcome.error)
@@ -441,24 +509,30 @@ class Slot:
         r = outcome.result
         kw: dict[str, Any] = {}
         if r is not None:
-            kw["info"] = runner.trial_info(r, device=self.cfg.device,
-                                           gpu_mem_estimate_bytes=estimate)
+            kw["info"] = runner.trial_info(
+                r, device=self.cfg.device, gpu_mem_estimate_bytes=estimate
+            )
         if outcome.state is TrialState.COMPLETE and r is not None:
             # The model goes in the transaction that records the value, under the same fence
             # check: a stale attempt can neither store a model beside another attempt's value
             # nor leave its own model behind when its result is refused.
-            kw.update(values=list(outcome.values or ()), test_metrics=r.test,
-                      model=None if r.checkpoint is None else checkpoints.encode(r.checkpoint),
-                      model_epoch=r.best_epoch or 0)
-        self._finish(ostudy, c, state=outcome.state, reason=outcome.reason,
-                     error=outcome.error, **kw)
+            kw.update(
+                values=list(outcome.values or ()),
+                test_metrics=r.test,
+                model=None if r.checkpoint is None else checkpoints.encode(r.checkpoint),
+                model_epoch=r.best_epoch or 0,
+            )
+        self._finish(
+            ostudy, c, state=outcome.state, reason=outcome.reason, error=outcome.error, **kw
+        )
 
     def _finish(self, ostudy: optuna.Study, c: leases.Claim, **kw: Any) -> None:
         try:
             leases.finish(self.db, ostudy=ostudy, claim=c, **kw)
             workers.trial_done(self.db, worker_id=self.worker_id)
-            log.info("trial %s#%d: %s (%s)", c.study_name, c.number, kw.get("state"),
-                     kw.get("reason"))
+            log.info(
+                "trial %s#%d: %s (%s)", c.study_name, c.number, kw.get("state"), kw.get("reason")
+            )
         except leases.Fenced as exc:
             log.warning("result refused: %s", exc.message)
 
@@ -478,8 +552,10 @@ def tensorboard_writer(root: Path | None, c: leases.Claim) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("SEQTUNE_TENSORBOARD_DIR is set but the tensorboard package is missing: "
-                    "pip install 'seqtune[tensorboard]'")
+        log.warning(
+            "SEQTUNE_TENSORBOARD_DIR is set but the tensorboard package is missing: "
+            "pip install 'seqtune[tensorboard]'"
+        )
         return None
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.study_name)
     return SummaryWriter(log_dir=str(root / safe / f"trial-{c.number:05d}-a{c.attempt}"))

@@ -10,16 +10,17 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column('seqtune_studies', sa.Column('n_reaped', sa.Integer(), nullable=False,
-                                               server_default='0'))
+    op.add_column(
+        "seqtune_studies", sa.Column("n_reaped", sa.Integer(), nullable=False, server_default="0")
+    )
 
 
 def downgrade() -> None:
-    op.drop_column('seqtune_studies', 'n_reaped')
+    op.drop_column("seqtune_studies", "n_reaped")

@@ -49,8 +49,7 @@ class BodyLimit:
         self.app, self.json_cap, self.upload_cap = app, json_cap, upload_cap
 
     def cap_for(self, path: str) -> int:
-        return self.upload_cap + 64 * 1024 if path.startswith("/v1/datasets") \
-            else self.json_cap
+        return self.upload_cap + 64 * 1024 if path.startswith("/v1/datasets") else self.json_cap
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -93,11 +92,14 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(cap: int, scope: dict, receive: Any, send: Any) -> None:
-        what = "SEQTUNE_MAX_UPLOAD_BYTES" if scope["path"].startswith("/v1/datasets") \
+        what = (
+            "SEQTUNE_MAX_UPLOAD_BYTES"
+            if scope["path"].startswith("/v1/datasets")
             else "SEQTUNE_MAX_BODY_BYTES"
+        )
         await api_errors.error_response(
-            ErrorCode.TOO_LARGE, f"the request body is over the {cap} byte cap ({what})")(
-            scope, receive, send)
+            ErrorCode.TOO_LARGE, f"the request body is over the {cap} byte cap ({what})"
+        )(scope, receive, send)
 
 
 class KeyFirst:
@@ -111,15 +113,22 @@ class KeyFirst:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        st: AppState | None = getattr(scope["app"].state, "seqtune", None) \
-            if scope["type"] == "http" and "app" in scope else None
-        if st is None or not st.settings.auth_enabled \
-                or not (path == "/v1" or path.startswith("/v1/")):
+        st: AppState | None = (
+            getattr(scope["app"].state, "seqtune", None)
+            if scope["type"] == "http" and "app" in scope
+            else None
+        )
+        if (
+            st is None
+            or not st.settings.auth_enabled
+            or not (path == "/v1" or path.startswith("/v1/"))
+        ):
             await self.app(scope, receive, send)
             return
         try:
             scope[TENANT_SCOPE_KEY] = await resolve_tenant(
-                st, request_key(scope["method"], scope["headers"]))
+                st, request_key(scope["method"], scope["headers"])
+            )
         except (Unauthorized, Unavailable) as exc:
             # Outside the routers, so the app's exception handlers do not run: the same
             # answer as theirs.
@@ -170,8 +179,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper = Reaper(db, storage, settings.reap_interval_s)
         reaper.start()
         if not settings.auth_enabled:
-            log.warning("authentication is OFF (SEQTUNE_AUTH_ENABLED=false): every caller "
-                        "acts as tenant 'default'. Do not expose this service.")
+            log.warning(
+                "authentication is OFF (SEQTUNE_AUTH_ENABLED=false): every caller "
+                "acts as tenant 'default'. Do not expose this service."
+            )
         where = "SQLite " + settings.url if settings.is_sqlite else "Postgres"
         log.info("seqtune service ready on %s", where)
         try:
@@ -188,7 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Submit studies (dataset, search space, sampler, pruner, budget); GPU workers "
             "train the trials; query trials, the best hyperparameters and importances. Every "
             "/v1 call needs `Authorization: Bearer <key>` unless auth is off. Errors share one "
-            "body: `{\"error\": {\"code\", \"message\", \"details\": [{\"field\", \"reason\"}]}}`."
+            'body: `{"error": {"code", "message", "details": [{"field", "reason"}]}}`.'
         ),
         lifespan=lifespan,
     )
@@ -198,37 +209,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_workers.router)
     app.include_router(dashboard.router)
 
-    @app.get("/metrics", tags=["health"], response_class=Response, responses={200: {
-        "description": "Prometheus text exposition format",
-        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     def metrics() -> Response:
         """Prometheus metrics (``seqtune_*``): fleet-wide numbers from the database, API
         latency and the connection pool of this process. No study or tenant names."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(app.state.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {
-        "model": Readiness, "description": "the database is unreachable or behind on "
-        "migrations"}})
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "the database is unreachable or behind on migrations",
+            }
+        },
+    )
     def readyz(st: AppState = Depends(state)) -> JSONResponse:
         """The database answers and seqtune's migrations are current."""
         ready = health.readiness(st.db)
-        return JSONResponse(ready.model_dump(exclude_none=True),
-                            status_code=200 if ready.status == "ready" else 503)
+        return JSONResponse(
+            ready.model_dump(exclude_none=True), status_code=200 if ready.status == "ready" else 503
+        )
 
     # Each add_middleware wraps the ones before it, so requests meet them bottom up: latency
     # (times everything), then the body cap, then the key check, then the dashboard's paths.
     app.add_middleware(dashboard.DashboardGate)
     app.add_middleware(KeyFirst)
-    app.add_middleware(BodyLimit, json_cap=settings.max_body_bytes,
-                       upload_cap=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimit, json_cap=settings.max_body_bytes, upload_cap=settings.max_upload_bytes
+    )
     app.add_middleware(LatencyMiddleware)  # outermost: times everything, errors included
     redact_access_log()  # keys in query strings or paths never reach uvicorn's access log
     return app

@@ -66,8 +66,11 @@ def _delegate(name: str) -> Any:
 
 
 for _name in dir(BaseStorage):
-    if not _name.startswith("_") and _name != "get_all_studies" \
-            and callable(getattr(BaseStorage, _name)):
+    if (
+        not _name.startswith("_")
+        and _name != "get_all_studies"
+        and callable(getattr(BaseStorage, _name))
+    ):
         setattr(TenantStorage, _name, _delegate(_name))
 TenantStorage.__abstractmethods__ = frozenset()
 
@@ -113,8 +116,12 @@ async def login_form(request: Request) -> Response:
     URLs are kept in browser history and access logs, so a key must be posted."""
     target = _safe_next(request.query_params.get("next", "/ui/"))
     if "key" in request.query_params:
-        return login_page(target, "Keys are not accepted in the address, where browser "
-                          "history and logs keep them. Paste the key here instead.", 400)
+        return login_page(
+            target,
+            "Keys are not accepted in the address, where browser "
+            "history and logs keep them. Paste the key here instead.",
+            400,
+        )
     return login_page(target, status=200)
 
 
@@ -132,8 +139,14 @@ async def login(request: Request) -> Response:
     if st.settings.auth_enabled and await run_in_threadpool(_tenant_of_key, st, key) is None:
         return login_page(target, "That key is unknown or revoked.")
     resp = RedirectResponse(target, status_code=303)
-    resp.set_cookie(COOKIE, key, httponly=True, samesite="strict",
-                    secure=request.url.scheme == "https", max_age=7 * 24 * 3600)
+    resp.set_cookie(
+        COOKIE,
+        key,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=7 * 24 * 3600,
+    )
     return resp
 
 
@@ -172,8 +185,9 @@ class DashboardGate:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path.startswith(DASHBOARD_PREFIXES)
-                                           or path == "/favicon.ico"):
+        if scope["type"] != "http" or not (
+            path.startswith(DASHBOARD_PREFIXES) or path == "/favicon.ico"
+        ):
             await self.app(scope, receive, send)
             return
         scope[ROUTE_LABEL] = "dashboard"  # one metrics label for all of the dashboard's paths
@@ -182,19 +196,24 @@ class DashboardGate:
             await error_response(ErrorCode.UNAVAILABLE, "starting")(scope, receive, send)
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await error_response(ErrorCode.READ_ONLY, "the dashboard is read-only in seqtune; "
-                                 "steer studies with the CLI or /v1")(scope, receive, send)
+            await error_response(
+                ErrorCode.READ_ONLY,
+                "the dashboard is read-only in seqtune; steer studies with the CLI or /v1",
+            )(scope, receive, send)
             return
         tenant = DEFAULT_TENANT
         if st.settings.auth_enabled:
-            found = await run_in_threadpool(_tenant_of_key, st,
-                                            request_key(scope["method"], scope["headers"]))
+            found = await run_in_threadpool(
+                _tenant_of_key, st, request_key(scope["method"], scope["headers"])
+            )
             if found is None:
                 if path.startswith("/dashboard"):
                     resp: Response = login_page(quote(path, safe="/"))
                 else:
-                    resp = error_response(ErrorCode.UNAUTHORIZED, "sign in at /login or send "
-                                          "'Authorization: Bearer <key>'")
+                    resp = error_response(
+                        ErrorCode.UNAUTHORIZED,
+                        "sign in at /login or send 'Authorization: Bearer <key>'",
+                    )
                 await resp(scope, receive, send)
                 return
             tenant = found
@@ -202,8 +221,7 @@ class DashboardGate:
         m = _STUDY_ID.match(path)
         if m and not await run_in_threadpool(app.storage.owns, int(m.group(1))):
             # optuna-dashboard's own not-found body, which its page reads, not the API's.
-            await JSONResponse({"reason": "study not found"}, status_code=404)(
-                scope, receive, send)
+            await JSONResponse({"reason": "study not found"}, status_code=404)(scope, receive, send)
             return
         if path == "/favicon.ico" or not any(k == b"accept-encoding" for k, _ in scope["headers"]):
             # optuna-dashboard reads request.headers["Accept-Encoding"] unguarded for

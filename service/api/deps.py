@@ -65,8 +65,10 @@ async def resolve_tenant(st: AppState, key: str | None) -> str:
     """The tenant of ``key``. Raises Unauthorized when it is missing, unknown or revoked.
     A key verified within ``auth_cache_s`` costs no database round trip."""
     if not key:
-        raise Unauthorized("send 'Authorization: Bearer <key>'; create a key with "
-                           "`seqtune keys create --tenant NAME`")
+        raise Unauthorized(
+            "send 'Authorization: Bearer <key>'; create a key with "
+            "`seqtune keys create --tenant NAME`"
+        )
     if len(key) > MAX_KEY_LEN:
         raise Unauthorized("the API key is unknown or revoked")
     ttl = st.settings.auth_cache_s
@@ -76,8 +78,9 @@ async def resolve_tenant(st: AppState, key: str | None) -> str:
     return await run_in_threadpool(keys.authenticate, st.db, key=key, cache_ttl_s=ttl)
 
 
-async def tenant(request: Request,
-                 creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+async def tenant(
+    request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> str:
     """The tenant of the bearer key (or, for GET and HEAD, the sign-in cookie). With auth off,
     everyone is the 'default' tenant. ``creds`` is declared for the OpenAPI security scheme;
     the key itself is read by ``request_key``, the same parser app.KeyFirst uses."""

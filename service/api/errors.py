@@ -37,9 +37,11 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: ErrorCode = Field(description="machine-readable; the HTTP status of each code: "
-                            + ", ".join(f"{c.value} {c.status}" for c in ErrorCode)
-                            + " (or the status of an HTTP error that no other code names)")
+    code: ErrorCode = Field(
+        description="machine-readable; the HTTP status of each code: "
+        + ", ".join(f"{c.value} {c.status}" for c in ErrorCode)
+        + " (or the status of an HTTP error that no other code names)"
+    )
     message: str = Field(description="what went wrong and how to fix it")
     details: list[ErrorDetail] = Field(default_factory=list)
 
@@ -56,9 +58,9 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     404: "no such resource for this tenant",
     409: "the resource exists but its state does not allow this (the message says why)",
     413: "the request body is over the size cap (SEQTUNE_MAX_BODY_BYTES, "
-         "SEQTUNE_MAX_UPLOAD_BYTES for uploads)",
+    "SEQTUNE_MAX_UPLOAD_BYTES for uploads)",
     422: "the request is invalid: a body that is not valid JSON (or multipart), a missing or "
-         "wrong field or parameter; `details` name the fields. Code 'invalid'",
+    "wrong field or parameter; `details` name the fields. Code 'invalid'",
     503: "the database cannot be reached right now; retry after `Retry-After` seconds",
 }
 # The headers an answer of these codes carries, and how the OpenAPI document declares them.
@@ -81,32 +83,46 @@ def responses(*statuses: int, **words: str) -> dict[int | str, dict[str, Any]]:
     for status in statuses:
         if status not in _STATUSES:
             raise ValueError(f"no error code answers with HTTP {status}")
-        out[status] = {"model": ErrorBody,
-                       "description": words.get(f"s{status}", ERROR_DESCRIPTIONS[status])}
-        headers = {name: _HEADER_DOCS[name] for code, sent in _HEADERS.items()
-                   if code.status == status for name in sent}
+        out[status] = {
+            "model": ErrorBody,
+            "description": words.get(f"s{status}", ERROR_DESCRIPTIONS[status]),
+        }
+        headers = {
+            name: _HEADER_DOCS[name]
+            for code, sent in _HEADERS.items()
+            if code.status == status
+            for name in sent
+        }
         if headers:
             out[status]["headers"] = headers
     return out
 
 
-def error_body(code: ErrorCode, message: str,
-               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def error_body(
+    code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The JSON body of an error answer (the module docstring shows it)."""
     return {"error": {"code": code, "message": message, "details": details or []}}
 
 
-def error_response(code: ErrorCode, message: str, details: list[dict[str, Any]] | None = None,
-                   *, status: int | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(
+    code: ErrorCode,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    *,
+    status: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     """The answer for an error of ``code``: its body, its status from ErrorCode's table
     (``status`` overrides it only for a framework error that already has one, such as a
     Starlette HTTPException), and the headers the code sends (``WWW-Authenticate`` for
     unauthorized, ``Retry-After`` for unavailable) plus ``headers``."""
     sent = {**_HEADERS.get(code, {}), **(headers or {})}
-    return JSONResponse(error_body(code, message, details),
-                        status_code=code.status if status is None else status,
-                        headers=sent or None)
+    return JSONResponse(
+        error_body(code, message, details),
+        status_code=code.status if status is None else status,
+        headers=sent or None,
+    )
 
 
 def domain_response(exc: errors.SeqtuneError) -> JSONResponse:
@@ -118,7 +134,8 @@ def domain_response(exc: errors.SeqtuneError) -> JSONResponse:
 # Starlette's own HTTP errors that have a code of their own; any other status keeps its
 # status with the code 'error'.
 _FRAMEWORK_CODES: dict[int, ErrorCode] = {
-    c.status: c for c in (ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.TOO_LARGE)}
+    c.status: c for c in (ErrorCode.NOT_FOUND, ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.TOO_LARGE)
+}
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
@@ -127,9 +144,14 @@ _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 def _allowed_methods(req: Request) -> list[str]:
     """Every method some route of the app answers on the request's path (asked of the routes
     themselves: included routers hide their routes' methods)."""
-    return [m for m in _METHODS
-            if any(route.matches({**req.scope, "method": m})[0] == Match.FULL
-                   for route in req.app.router.routes)]
+    return [
+        m
+        for m in _METHODS
+        if any(
+            route.matches({**req.scope, "method": m})[0] == Match.FULL
+            for route in req.app.router.routes
+        )
+    ]
 
 
 def install(app: FastAPI) -> None:
@@ -144,9 +166,13 @@ def install(app: FastAPI) -> None:
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             # Drop the tags pydantic adds for the member of a union (a discriminator value,
             # 'literal[...]', 'none'): the field is what the caller needs.
-            loc = [p for p in loc if p not in ("int", "float", "categorical", "builtin",
-                                               "synthetic", "uploaded", "none")
-                   and not p.startswith(("literal[", "function-"))]
+            loc = [
+                p
+                for p in loc
+                if p
+                not in ("int", "float", "categorical", "builtin", "synthetic", "uploaded", "none")
+                and not p.startswith(("literal[", "function-"))
+            ]
             reason = err.get("msg", "invalid")
             if err.get("type") == "json_invalid":  # loc is ("body", character position)
                 where = f" (character {loc[0]})" if loc else ""
@@ -155,7 +181,8 @@ def install(app: FastAPI) -> None:
                 continue
             details.append({"field": ".".join(loc) or "(body)", "reason": reason})
         msg = f"the request has {len(details)} problem(s): " + "; ".join(
-            f"{d['field']}: {d['reason']}" for d in details[:3])
+            f"{d['field']}: {d['reason']}" for d in details[:3]
+        )
         return error_response(ErrorCode.INVALID, msg, details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -165,10 +192,16 @@ def install(app: FastAPI) -> None:
             # UTF-8, broken multipart). The API answers every unparseable body like invalid
             # JSON: 422, code 'invalid', as the OpenAPI document says.
             jsonish = "json" in req.headers.get("content-type", "")
-            reason = "the body is not valid JSON" if jsonish else (
-                exc.detail if isinstance(exc.detail, str) else "the body cannot be parsed")
-            return error_response(ErrorCode.INVALID, f"the request has 1 problem(s): (body): "
-                                  f"{reason}", [{"field": "(body)", "reason": reason}])
+            reason = (
+                "the body is not valid JSON"
+                if jsonish
+                else (exc.detail if isinstance(exc.detail, str) else "the body cannot be parsed")
+            )
+            return error_response(
+                ErrorCode.INVALID,
+                f"the request has 1 problem(s): (body): {reason}",
+                [{"field": "(body)", "reason": reason}],
+            )
         code = _FRAMEWORK_CODES.get(exc.status_code, ErrorCode.ERROR)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
@@ -183,9 +216,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", req.method, req.url.path)
-        return error_response(ErrorCode.INTERNAL, "internal error; the server log has the "
-                              "trace")
+        return error_response(ErrorCode.INTERNAL, "internal error; the server log has the trace")
 
 
-__all__ = ["install", "error_body", "error_response", "domain_response",
-           "errors_from_validation", "ErrorBody", "responses"]
+__all__ = [
+    "install",
+    "error_body",
+    "error_response",
+    "domain_response",
+    "errors_from_validation",
+    "ErrorBody",
+    "responses",
+]

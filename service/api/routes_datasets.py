@@ -16,39 +16,70 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses
 DatasetId = Annotated[str, Path(max_length=64)]
 
 
-@router.post("", status_code=201, response_model=DatasetView,
-             responses=responses(413, 422, s413="over the upload size cap "
-                                 "(SEQTUNE_MAX_UPLOAD_BYTES)", s422="no file, or a bad CSV "
-                                 "(empty, not UTF-8, no numeric column...); the message names "
-                                 "the line"))
-def upload(file: Annotated[UploadFile, File(description="a CSV file with a header line")],
-           name: Annotated[str | None, Form(max_length=128)] = None,
-           st: AppState = Depends(state), who: str = Depends(tenant)) -> DatasetView:
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetView,
+    responses=responses(
+        413,
+        422,
+        s413="over the upload size cap (SEQTUNE_MAX_UPLOAD_BYTES)",
+        s422="no file, or a bad CSV "
+        "(empty, not UTF-8, no numeric column...); the message names "
+        "the line",
+    ),
+)
+def upload(
+    file: Annotated[UploadFile, File(description="a CSV file with a header line")],
+    name: Annotated[str | None, Form(max_length=128)] = None,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> DatasetView:
     """Upload a CSV (multipart field 'file'). It is parsed and validated before it is stored."""
     # Read from the spooled upload a chunk at a time, never whole: see datasets.upload_dataset.
-    return datasets.upload_dataset(st.db, tenant=who, name=name or file.filename or "dataset",
-                                   stream=file.file, cap=st.settings.max_upload_bytes)
+    return datasets.upload_dataset(
+        st.db,
+        tenant=who,
+        name=name or file.filename or "dataset",
+        stream=file.file,
+        cap=st.settings.max_upload_bytes,
+    )
 
 
 @router.get("", response_model=Page[DatasetView])
-def list_datasets(limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-                  st: AppState = Depends(state), who: str = Depends(tenant)) -> Page[DatasetView]:
+def list_datasets(
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> Page[DatasetView]:
     return datasets.list_datasets(st.db, tenant=who, limit=limit, offset=offset)
 
 
-@router.get("/{dataset_id}", response_model=DatasetView,
-            responses=responses(404, s404="no dataset of that id for this tenant"))
-def get_dataset(dataset_id: DatasetId, st: AppState = Depends(state),
-                who: str = Depends(tenant)) -> DatasetView:
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetView,
+    responses=responses(404, s404="no dataset of that id for this tenant"),
+)
+def get_dataset(
+    dataset_id: DatasetId, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> DatasetView:
     return datasets.get_dataset(st.db, tenant=who, dataset_id=dataset_id)
 
 
-@router.delete("/{dataset_id}", status_code=204, responses=responses(
-    404, 409, s404="no dataset of that id for this tenant",
-    s409="a running or paused study uses the dataset"))
-def delete_dataset(dataset_id: DatasetId, st: AppState = Depends(state),
-                   who: str = Depends(tenant)) -> Response:
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    responses=responses(
+        404,
+        409,
+        s404="no dataset of that id for this tenant",
+        s409="a running or paused study uses the dataset",
+    ),
+)
+def delete_dataset(
+    dataset_id: DatasetId, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> Response:
     """Delete a dataset; 409 while a running or paused study uses it."""
     datasets.delete_dataset(st.db, tenant=who, dataset_id=dataset_id)
     return Response(status_code=204)

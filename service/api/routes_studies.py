@@ -81,11 +81,14 @@ class StudyPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
     status: SettableStatus | SkipJsonSchema[None] = Field(
-        default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends")
-    n_trials: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)
-                        ] | SkipJsonSchema[None] = None
-    priority: Annotated[int, Field(ge=-100, le=100), BeforeValidator(integral)
-                        ] | SkipJsonSchema[None] = None
+        default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends"
+    )
+    n_trials: (
+        Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)] | SkipJsonSchema[None]
+    ) = None
+    priority: (
+        Annotated[int, Field(ge=-100, le=100), BeforeValidator(integral)] | SkipJsonSchema[None]
+    ) = None
 
     @field_validator("status", "n_trials", "priority", mode="before")
     @classmethod
@@ -112,24 +115,49 @@ def _check_with_dataset(st: AppState, who: str, spec: StudySpec) -> None:
         try:
             ds = datasets.get_dataset(st.db, tenant=who, dataset_id=spec.dataset.id)
         except NotFound:
-            raise Invalid("the study names an unknown dataset", details=[
-                {"field": "dataset.id", "reason": "no such dataset; upload it with "
-                 "POST /v1/datasets and use the id it returns"}]) from None
+            raise Invalid(
+                "the study names an unknown dataset",
+                details=[
+                    {
+                        "field": "dataset.id",
+                        "reason": "no such dataset; upload it with "
+                        "POST /v1/datasets and use the id it returns",
+                    }
+                ],
+            ) from None
         cols = [c["name"] for c in ds.columns]
         if spec.space_defaulted:  # size the default seq_len range from the upload's length
             spec.search_space = default_search_space(spec, ds.n_rows)
     check_spec(spec, uploaded_columns=cols)
 
 
-@router.post("", status_code=201, response_model=StudyView,
-             responses=responses(409, 413, 422, s409="a study of that name exists", s422=(
-                 "the definition is invalid (the schema checks shapes, the service checks "
-                 "meaning: known names, ranges, options); `details` name the fields")))
+@router.post(
+    "",
+    status_code=201,
+    response_model=StudyView,
+    responses=responses(
+        409,
+        413,
+        422,
+        s409="a study of that name exists",
+        s422=(
+            "the definition is invalid (the schema checks shapes, the service checks "
+            "meaning: known names, ranges, options); `details` name the fields"
+        ),
+    ),
+)
 def create_study(
-    spec: Annotated[StudySpec, Body(openapi_examples={"sunspots": {
-        "summary": "LSTM on yearly sunspots", "value": SUNSPOTS_EXAMPLE}})],
+    spec: Annotated[
+        StudySpec,
+        Body(
+            openapi_examples={
+                "sunspots": {"summary": "LSTM on yearly sunspots", "value": SUNSPOTS_EXAMPLE}
+            }
+        ),
+    ],
     response: Response,
-    st: AppState = Depends(state), who: str = Depends(tenant),
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
 ) -> StudyView:
     """Submit a study. Workers start pulling its trials at once."""
     _check_with_dataset(st, who, spec)
@@ -141,8 +169,10 @@ def create_study(
 @router.get("", response_model=Page[StudyView])
 def list_studies(
     status: StudyStatusName | SkipJsonSchema[None] = None,
-    limit: Limit = 50, offset: Offset = 0,
-    st: AppState = Depends(state), who: str = Depends(tenant),
+    limit: Limit = 50,
+    offset: Offset = 0,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
 ) -> Page[StudyView]:
     """The caller's studies, newest first; filter by status."""
     return studies.list_studies(st.db, tenant=who, status=status, limit=limit, offset=offset)
@@ -154,137 +184,229 @@ def _json(model: BaseModel) -> Response:
 
 
 @router.get("/{name}", response_model=StudyView, responses=responses(404, s404=_STUDY_404))
-def get_study(name: StudyName, st: AppState = Depends(state),
-              who: str = Depends(tenant)) -> Response:
+def get_study(
+    name: StudyName, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> Response:
     """A study with its trial counts and remaining budget."""
     return _json(studies.get_study(st.db, tenant=who, name=name))
 
 
-@router.patch("/{name}", response_model=StudyView, responses=responses(
-    404, 409, 413, s404=_STUDY_404,
-    s409="the study's status does not allow the change, or n_trials is below the trials "
-    "already started"))
-def update_study(name: StudyName, patch: StudyPatch, st: AppState = Depends(state),
-                 who: str = Depends(tenant)) -> StudyView:
+@router.patch(
+    "/{name}",
+    response_model=StudyView,
+    responses=responses(
+        404,
+        409,
+        413,
+        s404=_STUDY_404,
+        s409="the study's status does not allow the change, or n_trials is below the trials "
+        "already started",
+    ),
+)
+def update_study(
+    name: StudyName, patch: StudyPatch, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> StudyView:
     """Pause, resume or stop a study; raise its budget; change its priority."""
     if patch.status is None and patch.n_trials is None and patch.priority is None:
         raise Invalid("nothing to change; send status, n_trials or priority")
-    return studies.update_study(st.db, tenant=who, name=name, status=patch.status,
-                                n_trials=patch.n_trials, priority=patch.priority)
+    return studies.update_study(
+        st.db,
+        tenant=who,
+        name=name,
+        status=patch.status,
+        n_trials=patch.n_trials,
+        priority=patch.priority,
+    )
 
 
-@router.delete("/{name}", status_code=204, responses=responses(
-    404, 409, s404=_STUDY_404, s409="trials are running: stop the study first or pass "
-    "force=true"))
-def delete_study(name: StudyName, force: bool = False, st: AppState = Depends(state),
-                 who: str = Depends(tenant)) -> Response:
+@router.delete(
+    "/{name}",
+    status_code=204,
+    responses=responses(
+        404,
+        409,
+        s404=_STUDY_404,
+        s409="trials are running: stop the study first or pass force=true",
+    ),
+)
+def delete_study(
+    name: StudyName, force: bool = False, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> Response:
     """Delete a study, its trials and its Optuna study."""
     studies.delete_study(st.db, st.storage, tenant=who, name=name, force=force)
     return Response(status_code=204)
 
 
-@router.get("/{name}/trials", response_model=Page[TrialView],
-            responses=responses(404, s404=_STUDY_404))
+@router.get(
+    "/{name}/trials", response_model=Page[TrialView], responses=responses(404, s404=_STUDY_404)
+)
 def list_trials(
     name: StudyName,
     state_: Annotated[TrialStateFilter | SkipJsonSchema[None], Query(alias="state")] = None,
-    sort: Annotated[TrialSort, Query(description="a field; '-' prefix for descending")
-                    ] = "number",
-    limit: Limit = 100, offset: Offset = 0,
-    st: AppState = Depends(state), who: str = Depends(tenant),
+    sort: Annotated[TrialSort, Query(description="a field; '-' prefix for descending")] = "number",
+    limit: Limit = 100,
+    offset: Offset = 0,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
 ) -> Page[TrialView]:
     """A page of trials (without learning curves)."""
-    return trials.list_trials(st.db, tenant=who, name=name, state=state_, sort=sort,
-                              limit=limit, offset=offset)
+    return trials.list_trials(
+        st.db, tenant=who, name=name, state=state_, sort=sort, limit=limit, offset=offset
+    )
 
 
-@router.get("/{name}/trials/{number}", response_model=TrialView,
-            responses=responses(404, s404="no such study or trial"))
-def get_trial(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
-              st: AppState = Depends(state), who: str = Depends(tenant)) -> TrialView:
+@router.get(
+    "/{name}/trials/{number}",
+    response_model=TrialView,
+    responses=responses(404, s404="no such study or trial"),
+)
+def get_trial(
+    name: StudyName,
+    number: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> TrialView:
     """One trial: params, state, values, learning curve, reason, worker, timings, attempts."""
     return trials.get_trial(st.db, tenant=who, name=name, number=number)
 
 
-@router.post("/{name}/trials", status_code=201, response_model=TrialView, responses=responses(
-    404, 409, 413, 422, s404=_STUDY_404,
-    s409="the study is stopped or finished, or its budget is spent",
-    s422="the body is invalid, or the params do not fit the study's search space"))
-def enqueue_trial(name: StudyName, body: EnqueueBody, st: AppState = Depends(state),
-                  who: str = Depends(tenant)) -> TrialView:
+@router.post(
+    "/{name}/trials",
+    status_code=201,
+    response_model=TrialView,
+    responses=responses(
+        404,
+        409,
+        413,
+        422,
+        s404=_STUDY_404,
+        s409="the study is stopped or finished, or its budget is spent",
+        s422="the body is invalid, or the params do not fit the study's search space",
+    ),
+)
+def enqueue_trial(
+    name: StudyName, body: EnqueueBody, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> TrialView:
     """Queue given hyperparameters (warm start); they run before sampled trials."""
     return trials.enqueue_trial(st.db, st.storage, tenant=who, name=name, params=body.params)
 
 
-@router.get("/{name}/best", response_model=BestView, responses=responses(
-    404, 409, s404=_STUDY_404, s409="no trial of the study has completed yet"))
-def best(name: StudyName, st: AppState = Depends(state),
-         who: str = Depends(tenant)) -> Response:
+@router.get(
+    "/{name}/best",
+    response_model=BestView,
+    responses=responses(404, 409, s404=_STUDY_404, s409="no trial of the study has completed yet"),
+)
+def best(name: StudyName, st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
     """The best trial and its test metrics, or the Pareto front for several objectives.
 
     Reads one row by index: as fast with 100,000 trials as with 10."""
     return _json(studies.best(st.db, tenant=who, name=name))
 
 
-Objective = Annotated[int, Query(ge=0, le=3, description=(
-    "index into the study's objectives (a study has 1 to 4); 404 when it has fewer"))]
+Objective = Annotated[
+    int,
+    Query(
+        ge=0,
+        le=3,
+        description=(
+            "index into the study's objectives (a study has 1 to 4); 404 when it has fewer"
+        ),
+    ),
+]
 
 
-@router.get("/{name}/importance", response_model=ImportanceView, responses=responses(
-    404, 409, s404="no such study, or it has no objective of that index",
-    s409="not enough completed trials yet, or the study searches no hyperparameter"))
-def importance(name: StudyName, objective: Objective = 0,
-               st: AppState = Depends(state), who: str = Depends(tenant)) -> ImportanceView:
+@router.get(
+    "/{name}/importance",
+    response_model=ImportanceView,
+    responses=responses(
+        404,
+        409,
+        s404="no such study, or it has no objective of that index",
+        s409="not enough completed trials yet, or the study searches no hyperparameter",
+    ),
+)
+def importance(
+    name: StudyName,
+    objective: Objective = 0,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> ImportanceView:
     """Hyperparameter importances (PED-ANOVA), once enough trials completed."""
     return studies.importance(st.db, st.storage, tenant=who, name=name, objective=objective)
 
 
-@router.get("/{name}/plots/{kind}", response_class=Response,
-            responses={200: {"content": {"image/png": {}, "text/html": {}},
-                             "description": "the plot"},
-                       **responses(404, 409,
-                                   s404="no such study, or it has no objective of that index",
-                                   s409="not enough completed trials or searched "
-                                   "hyperparameters for this plot yet")})
-def plot(name: StudyName,
-         kind: Annotated[PlotKind, Path(description="which of Optuna's plots")],
-         format: Annotated[Literal["png", "html"], Query()] = "png",  # noqa: A002
-         objective: Objective = 0,
-         st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
+@router.get(
+    "/{name}/plots/{kind}",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}, "text/html": {}}, "description": "the plot"},
+        **responses(
+            404,
+            409,
+            s404="no such study, or it has no objective of that index",
+            s409="not enough completed trials or searched hyperparameters for this plot yet",
+        ),
+    },
+)
+def plot(
+    name: StudyName,
+    kind: Annotated[PlotKind, Path(description="which of Optuna's plots")],
+    format: Annotated[Literal["png", "html"], Query()] = "png",  # noqa: A002
+    objective: Objective = 0,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> Response:
     """A plot of the study, drawn by Optuna's visualisation: PNG, or interactive HTML."""
     view = studies.get_study(st.db, tenant=who, name=name)
-    body, media = plots.render(st.storage, view, kind, db=st.db, fmt=format,
-                               objective=objective)
+    body, media = plots.render(st.storage, view, kind, db=st.db, fmt=format, objective=objective)
     return Response(body, media_type=media)
 
 
 def _model_response(name: str, number: int, data: bytes) -> Response:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:100]
-    return Response(data, media_type="application/octet-stream", headers={
-        "Content-Disposition": f'attachment; filename="{safe}-trial{number}.pt"',
-        "X-Seqtune-Trial": str(number)})
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{safe}-trial{number}.pt"',
+            "X-Seqtune-Trial": str(number),
+        },
+    )
 
 
-_MODEL_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}},
-                    "description": "a torch checkpoint: weights, model config, scaler state, "
-                    "hyperparameters; load it with `seqtune predict` or worker.engine.Predictor"},
-              **responses(404, 409, s404="no such study or trial",
-                          s409="no model yet: no trial completed, the trial saved none (it "
-                          "trained no epoch), or the study has several objectives (no single "
-                          "best)")}
+_MODEL_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/octet-stream": {}},
+        "description": "a torch checkpoint: weights, model config, scaler state, "
+        "hyperparameters; load it with `seqtune predict` or worker.engine.Predictor",
+    },
+    **responses(
+        404,
+        409,
+        s404="no such study or trial",
+        s409="no model yet: no trial completed, the trial saved none (it "
+        "trained no epoch), or the study has several objectives (no single "
+        "best)",
+    ),
+}
 
 
 @router.get("/{name}/best/model", response_class=Response, responses=_MODEL_DOC)
-def best_model(name: StudyName, st: AppState = Depends(state),
-               who: str = Depends(tenant)) -> Response:
+def best_model(
+    name: StudyName, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> Response:
     """Download the best trial's trained model (restored best-epoch weights)."""
     model = trials.model_checkpoint(st.db, tenant=who, name=name)
     return _model_response(name, model.number, model.data)
 
 
 @router.get("/{name}/trials/{number}/model", response_class=Response, responses=_MODEL_DOC)
-def trial_model(name: StudyName, number: Annotated[int, Path(ge=0, le=2**31 - 1)],
-                st: AppState = Depends(state), who: str = Depends(tenant)) -> Response:
+def trial_model(
+    name: StudyName,
+    number: Annotated[int, Path(ge=0, le=2**31 - 1)],
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
+) -> Response:
     """Download one trial's trained model."""
     model = trials.model_checkpoint(st.db, tenant=who, name=name, number=number)
     return _model_response(name, model.number, model.data)

@@ -14,10 +14,15 @@ router = APIRouter(prefix="/v1/workers", tags=["workers"], responses=responses(4
 
 
 @router.get("", response_model=list[WorkerView])
-async def list_workers(include_stopped: bool = False, st: AppState = Depends(state),
-                       who: str = Depends(tenant)) -> list[WorkerView]:
+async def list_workers(
+    include_stopped: bool = False, st: AppState = Depends(state), who: str = Depends(tenant)
+) -> list[WorkerView]:
     """Worker slots seen in the last day: live, lost (no heartbeat for 30 s) or stopped, with
     the trial each runs when it belongs to one of your studies."""
-    return await run_in_threadpool(workers.list_workers, st.db, tenant=who,
-                                   lost_after_s=st.settings.lost_after_s,
-                                   include_stopped=include_stopped)
+    return await run_in_threadpool(
+        workers.list_workers,
+        st.db,
+        tenant=who,
+        lost_after_s=st.settings.lost_after_s,
+        include_stopped=include_stopped,
+    )

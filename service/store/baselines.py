@@ -78,11 +78,17 @@ def claim(db: Database, *, study_id: int, owner: str, stale_after_s: float = 900
     now = datetime.now(UTC)
     cutoff = _iso(now - timedelta(seconds=stale_after_s))
     marker = {"status": "computing", "owner": owner, "since": _iso(now)}
-    stmt = (update(_STUDIES)
-            .where(_STUDIES.c.id == study_id,
-                   or_(_B.is_(None),
-                       and_(_b_status == "computing", or_(_b_since.is_(None), _b_since < cutoff))))
-            .values(baselines=marker))
+    stmt = (
+        update(_STUDIES)
+        .where(
+            _STUDIES.c.id == study_id,
+            or_(
+                _B.is_(None),
+                and_(_b_status == "computing", or_(_b_since.is_(None), _b_since < cutoff)),
+            ),
+        )
+        .values(baselines=marker)
+    )
 
     def write(conn: Connection) -> bool:
         return conn.execute(stmt).rowcount == 1
@@ -98,16 +104,24 @@ def store(db: Database, *, study_id: int, owner: str, result: dict[str, Any]) ->
     changes. Non-finite floats are stored as null.
     """
     value = _finite({**result, "status": "done"})
-    stmt = (update(_STUDIES)
-            .where(_STUDIES.c.id == study_id,
-                   or_(_B.is_(None), _b_status == "failed",
-                       and_(_b_status == "computing", _b_owner == owner)))
-            .values(baselines=value))
+    stmt = (
+        update(_STUDIES)
+        .where(
+            _STUDIES.c.id == study_id,
+            or_(
+                _B.is_(None),
+                _b_status == "failed",
+                and_(_b_status == "computing", _b_owner == owner),
+            ),
+        )
+        .values(baselines=value)
+    )
 
     def write(conn: Connection) -> None:
         if conn.execute(stmt).rowcount != 1:
-            log.info("baselines of study %s not stored by %s: no longer its marker",
-                     study_id, owner)
+            log.info(
+                "baselines of study %s not stored by %s: no longer its marker", study_id, owner
+            )
 
     db.write(write)
 
@@ -120,15 +134,22 @@ def fail(db: Database, *, study_id: int, owner: str, error: str) -> None:
     over finished baselines or another worker's claim.
     """
     value = {"status": "failed", "error": error[:2000]}
-    stmt = (update(_STUDIES)
-            .where(_STUDIES.c.id == study_id,
-                   or_(_B.is_(None), and_(_b_status == "computing", _b_owner == owner)))
-            .values(baselines=value))
+    stmt = (
+        update(_STUDIES)
+        .where(
+            _STUDIES.c.id == study_id,
+            or_(_B.is_(None), and_(_b_status == "computing", _b_owner == owner)),
+        )
+        .values(baselines=value)
+    )
 
     def write(conn: Connection) -> None:
         if conn.execute(stmt).rowcount != 1:
-            log.info("baselines failure of study %s not recorded by %s: no longer its marker",
-                     study_id, owner)
+            log.info(
+                "baselines failure of study %s not recorded by %s: no longer its marker",
+                study_id,
+                owner,
+            )
 
     db.write(write)
 
@@ -185,8 +206,9 @@ def verdict(baselines: dict[str, Any] | None, trial: TrialView, task: str) -> di
         return a > b if higher else a < b
 
     beats = better(trial_val, base_val)
-    beats_test = (better(trial_test, base_test)
-                  if trial_test is not None and base_test is not None else None)
+    beats_test = (
+        better(trial_test, base_test) if trial_test is not None and base_test is not None else None
+    )
     trial_mase = base_mase = None
     if task == "forecast":
         scale = _num(baselines.get("mase_scale"))
@@ -196,23 +218,36 @@ def verdict(baselines: dict[str, Any] | None, trial: TrialView, task: str) -> di
     shown = metric.upper() if metric == "rmse" else metric
     name_s = baseline_label(name, baselines)
     if beats:
-        msg = (f"Beats the best classical baseline ({name}) on validation: {shown} "
-               f"{trial_val:.3g} vs {base_val:.3g}"
-               + (f" (ratio {val_ratio:.2f})" if val_ratio is not None else ""))
+        msg = (
+            f"Beats the best classical baseline ({name}) on validation: {shown} "
+            f"{trial_val:.3g} vs {base_val:.3g}"
+            + (f" (ratio {val_ratio:.2f})" if val_ratio is not None else "")
+        )
         if test_ratio is not None:
             msg += f"; on test {test_ratio:.2f}"
             if beats_test is False:
                 msg += " (not better than the baseline on test)"
         msg += "."
     else:
-        msg = (f"The best trial does not beat the {name_s} baseline on validation ({shown} "
-               f"{trial_val:.3g} vs {base_val:.3g}): prefer the baseline, or "
-               f"{_ADVICE[task]}.")
+        msg = (
+            f"The best trial does not beat the {name_s} baseline on validation ({shown} "
+            f"{trial_val:.3g} vs {base_val:.3g}): prefer the baseline, or "
+            f"{_ADVICE[task]}."
+        )
     return {
-        "baseline": name, "baseline_label": name_s, "metric": metric,
-        "higher_is_better": higher, "beats_baseline": beats,
-        "trial_val": trial_val, "baseline_val": base_val, "val_ratio": val_ratio,
-        "trial_test": trial_test, "baseline_test": base_test, "test_ratio": test_ratio,
-        "trial_test_mase": trial_mase, "baseline_test_mase": base_mase,
-        "beats_on_test": beats_test, "message": msg,
+        "baseline": name,
+        "baseline_label": name_s,
+        "metric": metric,
+        "higher_is_better": higher,
+        "beats_baseline": beats,
+        "trial_val": trial_val,
+        "baseline_val": base_val,
+        "val_ratio": val_ratio,
+        "trial_test": trial_test,
+        "baseline_test": base_test,
+        "test_ratio": test_ratio,
+        "trial_test_mase": trial_mase,
+        "baseline_test_mase": base_mase,
+        "beats_on_test": beats_test,
+        "message": msg,
     }

@@ -27,10 +27,20 @@ from service.store.trials import count_move, update_front
 log = logging.getLogger(__name__)
 
 
-def close_trial(s: Session, ostudy: optuna.Study | None, t: Trial, *, action: str, state: str,
-                values: list[float] | None, reason: str | None,
-                test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-                error: str | None = None, tell: bool = True) -> None:
+def close_trial(
+    s: Session,
+    ostudy: optuna.Study | None,
+    t: Trial,
+    *,
+    action: str,
+    state: str,
+    values: list[float] | None,
+    reason: str | None,
+    test_metrics: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    error: str | None = None,
+    tell: bool = True,
+) -> None:
     """Record the end of trial ``t`` (the caller holds its row lock) as ``state`` through the
     transition ``action``, telling Optuna first when ``tell`` (and ``ostudy`` is given); free
     its lease and its worker; move the study's counters (and its Pareto front); and, once the
@@ -39,8 +49,12 @@ def close_trial(s: Session, ostudy: optuna.Study | None, t: Trial, *, action: st
     # Optuna first, under the trial's lock only: the study row is what claimers queue on while
     # they ask(), so it is taken last and held just for the counters and the completion check.
     if tell and ostudy is not None:
-        ostudy.tell(t.number, values=values if state == TrialState.COMPLETE else None,
-                    state=OptunaState[state], skip_if_finished=True)
+        ostudy.tell(
+            t.number,
+            values=values if state == TrialState.COMPLETE else None,
+            state=OptunaState[state],
+            skip_if_finished=True,
+        )
     old_state = t.state
     t.state = trial_transition(action, old_state, state, number=t.number)
     t.reason, t.error = reason, error
@@ -59,8 +73,11 @@ def close_trial(s: Session, ostudy: optuna.Study | None, t: Trial, *, action: st
         update_front(s, study, t)
     s.flush()
     s.refresh(study)
-    if study.status == StudyStatus.RUNNING and study.n_claimed >= study.n_trials \
-            and study.n_running == 0:
+    if (
+        study.status == StudyStatus.RUNNING
+        and study.n_claimed >= study.n_trials
+        and study.n_running == 0
+    ):
         end_of_budget(s, study)
 
 
@@ -85,8 +102,12 @@ def end_of_budget(s: Session, study: Study) -> bool:
         if n_top:
             study.phase = StudyPhase.FINAL
             study.n_trials += n_top * final["seeds"]
-            log.info("study %s: search done; re-training its top %d with %d seeds",
-                     study.name, n_top, final["seeds"])
+            log.info(
+                "study %s: search done; re-training its top %d with %d seeds",
+                study.name,
+                n_top,
+                final["seeds"],
+            )
             return False
     study.status = study_transition("complete", study.status, name=study.name)
     study.finished_at = utcnow()
@@ -96,10 +117,19 @@ def end_of_budget(s: Session, study: Study) -> bool:
 def top_trials(s: Session, study: Study, k: int) -> list[Trial]:
     """The study's k best COMPLETE search trials (final re-trains excluded), best first."""
     desc = study.directions[0] == "maximize"
-    return list(s.scalars(
-        select(Trial).where(Trial.study_id == study.id, Trial.state == TrialState.COMPLETE,
-                            Trial.final_of.is_(None), Trial.value.is_not(None))
-        .order_by(Trial.value.desc() if desc else Trial.value.asc(), Trial.number).limit(k)))
+    return list(
+        s.scalars(
+            select(Trial)
+            .where(
+                Trial.study_id == study.id,
+                Trial.state == TrialState.COMPLETE,
+                Trial.final_of.is_(None),
+                Trial.value.is_not(None),
+            )
+            .order_by(Trial.value.desc() if desc else Trial.value.asc(), Trial.number)
+            .limit(k)
+        )
+    )
 
 
 def enqueue_retrain(s: Session, ostudy: optuna.Study, study: Study, spec: StudySpec) -> int:
@@ -108,9 +138,16 @@ def enqueue_retrain(s: Session, ostudy: optuna.Study, study: Study, spec: StudyS
     ``seeds`` times; each gets its own trial number, and the trial number seeds training.
     Returns the number of the search trial it re-trains."""
     assert spec.final is not None
-    done = s.scalar(select(func.count()).select_from(Trial).where(
-        Trial.study_id == study.id, Trial.final_of.is_not(None))) or 0
+    done = (
+        s.scalar(
+            select(func.count())
+            .select_from(Trial)
+            .where(Trial.study_id == study.id, Trial.final_of.is_not(None))
+        )
+        or 0
+    )
     source = top_trials(s, study, spec.final.top_k)[done // spec.final.seeds]
-    ostudy.enqueue_trial(source.params, user_attrs={"seqtune_final_of": source.number},
-                         skip_if_exists=False)
+    ostudy.enqueue_trial(
+        source.params, user_attrs={"seqtune_final_of": source.number}, skip_if_exists=False
+    )
     return source.number

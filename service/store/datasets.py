@@ -55,13 +55,15 @@ _NUM = r"[+-]?(?:[0-9]{1,200}(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,2})?"
 _MISS = r"(?:[nN][aA][nN]?|[nN][uU][lL][lL])"
 _NUMBERS = re.compile(rf"(?:{_WS}*+{_NUM}{_WS}*+\n)*+{_WS}*+{_NUM}{_WS}*+")
 _NUMBERS_OR_MISSING = re.compile(
-    rf"(?:{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?\n)*+{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?")
+    rf"(?:{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?\n)*+{_WS}*+(?:(?:{_NUM}|{_MISS}){_WS}*+)?"
+)
 _MISSING_LINE = re.compile(rf"^{_WS}*+(?:{_MISS}{_WS}*+)?$", re.MULTILINE)
 
 
 def _fail(line: int, reason: str) -> Invalid:
-    return Invalid(f"line {line}: {reason}", details=[{"field": "file", "line": line,
-                                                        "reason": reason}])
+    return Invalid(
+        f"line {line}: {reason}", details=[{"field": "file", "line": line, "reason": reason}]
+    )
 
 
 class _ByteChecks:
@@ -92,8 +94,7 @@ class _ByteChecks:
         except UnicodeDecodeError as exc:
             # exc.start counts from the decoder's buffered bytes, which precede this chunk.
             at = self._fed - pending + exc.start
-            raise Invalid(f"the file is not UTF-8 text (byte {at}); save it as UTF-8 CSV") \
-                from None
+            raise Invalid(f"the file is not UTF-8 text (byte {at}); save it as UTF-8 CSV") from None
         self._fed += len(chunk)
         if self._first and out:
             self._first = False
@@ -157,7 +158,7 @@ def _line_too_long(line: int) -> Invalid:
 def _chunked(content: bytes) -> Iterator[bytes]:
     view = memoryview(content)
     for i in range(0, len(content), CHUNK_BYTES):
-        yield bytes(view[i:i + CHUNK_BYTES])
+        yield bytes(view[i : i + CHUNK_BYTES])
 
 
 def parse_csv(content: bytes | Iterable[bytes]) -> tuple[list[dict[str, Any]], int]:
@@ -201,8 +202,11 @@ class _CsvState:
     def block(self, block: str) -> None:
         if self.pending:
             block, self.pending = self.pending + block, ""
-        if (self.columns is None or ("\r" in block and "\r" in block.replace("\r\n", ""))
-                or block.count('"') > block.count("\n") // 8):
+        if (
+            self.columns is None
+            or ("\r" in block and "\r" in block.replace("\r\n", ""))
+            or block.count('"') > block.count("\n") // 8
+        ):
             # The header; lines csv splits at a lone \r; or quotes in many lines, where one
             # reader for the block beats one per quoted record.
             self._exact(block, final=False)
@@ -234,9 +238,13 @@ class _CsvState:
             raise _fail(2, "the file has a header but no data rows")
         if "numeric" not in cols.types:
             raise Invalid("no numeric column found; a dataset needs at least one")
-        return ([{"name": h, "type": t or "numeric", "missing": m}
-                 for h, t, m in zip(self.header, cols.types, cols.missing, strict=True)],
-                cols.n_rows)
+        return (
+            [
+                {"name": h, "type": t or "numeric", "missing": m}
+                for h, t, m in zip(self.header, cols.types, cols.missing, strict=True)
+            ],
+            cols.n_rows,
+        )
 
     def _set_header(self, row: list[str]) -> None:
         header = [h.strip() for h in row]
@@ -258,8 +266,11 @@ class _CsvState:
     def _keep_pending(self, lines: str) -> None:
         """Keep the start of a record that goes on in the next block, within the cap."""
         if len(lines.encode()) > MAX_LINE_BYTES:
-            raise _fail(self.line + 1, "a record (a quoted field with line breaks) is longer "
-                        f"than {MAX_LINE_BYTES} bytes (the line-length cap)")
+            raise _fail(
+                self.line + 1,
+                "a record (a quoted field with line breaks) is longer "
+                f"than {MAX_LINE_BYTES} bytes (the line-length cap)",
+            )
         self.pending = lines
 
     def _take(self, row: list[str], line: int) -> bool:
@@ -349,8 +360,7 @@ class _CsvState:
         if rows and self.columns is not None:
             # Column by column with itemgetter rather than zip(*rows): zip makes one iterator
             # object per row, and that many new objects set the garbage collector off.
-            self.columns.add([list(map(itemgetter(i), rows)) for i in range(len(rows[0]))],
-                             lines)
+            self.columns.add([list(map(itemgetter(i), rows)) for i in range(len(rows[0]))], lines)
 
     def _fast(self, run: str) -> bool:
         r"""Check the whole lines of ``run`` (no quote, no lone \r) on the fast path; False,
@@ -434,8 +444,11 @@ class _Columns:
             except ValueError:
                 ok = False
             if not ok:  # rare: find the offending row, value by value
-                r = next(r for r, (v, m) in enumerate(zip(values, flags, strict=True))
-                         if not m and not _is_number(v))
+                r = next(
+                    r
+                    for r, (v, m) in enumerate(zip(values, flags, strict=True))
+                    if not m and not _is_number(v)
+                )
                 if first_bad is None or r < first_bad[0]:
                     first_bad = (r, i, values[r])
         if first_bad is not None:
@@ -445,18 +458,27 @@ class _Columns:
 
 
 def _view(d: Dataset) -> DatasetView:
-    return DatasetView(id=d.id, name=d.name, sha256=d.sha256, size_bytes=d.size_bytes,
-                       n_rows=d.n_rows, columns=d.columns, created_at=d.created_at)
+    return DatasetView(
+        id=d.id,
+        name=d.name,
+        sha256=d.sha256,
+        size_bytes=d.size_bytes,
+        n_rows=d.n_rows,
+        columns=d.columns,
+        created_at=d.created_at,
+    )
 
 
 def create_dataset(db: Database, *, tenant: str, name: str, content: bytes) -> DatasetView:
     """Validate and store a CSV. Raises Invalid (with the line) for a bad file."""
-    return upload_dataset(db, tenant=tenant, name=name, stream=io.BytesIO(content),
-                          cap=max(len(content), 1))
+    return upload_dataset(
+        db, tenant=tenant, name=name, stream=io.BytesIO(content), cap=max(len(content), 1)
+    )
 
 
-def upload_dataset(db: Database, *, tenant: str, name: str, stream: BinaryIO,
-                   cap: int) -> DatasetView:
+def upload_dataset(
+    db: Database, *, tenant: str, name: str, stream: BinaryIO, cap: int
+) -> DatasetView:
     """Validate and store the CSV read from ``stream`` (binary, seekable: an upload's spooled
     file), at most ``cap`` bytes.
 
@@ -486,8 +508,14 @@ def upload_dataset(db: Database, *, tenant: str, name: str, stream: BinaryIO,
 
     columns, n_rows = parse_csv(chunks())
     size = read  # what was parsed and hashed is what is stored
-    row_values = {"tenant": tenant, "name": name[:128], "sha256": digest.hexdigest(),
-                  "size_bytes": size, "n_rows": n_rows, "columns": columns}
+    row_values = {
+        "tenant": tenant,
+        "name": name[:128],
+        "sha256": digest.hexdigest(),
+        "size_bytes": size,
+        "n_rows": n_rows,
+        "columns": columns,
+    }
 
     def txn(s: Session) -> DatasetView:
         row = Dataset(id=uuid.uuid4().hex, **row_values)
@@ -525,21 +553,25 @@ def _stored_content(s: Session, stream: BinaryIO, size: int) -> Any:
         cur.close()
         return stream.read(size)
     try:
-        cur.execute("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
-                    "WHERE name = 'default_toast_compression'")
+        cur.execute(
+            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+        )
         found = cur.fetchone()
         if found and found[0]:
             cur.execute("SET LOCAL default_toast_compression = lz4")
         # Temporary and dropped at commit (or rollback): private to this transaction's session.
-        cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {_UPLOAD_TABLE} (b bytea) "
-                    "ON COMMIT DROP")
+        cur.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {_UPLOAD_TABLE} (b bytea) ON COMMIT DROP"
+        )
         cur.execute(f"TRUNCATE {_UPLOAD_TABLE}")
-        cur.copy_expert(f"COPY {_UPLOAD_TABLE} (b) FROM STDIN WITH (FORMAT binary)",
-                        _BinaryCopy(stream, size), size=CHUNK_BYTES)
+        cur.copy_expert(
+            f"COPY {_UPLOAD_TABLE} (b) FROM STDIN WITH (FORMAT binary)",
+            _BinaryCopy(stream, size),
+            size=CHUNK_BYTES,
+        )
     finally:
         cur.close()
-    return (select(literal_column("b")).select_from(table(_UPLOAD_TABLE))
-            .scalar_subquery())
+    return select(literal_column("b")).select_from(table(_UPLOAD_TABLE)).scalar_subquery()
 
 
 class _BinaryCopy(io.RawIOBase):
@@ -550,8 +582,9 @@ class _BinaryCopy(io.RawIOBase):
         super().__init__()
         self._stream, self._left = stream, size
         # signature, flags, header extension length; then the tuple: 1 field of `size` bytes
-        self._head: bytes | None = (b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
-                                    + struct.pack("!hi", 1, size))
+        self._head: bytes | None = (
+            b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0) + struct.pack("!hi", 1, size)
+        )
         self._tail: bytes | None = struct.pack("!h", -1)  # end of data
 
     def readable(self) -> bool:
@@ -576,12 +609,17 @@ class _BinaryCopy(io.RawIOBase):
 
 def list_datasets(db: Database, *, tenant: str, limit: int, offset: int) -> Page[DatasetView]:
     def txn(s: Session) -> Page[DatasetView]:
-        rows = s.scalars(select(Dataset).where(Dataset.tenant == tenant)
-                         .order_by(Dataset.created_at.desc(), Dataset.id)
-                         .limit(limit + 1).offset(offset)).all()
+        rows = s.scalars(
+            select(Dataset)
+            .where(Dataset.tenant == tenant)
+            .order_by(Dataset.created_at.desc(), Dataset.id)
+            .limit(limit + 1)
+            .offset(offset)
+        ).all()
         more = len(rows) > limit
-        return Page(items=[_view(r) for r in rows[:limit]],
-                    next_offset=offset + limit if more else None)
+        return Page(
+            items=[_view(r) for r in rows[:limit]], next_offset=offset + limit if more else None
+        )
 
     return db.run(txn)
 
@@ -620,11 +658,13 @@ def delete_dataset(db: Database, *, tenant: str, dataset_id: str) -> None:
 
     def txn(s: Session) -> None:
         row = _get(s, tenant, dataset_id)
-        users = s.scalars(select(Study.name).where(Study.dataset_id == row.id,
-                                                   Study.status.in_(ACTIVE_STATUSES))).all()
+        users = s.scalars(
+            select(Study.name).where(Study.dataset_id == row.id, Study.status.in_(ACTIVE_STATUSES))
+        ).all()
         if users:
-            raise Conflict(f"dataset is used by active studies {sorted(users)}; stop or "
-                           "delete them first")
+            raise Conflict(
+                f"dataset is used by active studies {sorted(users)}; stop or delete them first"
+            )
         s.execute(update(Study).where(Study.dataset_id == row.id).values(dataset_id=None))
         s.delete(row)
 

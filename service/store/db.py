@@ -38,8 +38,11 @@ def engine_kwargs(settings: Settings) -> dict[str, Any]:
         "max_overflow": settings.max_overflow,
         "pool_recycle": settings.pool_recycle_s,
         "pool_timeout": 30,
-        "connect_args": {"connect_timeout": 10, "application_name": "seqtune",
-                         **session_limits(settings)},
+        "connect_args": {
+            "connect_timeout": 10,
+            "application_name": "seqtune",
+            **session_limits(settings),
+        },
     }
 
 
@@ -78,10 +81,15 @@ def session_limits(settings: Settings) -> dict[str, Any]:
         # Keepalives probe only an idle connection; with unacknowledged data in flight the
         # kernel retransmits for about 15 minutes instead. The user timeout bounds that too.
         user_timeout = (idle + every * count) * 1000
-        gucs.update(tcp_keepalives_idle=idle, tcp_keepalives_interval=every,
-                    tcp_keepalives_count=count, tcp_user_timeout=user_timeout)
-        out.update(keepalives=1, keepalives_idle=idle, keepalives_interval=every,
-                   keepalives_count=count)
+        gucs.update(
+            tcp_keepalives_idle=idle,
+            tcp_keepalives_interval=every,
+            tcp_keepalives_count=count,
+            tcp_user_timeout=user_timeout,
+        )
+        out.update(
+            keepalives=1, keepalives_idle=idle, keepalives_interval=every, keepalives_count=count
+        )
         if _libpq_version(settings.url) >= 120000:  # older libpq refuses the parameter
             out["tcp_user_timeout"] = user_timeout
     if gucs:
@@ -164,10 +172,16 @@ def _is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError):
         text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
         markers = (
-            "connection refused", "server closed the connection", "terminating connection",
-            "could not connect", "connection not open", "the database system is starting up",
-            "the database system is shutting down", "ssl connection has been closed",
-            "connection already closed", "database is locked",
+            "connection refused",
+            "server closed the connection",
+            "terminating connection",
+            "could not connect",
+            "connection not open",
+            "the database system is starting up",
+            "the database system is shutting down",
+            "ssl connection has been closed",
+            "connection already closed",
+            "database is locked",
         )
         return any(m in text for m in markers)
     return False
@@ -227,16 +241,23 @@ class Database:
                 timeout = _timeout_in(exc) if lost is None else None
                 if timeout == "statement":
                     # The same statement would run as long again: report, do not retry.
-                    raise Unavailable("the database did not answer within "
-                                      "SEQTUNE_DB_STATEMENT_TIMEOUT_S; retry later") from exc
+                    raise Unavailable(
+                        "the database did not answer within "
+                        "SEQTUNE_DB_STATEMENT_TIMEOUT_S; retry later"
+                    ) from exc
                 if lost is None and timeout is None:
                     raise
                 if lost is None:  # a lock wait timed out: contention is transient, retry
                     if attempt == attempts:
-                        raise Unavailable("the database is busy (a lock wait timed out); "
-                                          "retry shortly") from exc
-                    log.warning("lock wait timed out (attempt %d/%d), retrying in %.1fs",
-                                attempt, attempts, delay)
+                        raise Unavailable(
+                            "the database is busy (a lock wait timed out); retry shortly"
+                        ) from exc
+                    log.warning(
+                        "lock wait timed out (attempt %d/%d), retrying in %.1fs",
+                        attempt,
+                        attempts,
+                        delay,
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
@@ -247,16 +268,24 @@ class Database:
                     # transaction (this process was frozen, or paused inside one too long).
                     # The work was rolled back and is retried; if this repeats without a
                     # freeze, something legitimately pauses longer than the limit.
-                    log.warning("the database ended a transaction after %.0fs, likely for "
-                                "idling longer than SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S="
-                                "%s", time.monotonic() - started, idle_limit)
+                    log.warning(
+                        "the database ended a transaction after %.0fs, likely for "
+                        "idling longer than SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S="
+                        "%s",
+                        time.monotonic() - started,
+                        idle_limit,
+                    )
                 if attempt == attempts:
                     raise Unavailable(
                         "the database is unreachable; retry shortly "
                         f"({type(lost.orig).__name__ if lost.orig else type(lost).__name__})"
                     ) from exc
-                log.warning("database connection lost (attempt %d/%d), retrying in %.1fs",
-                            attempt, attempts, delay)
+                log.warning(
+                    "database connection lost (attempt %d/%d), retrying in %.1fs",
+                    attempt,
+                    attempts,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")

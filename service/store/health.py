@@ -20,9 +20,13 @@ from service.store.tables import Study, Trial, Worker, utcnow
 log = logging.getLogger("seqtune.service")
 
 # The study row's counter of trials in each state, by the label /metrics gives it.
-_COUNTERS = {TrialState.WAITING: Study.n_waiting, TrialState.RUNNING: Study.n_running,
-             TrialState.COMPLETE: Study.n_complete, TrialState.PRUNED: Study.n_pruned,
-             TrialState.FAIL: Study.n_failed}
+_COUNTERS = {
+    TrialState.WAITING: Study.n_waiting,
+    TrialState.RUNNING: Study.n_running,
+    TrialState.COMPLETE: Study.n_complete,
+    TrialState.PRUNED: Study.n_pruned,
+    TrialState.FAIL: Study.n_failed,
+}
 
 
 def readiness(db: Database) -> Readiness:
@@ -38,14 +42,19 @@ def readiness(db: Database) -> Readiness:
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         # The driver's message names the host, port, user and database: it goes to the log
         # for the operator, not to an unauthenticated probe.
-        log.warning("readyz: database unreachable: %s",
-                    str(getattr(exc, "orig", None) or exc).strip().replace("\n", " "))
-        return Readiness(status="unavailable",
-                         reason="database unreachable (the service log says why)")
+        log.warning(
+            "readyz: database unreachable: %s",
+            str(getattr(exc, "orig", None) or exc).strip().replace("\n", " "),
+        )
+        return Readiness(
+            status="unavailable", reason="database unreachable (the service log says why)"
+        )
     head = migrate.head_revision()
     if current != head:
-        return Readiness(status="unavailable", reason=f"migrations at {current}, head is "
-                         f"{head}; run `seqtune db upgrade`")
+        return Readiness(
+            status="unavailable",
+            reason=f"migrations at {current}, head is {head}; run `seqtune db upgrade`",
+        )
     return Readiness(status="ready", migration=current)
 
 
@@ -69,33 +78,47 @@ def _label(state: TrialState) -> str:
     return "failed" if state == TrialState.FAIL else state.lower()
 
 
-def fleet_stats(db: Database, *, buckets: tuple[float, ...],
-                lost_after_s: float) -> FleetStats:
+def fleet_stats(db: Database, *, buckets: tuple[float, ...], lost_after_s: float) -> FleetStats:
     """The fleet's numbers in one transaction (five small queries, no trial scan but the
     durations' aggregate). ``buckets`` are the duration histogram's upper bounds in seconds;
     a worker silent for ``lost_after_s`` (``Settings.lost_after_s``) counts as lost."""
 
     def txn(s: Session) -> FleetStats:
-        sums = s.execute(select(*(func.coalesce(func.sum(c), 0) for c in _COUNTERS.values()),
-                                func.coalesce(func.sum(Study.n_reaped), 0))).one()
+        sums = s.execute(
+            select(
+                *(func.coalesce(func.sum(c), 0) for c in _COUNTERS.values()),
+                func.coalesce(func.sum(Study.n_reaped), 0),
+            )
+        ).one()
         by_status: dict[str, int] = {
-            status: n for status, n in s.execute(select(Study.status, func.count())
-                                                 .group_by(Study.status))}
+            status: n
+            for status, n in s.execute(select(Study.status, func.count()).group_by(Study.status))
+        }
         # Queue depth: trials running studies may still start (budget left + enqueued).
-        depth = s.scalar(select(func.coalesce(func.sum(Study.n_trials - Study.n_claimed), 0))
-                         .where(Study.status == StudyStatus.RUNNING))
+        depth = s.scalar(
+            select(func.coalesce(func.sum(Study.n_trials - Study.n_claimed), 0)).where(
+                Study.status == StudyStatus.RUNNING
+            )
+        )
         now = utcnow()
-        beats = s.scalars(select(Worker.heartbeat_at).where(
-            Worker.stopped_at.is_(None), Worker.heartbeat_at > now - timedelta(days=1))).all()
+        beats = s.scalars(
+            select(Worker.heartbeat_at).where(
+                Worker.stopped_at.is_(None), Worker.heartbeat_at > now - timedelta(days=1)
+            )
+        ).all()
         live = sum(1 for hb in beats if (now - hb).total_seconds() < lost_after_s)
         count, total, within = _durations(s, buckets)
         return FleetStats(
             trials={_label(st): int(n) for st, n in zip(_COUNTERS, sums, strict=False)},
             reaps=int(sums[len(_COUNTERS)]),
             studies={st.value: int(by_status.get(st, 0)) for st in StudyStatus},
-            queue_depth=max(int(depth or 0), 0), workers_live=live,
-            workers_lost=len(beats) - live, durations_count=count, durations_sum_s=total,
-            durations_le=within)
+            queue_depth=max(int(depth or 0), 0),
+            workers_live=live,
+            workers_lost=len(beats) - live,
+            durations_count=count,
+            durations_sum_s=total,
+            durations_le=within,
+        )
 
     return db.run(txn)
 
@@ -110,6 +133,7 @@ def _durations(s: Session, buckets: tuple[float, ...]) -> tuple[int, float, tupl
         dur = (func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400
     cols: list[Any] = [func.count(), func.coalesce(func.sum(dur), 0)]
     cols += [func.count().filter(dur <= b) for b in buckets]
-    row = s.execute(select(*cols).where(Trial.finished_at.is_not(None),
-                                        Trial.started_at.is_not(None))).one()
+    row = s.execute(
+        select(*cols).where(Trial.finished_at.is_not(None), Trial.started_at.is_not(None))
+    ).one()
     return int(row[0]), float(row[1]), tuple(int(n) for n in row[2:])

@@ -41,9 +41,11 @@ def revoke_key(db: Database, *, key: str) -> None:
     """Revoke ``key``. Raises NotFound when no such live key exists."""
 
     def txn(s: Session) -> int:
-        res = s.execute(update(ApiKey)
-                        .where(ApiKey.key_hash == _hash(key), ApiKey.revoked_at.is_(None))
-                        .values(revoked_at=utcnow()))
+        res = s.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == _hash(key), ApiKey.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
         return int(res.rowcount)  # type: ignore[attr-defined]
 
     _cache.clear()
@@ -99,13 +101,15 @@ def authenticate(db: Database, *, key: str, cache_ttl_s: float = 0.0) -> str:
             return cached
 
     def txn(s: Session) -> str | None:
-        return s.scalar(select(ApiKey.tenant)
-                        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+        return s.scalar(
+            select(ApiKey.tenant).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+        )
 
     tenant = db.run(txn)
     if tenant is not None and cache_ttl_s > 0:
         _cache.put(key_hash, tenant)
     if tenant is None:
-        raise Unauthorized("the API key is unknown or revoked; create one with "
-                           "`seqtune keys create --tenant NAME`")
+        raise Unauthorized(
+            "the API key is unknown or revoked; create one with `seqtune keys create --tenant NAME`"
+        )
     return tenant

@@ -94,22 +94,42 @@ class Claim:
 
 def _claim_view(t: Trial, study: Study) -> Claim:
     assert t.lease_owner is not None
-    return Claim(owner=t.lease_owner, fence=t.fence, trial_row_id=t.id, number=t.number,
-                 optuna_trial_id=t.optuna_trial_id, attempt=t.attempts, params=t.params,
-                 study_id=study.id, study_name=study.name, tenant=study.tenant,
-                 optuna_study_name=study.optuna_study_name, spec=study.spec,
-                 final_of=t.final_of)
+    return Claim(
+        owner=t.lease_owner,
+        fence=t.fence,
+        trial_row_id=t.id,
+        number=t.number,
+        optuna_trial_id=t.optuna_trial_id,
+        attempt=t.attempts,
+        params=t.params,
+        study_id=study.id,
+        study_name=study.name,
+        tenant=study.tenant,
+        optuna_study_name=study.optuna_study_name,
+        spec=study.spec,
+        final_of=t.final_of,
+    )
 
 
-def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
-          studies: list[str] | None = None) -> Claim | None:
+def claim(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    *,
+    owner: str,
+    studies: list[str] | None = None,
+) -> Claim | None:
     """Take one trial to run, or None when no running study has work for this worker.
 
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
-    hint = db.run(lambda s: s.execute(_pick(studies).with_only_columns(
-        Study.optuna_study_name, Study.spec, Study.id, Study.n_waiting)).first())
+    hint = db.run(
+        lambda s: s.execute(
+            _pick(studies).with_only_columns(
+                Study.optuna_study_name, Study.spec, Study.id, Study.n_waiting
+            )
+        ).first()
+    )
     if hint is not None:  # load (and warm) the likely study's Optuna object before locking
         optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
         if hint[3] > 0:
@@ -127,21 +147,32 @@ def claim(db: Database, storage: optuna.storages.BaseStorage, *, owner: str,
 def _pick(names: list[str] | None) -> Any:
     """The study the next new slot comes from: running, budget left, under its concurrency
     cap; highest priority, then least recently served."""
-    pick = (select(Study.id)
-            .where(Study.status == StudyStatus.RUNNING, Study.n_claimed < Study.n_trials,
-                   (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent))
-            .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(),
-                      Study.id)
-            .limit(1))
+    pick = (
+        select(Study.id)
+        .where(
+            Study.status == StudyStatus.RUNNING,
+            Study.n_claimed < Study.n_trials,
+            (Study.max_concurrent.is_(None)) | (Study.n_running < Study.max_concurrent),
+        )
+        .order_by(Study.priority.desc(), Study.last_served_at.asc().nulls_first(), Study.id)
+        .limit(1)
+    )
     return pick.where(Study.name.in_(names)) if names else pick
 
 
 def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | None:
-    q = (select(Trial, Study).join(Study, Study.id == Trial.study_id)
-         .where(Trial.state == TrialState.RUNNING, Trial.lease_owner.is_(None),
-                Study.status == StudyStatus.RUNNING)
-         .order_by(Study.priority.desc(), Trial.id).limit(1)
-         .with_for_update(skip_locked=True, of=Trial))
+    q = (
+        select(Trial, Study)
+        .join(Study, Study.id == Trial.study_id)
+        .where(
+            Trial.state == TrialState.RUNNING,
+            Trial.lease_owner.is_(None),
+            Study.status == StudyStatus.RUNNING,
+        )
+        .order_by(Study.priority.desc(), Trial.id)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=Trial)
+    )
     if names:
         q = q.where(Study.name.in_(names))
     row = s.execute(q).first()
@@ -149,39 +180,50 @@ def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | No
         return None
     t, study = row
     # Compare-and-set on the owner: safe even where FOR UPDATE is a no-op (SQLite).
-    res = s.execute(update(Trial).where(Trial.id == t.id, Trial.lease_owner.is_(None),
-                                        Trial.fence == t.fence)
-                    .values(lease_owner=owner, worker=owner, fence=Trial.fence + 1,
-                            attempts=Trial.attempts + 1, lease_renewed_at=utcnow()))
+    res = s.execute(
+        update(Trial)
+        .where(Trial.id == t.id, Trial.lease_owner.is_(None), Trial.fence == t.fence)
+        .values(
+            lease_owner=owner,
+            worker=owner,
+            fence=Trial.fence + 1,
+            attempts=Trial.attempts + 1,
+            lease_renewed_at=utcnow(),
+        )
+    )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return None
     s.refresh(t)
     # The new attempt resumes after its checkpoint's epoch (or from scratch): the curve keeps
     # exactly the epochs it will not replay.
-    ck = s.scalar(select(Checkpoint.epoch).where(Checkpoint.trial_id == t.id,
-                                                 Checkpoint.kind == "resume"))
+    ck = s.scalar(
+        select(Checkpoint.epoch).where(Checkpoint.trial_id == t.id, Checkpoint.kind == "resume")
+    )
     t.curve = [r for r in t.curve if ck is not None and r.get("epoch", -1) <= ck]
     t.epochs = len(t.curve)
     return _claim_view(t, study)
 
 
-def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
-               names: list[str] | None) -> Claim | None:
+def _claim_new(
+    s: Session, storage: optuna.storages.BaseStorage, owner: str, names: list[str] | None
+) -> Claim | None:
     pick = _pick(names)
     # Wait for the study's row rather than skip it: its lock is held for one ask(). With
     # SKIP LOCKED, workers arriving during another's ask found nothing and idled a whole poll
     # interval (measured: 7 of 56 trials timed at 8 workers). Studies still share the fleet:
     # the least recently served one is picked first.
-    study = s.scalar(select(Study).where(Study.id == pick.scalar_subquery())
-                     .with_for_update())
+    study = s.scalar(select(Study).where(Study.id == pick.scalar_subquery()).with_for_update())
     if study is None:
         return None
     # The row we hold is the current one: re-check it before asking, or claimers queued behind
     # the last slot would each leave an extra trial in Optuna.
     if not _has_room(study):
         return None
-    if study.n_waiting > 0 and study.n_claimed + study.n_waiting >= study.n_trials and \
-            poppable(s, storage, study) == 0:
+    if (
+        study.n_waiting > 0
+        and study.n_claimed + study.n_waiting >= study.n_trials
+        and poppable(s, storage, study) == 0
+    ):
         # Every slot left is reserved by a queued trial that cannot be popped now (an outside
         # Optuna client took it moments ago, or a claim that died did): a fresh ask would
         # spend its slot a second time. Step back in the serving order meanwhile, so that the
@@ -192,24 +234,29 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
     # Optuna's write comes before ours: on SQLite (one writer for the whole file) Optuna's own
     # connection could not write while this transaction held the write lock. On Postgres the
     # study row is locked from the SELECT above, so asks on one study still never interleave.
-    ostudy = optuna_study(storage, study.optuna_study_name, spec,
-                          seed_offset=study.n_claimed + 1)
-    final_of = enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL \
-        else None
+    ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=study.n_claimed + 1)
+    final_of = enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL else None
     trial = _ask(storage, ostudy, distributions(spec), owner)
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
-    slot = s.execute(update(Study)
-                     .where(Study.id == study.id, Study.status == StudyStatus.RUNNING,
-                            Study.n_claimed < Study.n_trials)
-                     .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1,
-                             last_served_at=utcnow())
-                     .returning(Study.n_claimed)).scalar()
+    slot = s.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.status == StudyStatus.RUNNING,
+            Study.n_claimed < Study.n_trials,
+        )
+        .values(
+            n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1, last_served_at=utcnow()
+        )
+        .returning(Study.n_claimed)
+    ).scalar()
     if slot is None:  # lost a race (possible where FOR UPDATE is a no-op): give it back
         ostudy.tell(trial, state=OptunaState.FAIL)
         return None
     now = utcnow()
-    t = s.scalar(select(Trial).where(Trial.study_id == study.id,
-                                     Trial.optuna_trial_id == trial._trial_id))
+    t = s.scalar(
+        select(Trial).where(Trial.study_id == study.id, Trial.optuna_trial_id == trial._trial_id)
+    )
     if t is not None:  # an enqueued trial that ask() popped
         count_move(s, study.id, TrialState.WAITING, None)
         t.state = trial_transition("claim", t.state, TrialState.RUNNING, number=t.number)
@@ -217,10 +264,24 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
         t.lease_owner, t.worker, t.fence, t.attempts = owner, owner, t.fence + 1, 1
         t.started_at, t.lease_renewed_at = now, now
     else:
-        t = Trial(study_id=study.id, number=trial.number, optuna_trial_id=trial._trial_id,
-                  state=TrialState.RUNNING, params=trial.params, curve=[], epochs=0, info={},
-                  attempts=1, on_front=False, lease_owner=owner, worker=owner, fence=1,
-                  started_at=now, lease_renewed_at=now, final_of=final_of)
+        t = Trial(
+            study_id=study.id,
+            number=trial.number,
+            optuna_trial_id=trial._trial_id,
+            state=TrialState.RUNNING,
+            params=trial.params,
+            curve=[],
+            epochs=0,
+            info={},
+            attempts=1,
+            on_front=False,
+            lease_owner=owner,
+            worker=owner,
+            fence=1,
+            started_at=now,
+            lease_renewed_at=now,
+            final_of=final_of,
+        )
         s.add(t)
     s.flush()
     return _claim_view(t, study)
@@ -228,12 +289,19 @@ def _claim_new(s: Session, storage: optuna.storages.BaseStorage, owner: str,
 
 def _has_room(study: Study) -> bool:
     """The study (row locked) may start a trial: running, budget left, under its cap."""
-    return study.status == StudyStatus.RUNNING and study.n_claimed < study.n_trials and (
-        study.max_concurrent is None or study.n_running < study.max_concurrent)
+    return (
+        study.status == StudyStatus.RUNNING
+        and study.n_claimed < study.n_trials
+        and (study.max_concurrent is None or study.n_running < study.max_concurrent)
+    )
 
 
-def _ask(storage: optuna.storages.BaseStorage, ostudy: optuna.Study,
-         dists: dict[str, BaseDistribution], owner: str) -> optuna.Trial:
+def _ask(
+    storage: optuna.storages.BaseStorage,
+    ostudy: optuna.Study,
+    dists: dict[str, BaseDistribution],
+    owner: str,
+) -> optuna.Trial:
     """``ostudy.ask(dists)``, with the trial marked as seqtune's (``ASKED_BY``) right after
     Optuna creates or pops it and before the sampler runs, so that the window in which a dying
     claim leaves an unmarked trial is one write wide. The parameters are then suggested
@@ -262,19 +330,33 @@ def renew(db: Database, *, claim: Claim) -> None:
     """Extend the lease (the worker's heartbeat calls this while training progresses)."""
 
     def txn(s: Session) -> None:
-        res = s.execute(update(Trial)
-                        .where(Trial.id == claim.trial_row_id, Trial.lease_owner == claim.owner,
-                               Trial.fence == claim.fence, Trial.state == TrialState.RUNNING)
-                        .values(lease_renewed_at=utcnow()))
+        res = s.execute(
+            update(Trial)
+            .where(
+                Trial.id == claim.trial_row_id,
+                Trial.lease_owner == claim.owner,
+                Trial.fence == claim.fence,
+                Trial.state == TrialState.RUNNING,
+            )
+            .values(lease_renewed_at=utcnow())
+        )
         if res.rowcount != 1:  # type: ignore[attr-defined]
-            raise Fenced(f"trial {claim.number} of '{claim.study_name}' was taken from this "
-                         "attempt")
+            raise Fenced(
+                f"trial {claim.number} of '{claim.study_name}' was taken from this attempt"
+            )
 
     db.run(txn)
 
 
-def report(db: Database, *, claim: Claim, trial: optuna.Trial | None, epoch: int,
-           record: dict[str, Any], value: float | None) -> None:
+def report(
+    db: Database,
+    *,
+    claim: Claim,
+    trial: optuna.Trial | None,
+    epoch: int,
+    record: dict[str, Any],
+    value: float | None,
+) -> None:
     """Append an epoch to the learning curve, renew the lease and report ``value`` to Optuna
     (single-objective studies) as the intermediate value of step ``epoch``, replacing the
     value an earlier attempt reported for that step (see ``report_value``). Raises Fenced.
@@ -291,17 +373,25 @@ def report(db: Database, *, claim: Claim, trial: optuna.Trial | None, epoch: int
             curve = _T.c.curve.op("||")(cast(text_rec, JSONB))
         else:
             curve = func.json_insert(_T.c.curve, "$[#]", func.json(text_rec))
-        held = (_T.c.id == claim.trial_row_id, _T.c.lease_owner == claim.owner,
-                _T.c.fence == claim.fence, _T.c.state == TrialState.RUNNING)
+        held = (
+            _T.c.id == claim.trial_row_id,
+            _T.c.lease_owner == claim.owner,
+            _T.c.fence == claim.fence,
+            _T.c.state == TrialState.RUNNING,
+        )
         # Lock (Postgres) and check first, then Optuna, then our write: Optuna writes on its
         # own connection, which SQLite's single writer would refuse while we held the lock.
         if conn.execute(select(_T.c.id).where(*held).with_for_update()).first() is None:
-            raise Fenced(f"trial {claim.number} of '{claim.study_name}' is no longer held by this "
-                         "attempt")
+            raise Fenced(
+                f"trial {claim.number} of '{claim.study_name}' is no longer held by this attempt"
+            )
         if trial is not None and value is not None:
             report_value(trial, epoch, value)
-        conn.execute(update(_T).where(*held).values(curve=curve, epochs=_T.c.epochs + 1,
-                                                    lease_renewed_at=utcnow()))
+        conn.execute(
+            update(_T)
+            .where(*held)
+            .values(curve=curve, epochs=_T.c.epochs + 1, lease_renewed_at=utcnow())
+        )
 
     db.write(txn)
 
@@ -323,11 +413,20 @@ def report_value(trial: optuna.Trial, step: int, value: float) -> None:
     trial._cached_frozen_trial.intermediate_values[int(step)] = float(value)
 
 
-def finish(db: Database, *, ostudy: optuna.Study, claim: Claim, state: str,
-           values: list[float] | None = None, reason: str | None = None,
-           test_metrics: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-           error: str | None = None, model: bytes | None = None,
-           model_epoch: int | None = None) -> None:
+def finish(
+    db: Database,
+    *,
+    ostudy: optuna.Study,
+    claim: Claim,
+    state: str,
+    values: list[float] | None = None,
+    reason: str | None = None,
+    test_metrics: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+    error: str | None = None,
+    model: bytes | None = None,
+    model_epoch: int | None = None,
+) -> None:
     """Tell Optuna the trial's end and record it, if this attempt still holds the lease.
     ``model`` (a torch checkpoint of the restored best weights, trained at ``model_epoch``)
     becomes the trial's 'best' checkpoint in the same transaction, under the same fence check:
@@ -340,8 +439,18 @@ def finish(db: Database, *, ostudy: optuna.Study, claim: Claim, state: str,
         # Optuna's tell (inside close_trial) writes first, on its own connection: SQLite's
         # single writer would block it behind this transaction had the checkpoint been written
         # before.
-        close_trial(s, ostudy, t, action="finish", state=state, values=values, reason=reason,
-                    test_metrics=test_metrics, info=info, error=error)
+        close_trial(
+            s,
+            ostudy,
+            t,
+            action="finish",
+            state=state,
+            values=values,
+            reason=reason,
+            test_metrics=test_metrics,
+            info=info,
+            error=error,
+        )
         if model is not None:
             _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
 
@@ -359,8 +468,7 @@ def release(db: Database, *, claim: Claim) -> None:
     db.run(txn)
 
 
-def save_checkpoint(db: Database, *, claim: Claim, kind: str, epoch: int,
-                    data: bytes) -> None:
+def save_checkpoint(db: Database, *, claim: Claim, kind: str, epoch: int, data: bytes) -> None:
     """Store the trial's 'resume' snapshot or 'best' model, if this attempt still holds the
     lease: the trial row is locked and owner and fence checked first, as ``report`` and
     ``finish`` do, so a stale attempt never overwrites the live attempt's snapshot nor the
@@ -374,22 +482,25 @@ def save_checkpoint(db: Database, *, claim: Claim, kind: str, epoch: int,
     db.run(txn)
 
 
-def _put_checkpoint(s: Session, trial_row_id: int, *, kind: str, epoch: int,
-                    data: bytes) -> None:
+def _put_checkpoint(s: Session, trial_row_id: int, *, kind: str, epoch: int, data: bytes) -> None:
     """Replace the trial's checkpoint of ``kind`` (the caller holds the trial's row lock)."""
-    s.execute(delete(Checkpoint).where(Checkpoint.trial_id == trial_row_id,
-                                       Checkpoint.kind == kind))
-    s.add(Checkpoint(trial_id=trial_row_id, kind=kind, epoch=epoch, size_bytes=len(data),
-                     data=data))
+    s.execute(
+        delete(Checkpoint).where(Checkpoint.trial_id == trial_row_id, Checkpoint.kind == kind)
+    )
+    s.add(
+        Checkpoint(trial_id=trial_row_id, kind=kind, epoch=epoch, size_bytes=len(data), data=data)
+    )
 
 
 def load_checkpoint(db: Database, *, trial_row_id: int, kind: str) -> tuple[int, bytes] | None:
     """``(epoch, bytes)`` of a trial's checkpoint, or None."""
 
     def txn(s: Session) -> tuple[int, bytes] | None:
-        row = s.execute(select(Checkpoint.epoch, Checkpoint.data)
-                        .where(Checkpoint.trial_id == trial_row_id,
-                               Checkpoint.kind == kind)).first()
+        row = s.execute(
+            select(Checkpoint.epoch, Checkpoint.data).where(
+                Checkpoint.trial_id == trial_row_id, Checkpoint.kind == kind
+            )
+        ).first()
         return (row[0], row[1]) if row else None
 
     return db.run(txn)
@@ -399,8 +510,14 @@ def has_work(db: Database, *, studies: list[str] | None = None) -> bool:
     """Whether a running study (of ``studies``) still has trials to start or finish."""
 
     def txn(s: Session) -> bool:
-        q = select(Study.id).where(Study.status == StudyStatus.RUNNING, (
-            Study.n_claimed < Study.n_trials) | (Study.n_running > 0)).limit(1)
+        q = (
+            select(Study.id)
+            .where(
+                Study.status == StudyStatus.RUNNING,
+                (Study.n_claimed < Study.n_trials) | (Study.n_running > 0),
+            )
+            .limit(1)
+        )
         if studies:
             q = q.where(Study.name.in_(studies))
         return s.scalar(q) is not None

@@ -75,8 +75,9 @@ def make_pruner(p: PrunerSpec) -> optuna.pruners.BasePruner:
 _STUDIES: dict[tuple[int, str], optuna.Study] = {}
 
 
-def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec,
-                 seed_offset: int = 0) -> optuna.Study:
+def optuna_study(
+    storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec, seed_offset: int = 0
+) -> optuna.Study:
     """The Optuna study with the spec's sampler and pruner, cached per process (loading costs
     queries; a study's name, directions and spec never change). The sampler is made afresh,
     seeded per budget slot: samplers sharing one seed in many processes would propose the
@@ -84,8 +85,9 @@ def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: S
     key = (id(storage), optuna_name)
     study = _STUDIES.get(key)
     if study is None:
-        study = optuna.load_study(study_name=optuna_name, storage=storage,
-                                  pruner=make_pruner(spec.pruner))
+        study = optuna.load_study(
+            study_name=optuna_name, storage=storage, pruner=make_pruner(spec.pruner)
+        )
         # Optuna's storage reads every trial of the study into this process the first time
         # (seconds at 10^4 trials); do it now, not later inside ask() under the study lock.
         study.get_trials(deepcopy=False, states=(OptunaState.WAITING,))
@@ -94,7 +96,12 @@ def optuna_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: S
         _STUDIES[key] = study
     sampler_spec = spec.sampler
     if sampler_spec.seed is not None:
-        spec = spec.model_copy(update={"sampler": sampler_spec.model_copy(
-            update={"seed": (sampler_spec.seed + seed_offset) % 2**32})})
+        spec = spec.model_copy(
+            update={
+                "sampler": sampler_spec.model_copy(
+                    update={"seed": (sampler_spec.seed + seed_offset) % 2**32}
+                )
+            }
+        )
     study.sampler = make_sampler(spec)
     return study

@@ -79,21 +79,31 @@ class _Tally:
     completed: int = 0
 
 
-def reap(db: Database, storage: optuna.storages.BaseStorage, *,
-         now: datetime | None = None) -> ReapReport:
+def reap(
+    db: Database, storage: optuna.storages.BaseStorage, *, now: datetime | None = None
+) -> ReapReport:
     """Recover from dead workers: free or fail the trials of stale leases, fail orphans,
     settle outside clients' trials, time out and complete studies; each in a transaction of
     its own. Returns what it did. Safe to run from every worker and the service at once."""
     now = now or utcnow()
     out = _Tally()
     # An outside client's run of a queued trial has no lease to expire: it ends in Optuna.
-    stale = db.run(lambda s: [
-        (t.id, str(t.lease_owner), t.fence) for t, study in s.execute(
-            select(Trial, Study).join(Study, Study.id == Trial.study_id)
-            .where(Trial.state == TrialState.RUNNING, Trial.lease_owner.is_not(None),
-                   Trial.lease_owner != OUTSIDE))
-        if t.lease_renewed_at is not None
-        and t.lease_renewed_at < now - timedelta(seconds=study.lease_timeout_s)])
+    stale = db.run(
+        lambda s: [
+            (t.id, str(t.lease_owner), t.fence)
+            for t, study in s.execute(
+                select(Trial, Study)
+                .join(Study, Study.id == Trial.study_id)
+                .where(
+                    Trial.state == TrialState.RUNNING,
+                    Trial.lease_owner.is_not(None),
+                    Trial.lease_owner != OUTSIDE,
+                )
+            )
+            if t.lease_renewed_at is not None
+            and t.lease_renewed_at < now - timedelta(seconds=study.lease_timeout_s)
+        ]
+    )
     for trial_id, owner, fence in stale:
 
         def one(s: Session, i: int = trial_id, o: str = owner, f: int = fence) -> None:
@@ -102,11 +112,22 @@ def reap(db: Database, storage: optuna.storages.BaseStorage, *,
         db.run(one)
     db.run(lambda s: _reap_orphans(s, storage, now, out))
     # Studies where an outside client may hold a seqtune trial: queued ones, or ones it runs.
-    outside_runs = select(Trial.id).where(Trial.study_id == Study.id,
-                                          Trial.state == TrialState.RUNNING,
-                                          Trial.lease_owner == OUTSIDE).exists()
-    ids = db.run(lambda s: list(s.scalars(select(Study.id).where(
-        (Study.n_waiting > 0) | outside_runs).order_by(Study.id))))
+    outside_runs = (
+        select(Trial.id)
+        .where(
+            Trial.study_id == Study.id,
+            Trial.state == TrialState.RUNNING,
+            Trial.lease_owner == OUTSIDE,
+        )
+        .exists()
+    )
+    ids = db.run(
+        lambda s: list(
+            s.scalars(
+                select(Study.id).where((Study.n_waiting > 0) | outside_runs).order_by(Study.id)
+            )
+        )
+    )
     for study_id in ids:
 
         def outside(s: Session, i: int = study_id) -> None:
@@ -123,26 +144,50 @@ def _optuna_utc(ts: datetime) -> datetime:
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=utcnow().tzinfo)
 
 
-def _reap_one(s: Session, storage: optuna.storages.BaseStorage, trial_id: int, owner: str,
-              fence: int, out: _Tally) -> None:
-    t = s.scalar(select(Trial).where(Trial.id == trial_id, Trial.lease_owner == owner,
-                                     Trial.fence == fence).with_for_update(skip_locked=True))
+def _reap_one(
+    s: Session,
+    storage: optuna.storages.BaseStorage,
+    trial_id: int,
+    owner: str,
+    fence: int,
+    out: _Tally,
+) -> None:
+    t = s.scalar(
+        select(Trial)
+        .where(Trial.id == trial_id, Trial.lease_owner == owner, Trial.fence == fence)
+        .with_for_update(skip_locked=True)
+    )
     if t is None:
         return  # renewed, finished or reaped by someone else meanwhile
     study = s.get(Study, t.study_id)
     assert study is not None
     frozen = storage.get_trial(t.optuna_trial_id)
     if frozen.state.is_finished():  # its tell went through, our record did not
-        close_trial(s, None, t, action="reconcile", state=frozen.state.name,
-                    values=frozen.values, reason=t.reason or "recovered", tell=False)
+        close_trial(
+            s,
+            None,
+            t,
+            action="reconcile",
+            state=frozen.state.name,
+            values=frozen.values,
+            reason=t.reason or "recovered",
+            tell=False,
+        )
         out.reconciled += 1
         return
     study.n_reaped += 1
     if t.attempts > study.max_retries:
         spec = StudySpec.model_validate(study.spec)
-        close_trial(s, optuna_study(storage, study.optuna_study_name, spec), t, action="reap",
-                    state=TrialState.FAIL, values=None, reason="lost",
-                    error=f"lease lost {t.attempts} time(s); max_retries={study.max_retries}")
+        close_trial(
+            s,
+            optuna_study(storage, study.optuna_study_name, spec),
+            t,
+            action="reap",
+            state=TrialState.FAIL,
+            values=None,
+            reason="lost",
+            error=f"lease lost {t.attempts} time(s); max_retries={study.max_retries}",
+        )
         out.failed += 1
         return
     # Fence the dead attempt off; the trial waits, RUNNING and unowned, for a worker.
@@ -151,8 +196,9 @@ def _reap_one(s: Session, storage: optuna.storages.BaseStorage, trial_id: int, o
     out.freed += 1
 
 
-def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetime,
-                  out: _Tally) -> None:
+def _reap_orphans(
+    s: Session, storage: optuna.storages.BaseStorage, now: datetime, out: _Tally
+) -> None:
     """Fail the RUNNING Optuna trials that seqtune asked (``ASKED_BY``) and has no running
     record of, once older than the lease timeout: a claim died between its ask and its
     commit (its claim would have committed within the timeout). Each is marked
@@ -162,13 +208,19 @@ def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetim
     ours (SQLite's single writer)."""
     requeued: list[tuple[Trial, int]] = []
     for study in s.scalars(select(Study).where(Study.status.in_(ACTIVE_STATUSES))):
-        running = storage.get_all_trials(study.optuna_study_id, deepcopy=False,
-                                         states=(OptunaState.RUNNING,))
+        running = storage.get_all_trials(
+            study.optuna_study_id, deepcopy=False, states=(OptunaState.RUNNING,)
+        )
         if not running:
             continue
         grace = timedelta(seconds=study.lease_timeout_s)
-        known = set(s.scalars(select(Trial.optuna_trial_id).where(
-            Trial.study_id == study.id, Trial.state == TrialState.RUNNING)))
+        known = set(
+            s.scalars(
+                select(Trial.optuna_trial_id).where(
+                    Trial.study_id == study.id, Trial.state == TrialState.RUNNING
+                )
+            )
+        )
         for ft in running:
             started = ft.datetime_start
             if ft._trial_id in known or started is None or ASKED_BY not in ft.system_attrs:
@@ -182,29 +234,39 @@ def _reap_orphans(s: Session, storage: optuna.storages.BaseStorage, now: datetim
                 continue  # finished meanwhile
             out.orphans += 1
             # An enqueued trial popped by the dead ask: queue its params again.
-            waiting = s.scalar(select(Trial).where(Trial.study_id == study.id,
-                                                   Trial.optuna_trial_id == ft._trial_id,
-                                                   Trial.state == TrialState.WAITING))
+            waiting = s.scalar(
+                select(Trial).where(
+                    Trial.study_id == study.id,
+                    Trial.optuna_trial_id == ft._trial_id,
+                    Trial.state == TrialState.WAITING,
+                )
+            )
             if waiting is not None:
                 requeued.append((waiting, _queue_again(storage, study, waiting.params)))
     for t, new_id in requeued:
         _point_at(storage, t, new_id)
 
 
-def settle_outside(s: Session, storage: optuna.storages.BaseStorage, *, study_id: int,
-                   now: datetime) -> int:
+def settle_outside(
+    s: Session, storage: optuna.storages.BaseStorage, *, study_id: int, now: datetime
+) -> int:
     """Settle one study's seqtune trials that an outside Optuna client took (see
     ``_settle_waiting``) and record those it ran that ended in Optuna. Returns how many trials
     it moved. Locks the study row (SKIP LOCKED: a study whose claim is asking right now, and
     so may be between its pop and its mark, waits for the next round)."""
-    study = s.scalar(select(Study).where(Study.id == study_id)
-                     .with_for_update(skip_locked=True))
+    study = s.scalar(select(Study).where(Study.id == study_id).with_for_update(skip_locked=True))
     if study is None:
         return 0
     moved = _settle_waiting(s, storage, study, now) if study.n_waiting > 0 else 0
-    for t in s.scalars(select(Trial).where(Trial.study_id == study.id,
-                                           Trial.state == TrialState.RUNNING,
-                                           Trial.lease_owner == OUTSIDE).with_for_update()):
+    for t in s.scalars(
+        select(Trial)
+        .where(
+            Trial.study_id == study.id,
+            Trial.state == TrialState.RUNNING,
+            Trial.lease_owner == OUTSIDE,
+        )
+        .with_for_update()
+    ):
         frozen = storage.get_trial(t.optuna_trial_id)
         if frozen.state.is_finished():
             _record_outside(s, t, frozen)
@@ -215,15 +277,23 @@ def settle_outside(s: Session, storage: optuna.storages.BaseStorage, *, study_id
 def poppable(s: Session, storage: optuna.storages.BaseStorage, study: Study) -> int:
     """How many of the study's queued seqtune trials are still in Optuna's queue (what the
     next ask() can pop). Reads only."""
-    queued = {ft._trial_id for ft in storage.get_all_trials(
-        study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,))}
-    ids = s.scalars(select(Trial.optuna_trial_id).where(Trial.study_id == study.id,
-                                                        Trial.state == TrialState.WAITING))
+    queued = {
+        ft._trial_id
+        for ft in storage.get_all_trials(
+            study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,)
+        )
+    }
+    ids = s.scalars(
+        select(Trial.optuna_trial_id).where(
+            Trial.study_id == study.id, Trial.state == TrialState.WAITING
+        )
+    )
     return sum(1 for i in ids if i in queued)
 
 
-def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Study,
-                    now: datetime) -> int:
+def _settle_waiting(
+    s: Session, storage: optuna.storages.BaseStorage, study: Study, now: datetime
+) -> int:
     """Settle the study's queued (WAITING) seqtune trials whose Optuna trial left Optuna's
     queue without a seqtune claim taking it. The caller holds the study's row lock.
 
@@ -237,12 +307,19 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
 
     Optuna's writes come before ours (SQLite's single writer). Returns how many trials it
     moved out of WAITING."""
-    rows = s.scalars(select(Trial)
-                     .where(Trial.study_id == study.id, Trial.state == TrialState.WAITING)
-                     .order_by(Trial.id).with_for_update()).all()
+    rows = s.scalars(
+        select(Trial)
+        .where(Trial.study_id == study.id, Trial.state == TrialState.WAITING)
+        .order_by(Trial.id)
+        .with_for_update()
+    ).all()
     # One read for the usual case (every queued trial still queued); the others one by one.
-    queued = {ft._trial_id for ft in storage.get_all_trials(
-        study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,))}
+    queued = {
+        ft._trial_id
+        for ft in storage.get_all_trials(
+            study.optuna_study_id, deepcopy=False, states=(OptunaState.WAITING,)
+        )
+    }
     adopt: list[tuple[Trial, FrozenTrial]] = []
     ended: list[tuple[Trial, FrozenTrial]] = []
     requeued: list[tuple[Trial, int]] = []
@@ -257,8 +334,11 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
         asked = ASKED_BY in ft.system_attrs
         if ft.state == OptunaState.RUNNING:
             started = ft.datetime_start
-            if not asked and started is not None and \
-                    _optuna_utc(started) <= now - timedelta(seconds=OUTSIDE_GRACE_S):
+            if (
+                not asked
+                and started is not None
+                and _optuna_utc(started) <= now - timedelta(seconds=OUTSIDE_GRACE_S)
+            ):
                 adopt.append((t, ft))
         elif ft.state.is_finished():
             if asked:
@@ -270,14 +350,12 @@ def _settle_waiting(s: Session, storage: optuna.storages.BaseStorage, study: Stu
         _point_at(storage, t, new_id)
     for t, ft in adopt:
         count_move(s, study.id, TrialState.WAITING, TrialState.RUNNING)
-        s.execute(update(Study).where(Study.id == study.id)
-                  .values(n_claimed=Study.n_claimed + 1))
+        s.execute(update(Study).where(Study.id == study.id).values(n_claimed=Study.n_claimed + 1))
         t.state = trial_transition("adopt", t.state, TrialState.RUNNING, number=t.number)
         t.params = dict(ft.params) or t.params
         t.lease_owner, t.worker, t.fence, t.attempts = OUTSIDE, OUTSIDE, t.fence + 1, 1
         t.started_at, t.lease_renewed_at = ft.datetime_start, now
-        log.info("study %s: trial %d is run by an outside Optuna client", study.name,
-                 t.number)
+        log.info("study %s: trial %d is run by an outside Optuna client", study.name, t.number)
     for t, ft in ended:
         _record_outside(s, t, ft)
     s.flush()
@@ -290,24 +368,35 @@ def _record_outside(s: Session, t: Trial, frozen: FrozenTrial) -> None:
     finished between two looks) counts as started now. Optuna is not told anything: it is
     where the result came from. The caller holds the trial's row lock."""
     if t.state == TrialState.WAITING:
-        s.execute(update(Study).where(Study.id == t.study_id)
-                  .values(n_claimed=Study.n_claimed + 1))
+        s.execute(update(Study).where(Study.id == t.study_id).values(n_claimed=Study.n_claimed + 1))
         t.attempts, t.started_at = 1, frozen.datetime_start
     t.params, t.worker = dict(frozen.params) or t.params, OUTSIDE
-    close_trial(s, None, t, action="record", state=frozen.state.name, values=frozen.values,
-                reason=OUTSIDE_REASON, tell=False)
+    close_trial(
+        s,
+        None,
+        t,
+        action="record",
+        state=frozen.state.name,
+        values=frozen.values,
+        reason=OUTSIDE_REASON,
+        tell=False,
+    )
     if frozen.datetime_complete is not None:
         t.finished_at = frozen.datetime_complete
-    log.info("trial %d (study id %d) ended %s in an outside Optuna client", t.number,
-             t.study_id, frozen.state.name)
+    log.info(
+        "trial %d (study id %d) ended %s in an outside Optuna client",
+        t.number,
+        t.study_id,
+        frozen.state.name,
+    )
 
 
-def _queue_again(storage: optuna.storages.BaseStorage, study: Study,
-                 params: dict[str, Any]) -> int:
+def _queue_again(storage: optuna.storages.BaseStorage, study: Study, params: dict[str, Any]) -> int:
     """A new WAITING Optuna trial with a seqtune-enqueued trial's parameters (the one it
     pointed at was popped by a claim that died or gave it back). Returns its id."""
-    template = optuna.trial.create_trial(state=OptunaState.WAITING,
-                                         system_attrs={"fixed_params": params})
+    template = optuna.trial.create_trial(
+        state=OptunaState.WAITING, system_attrs={"fixed_params": params}
+    )
     return storage.create_new_trial(study.optuna_study_id, template_trial=template)
 
 
@@ -318,12 +407,12 @@ def _point_at(storage: optuna.storages.BaseStorage, t: Trial, optuna_trial_id: i
 
 
 def _reap_studies(s: Session, now: datetime, out: _Tally) -> None:
-    for study in s.scalars(select(Study).where(Study.status == StudyStatus.RUNNING)
-                           .with_for_update(skip_locked=True)):
+    for study in s.scalars(
+        select(Study).where(Study.status == StudyStatus.RUNNING).with_for_update(skip_locked=True)
+    ):
         if study.deadline is not None and study.deadline < now:
             study.status = study_transition("time_out", study.status, name=study.name)
             study.finished_at = utcnow()
             out.timed_out += 1
-        elif study.n_claimed >= study.n_trials and study.n_running == 0 and \
-                end_of_budget(s, study):
+        elif study.n_claimed >= study.n_trials and study.n_running == 0 and end_of_budget(s, study):
             out.completed += 1

@@ -44,15 +44,28 @@ def study_view(row: Any) -> StudyView:
     """The view of a study row (ORM object or Core row namespace)."""
     finished = row.n_complete + row.n_pruned + row.n_failed
     return StudyView(
-        name=row.name, tenant=row.tenant, status=row.status, task=row.task,
+        name=row.name,
+        tenant=row.tenant,
+        status=row.status,
+        task=row.task,
         optuna_study_name=row.optuna_study_name,
-        optuna_study_id=getattr(row, "optuna_study_id", None), directions=row.directions,
-        priority=row.priority, spec=row.spec, created_at=row.created_at,
-        updated_at=row.updated_at, finished_at=row.finished_at,
-        baselines=row.baselines, phase=row.phase or StudyPhase.SEARCH,
+        optuna_study_id=getattr(row, "optuna_study_id", None),
+        directions=row.directions,
+        priority=row.priority,
+        spec=row.spec,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+        baselines=row.baselines,
+        phase=row.phase or StudyPhase.SEARCH,
         trials=TrialCounts(
-            waiting=row.n_waiting, running=row.n_running, complete=row.n_complete,
-            pruned=row.n_pruned, failed=row.n_failed, finished=finished, budget=row.n_trials,
+            waiting=row.n_waiting,
+            running=row.n_running,
+            complete=row.n_complete,
+            pruned=row.n_pruned,
+            failed=row.n_failed,
+            finished=finished,
+            budget=row.n_trials,
             remaining=max(0, row.n_trials - row.n_claimed - row.n_waiting),
         ),
     )
@@ -69,8 +82,9 @@ def study_row(s: Session, tenant: str, name: str, *, lock: bool = False) -> Stud
     return row
 
 
-def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: str,
-                 spec: StudySpec) -> StudyView:
+def create_study(
+    db: Database, storage: optuna.storages.BaseStorage, *, tenant: str, spec: StudySpec
+) -> StudyView:
     """Create the Optuna study and seqtune's record of it. The spec must be checked already.
 
     Raises AlreadyExists when the tenant has a study of that name (or the storage an Optuna
@@ -82,31 +96,54 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
 
     def txn(s: Session) -> StudyView:
         if s.scalar(select(Study.id).where(Study.tenant == tenant, Study.name == spec.name)):
-            raise AlreadyExists(f"a study named '{spec.name}' exists; choose another name or "
-                                "DELETE /v1/studies/" + spec.name)
+            raise AlreadyExists(
+                f"a study named '{spec.name}' exists; choose another name or "
+                "DELETE /v1/studies/" + spec.name
+            )
         if not created:
             try:
-                created.append(storage.create_new_study(
-                    directions=[optuna.study.StudyDirection[d.upper()] for d in directions],
-                    study_name=oname))
+                created.append(
+                    storage.create_new_study(
+                        directions=[optuna.study.StudyDirection[d.upper()] for d in directions],
+                        study_name=oname,
+                    )
+                )
             except optuna.exceptions.DuplicatedStudyError:
-                raise AlreadyExists(f"the storage already holds an Optuna study named "
-                                    f"'{oname}'; delete it or choose another name") from None
+                raise AlreadyExists(
+                    f"the storage already holds an Optuna study named "
+                    f"'{oname}'; delete it or choose another name"
+                ) from None
             metrics = [o.metric for o in spec.objectives]
             storage.set_study_system_attr(created[0], "study:metric_names", metrics)
-            storage.set_study_user_attr(created[0], "seqtune_spec",
-                                        json.loads(spec.model_dump_json()))
+            storage.set_study_user_attr(
+                created[0], "seqtune_spec", json.loads(spec.model_dump_json())
+            )
         row = Study(
-            tenant=tenant, name=spec.name, optuna_study_name=oname,
-            optuna_study_id=created[0], status=StudyStatus.RUNNING, task=spec.task,
-            spec=json.loads(spec.model_dump_json()), directions=directions,
-            n_trials=spec.budget.n_trials, priority=spec.priority,
+            tenant=tenant,
+            name=spec.name,
+            optuna_study_name=oname,
+            optuna_study_id=created[0],
+            status=StudyStatus.RUNNING,
+            task=spec.task,
+            spec=json.loads(spec.model_dump_json()),
+            directions=directions,
+            n_trials=spec.budget.n_trials,
+            priority=spec.priority,
             dataset_id=spec.dataset.id if isinstance(spec.dataset, UploadedData) else None,
-            n_waiting=0, n_running=0, n_complete=0, n_pruned=0, n_failed=0, n_claimed=0,
+            n_waiting=0,
+            n_running=0,
+            n_complete=0,
+            n_pruned=0,
+            n_failed=0,
+            n_claimed=0,
             max_concurrent=spec.budget.max_concurrent_trials,
-            lease_timeout_s=spec.budget.lease_timeout_s, max_retries=spec.budget.max_retries,
-            deadline=(utcnow() + timedelta(seconds=spec.budget.timeout_s)
-                      if spec.budget.timeout_s else None),
+            lease_timeout_s=spec.budget.lease_timeout_s,
+            max_retries=spec.budget.max_retries,
+            deadline=(
+                utcnow() + timedelta(seconds=spec.budget.timeout_s)
+                if spec.budget.timeout_s
+                else None
+            ),
         )
         s.add(row)
         s.flush()
@@ -122,11 +159,14 @@ def create_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: 
         raise
 
 
-def list_studies(db: Database, *, tenant: str, status: str | None, limit: int,
-                 offset: int) -> Page[StudyView]:
+def list_studies(
+    db: Database, *, tenant: str, status: str | None, limit: int, offset: int
+) -> Page[StudyView]:
     if status is not None and status not in set(StudyStatus):
-        raise Invalid(f"status must be one of {[s.value for s in StudyStatus]}",
-                      details=[{"field": "status", "reason": "unknown status"}])
+        raise Invalid(
+            f"status must be one of {[s.value for s in StudyStatus]}",
+            details=[{"field": "status", "reason": "unknown status"}],
+        )
 
     def txn(s: Session) -> Page[StudyView]:
         q = select(Study).where(Study.tenant == tenant)
@@ -134,14 +174,17 @@ def list_studies(db: Database, *, tenant: str, status: str | None, limit: int,
             q = q.where(Study.status == status)
         rows = s.scalars(q.order_by(Study.id.desc()).limit(limit + 1).offset(offset)).all()
         more = len(rows) > limit
-        return Page(items=[study_view(r) for r in rows[:limit]],
-                    next_offset=offset + limit if more else None)
+        return Page(
+            items=[study_view(r) for r in rows[:limit]],
+            next_offset=offset + limit if more else None,
+        )
 
     return db.run(txn)
 
 
-_GET_STMT = select(_STUDIES).where(_STUDIES.c.tenant == bindparam("tenant"),
-                                   _STUDIES.c.name == bindparam("name"))
+_GET_STMT = select(_STUDIES).where(
+    _STUDIES.c.tenant == bindparam("tenant"), _STUDIES.c.name == bindparam("name")
+)
 
 
 def get_study(db: Database, *, tenant: str, name: str) -> StudyView:
@@ -156,8 +199,15 @@ def get_study(db: Database, *, tenant: str, name: str) -> StudyView:
     return db.read(read)
 
 
-def update_study(db: Database, *, tenant: str, name: str, status: str | None = None,
-                 n_trials: int | None = None, priority: int | None = None) -> StudyView:
+def update_study(
+    db: Database,
+    *,
+    tenant: str,
+    name: str,
+    status: str | None = None,
+    n_trials: int | None = None,
+    priority: int | None = None,
+) -> StudyView:
     """Pause, resume or stop a study, change its budget or priority.
 
     Raises Conflict for a transition its status does not allow (a stopped or timed-out study
@@ -169,8 +219,9 @@ def update_study(db: Database, *, tenant: str, name: str, status: str | None = N
         started = row.n_claimed + row.n_waiting
         if n_trials is not None:
             if n_trials < started:
-                raise Conflict(f"{started} trials already started or queued; n_trials must be "
-                               f">= {started}")
+                raise Conflict(
+                    f"{started} trials already started or queued; n_trials must be >= {started}"
+                )
             row.n_trials = n_trials
             if row.status == StudyStatus.COMPLETED and n_trials > started:
                 row.status = study_transition("extend", row.status, name=name)
@@ -181,9 +232,10 @@ def update_study(db: Database, *, tenant: str, name: str, status: str | None = N
             action = next((a for st, a in SETTABLE_STATUSES.items() if st == status), None)
             if action is None:
                 settable = [f"'{s}'" for s in SETTABLE_STATUSES]
-                raise Invalid(f"status can be set to {', '.join(settable[:-1])} or "
-                              f"{settable[-1]}",
-                              details=[{"field": "status", "reason": "not settable"}])
+                raise Invalid(
+                    f"status can be set to {', '.join(settable[:-1])} or {settable[-1]}",
+                    details=[{"field": "status", "reason": "not settable"}],
+                )
             row.status = study_transition(action, row.status, name=name)
             if row.status == StudyStatus.STOPPED:
                 row.finished_at = utcnow()
@@ -194,16 +246,24 @@ def update_study(db: Database, *, tenant: str, name: str, status: str | None = N
     return db.run(txn)
 
 
-def delete_study(db: Database, storage: optuna.storages.BaseStorage, *, tenant: str,
-                 name: str, force: bool = False) -> None:
+def delete_study(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    *,
+    tenant: str,
+    name: str,
+    force: bool = False,
+) -> None:
     """Delete a study, its trials and its Optuna study. Raises Conflict while trials run,
     unless ``force``."""
 
     def txn(s: Session) -> None:
         row = study_row(s, tenant, name, lock=True)
         if row.status == StudyStatus.RUNNING and row.n_running > 0 and not force:
-            raise Conflict(f"study '{name}' has {row.n_running} running trial(s); stop it "
-                           "first (PATCH status=stopped) or pass ?force=true")
+            raise Conflict(
+                f"study '{name}' has {row.n_running} running trial(s); stop it "
+                "first (PATCH status=stopped) or pass ?force=true"
+            )
         # Optuna's side first: on SQLite it cannot write while this transaction holds the lock.
         with contextlib.suppress(KeyError):  # already gone from Optuna's side
             storage.delete_study(row.optuna_study_id)
@@ -218,11 +278,24 @@ def trial_view(t: Any, *, with_curve: bool = False) -> TrialView:
     if t.started_at is not None and t.finished_at is not None:
         duration = (t.finished_at - t.started_at).total_seconds()
     return TrialView(
-        number=t.number, state=t.state, params=t.params, value=t.value, values=t.values,
-        reason=t.reason, test_metrics=t.test_metrics, info=t.info or {},
-        curve=t.curve if with_curve else None, epochs=t.epochs, worker=t.worker,
-        attempts=t.attempts, error=t.error, created_at=t.created_at, started_at=t.started_at,
-        finished_at=t.finished_at, duration_s=duration, final_of=t.final_of,
+        number=t.number,
+        state=t.state,
+        params=t.params,
+        value=t.value,
+        values=t.values,
+        reason=t.reason,
+        test_metrics=t.test_metrics,
+        info=t.info or {},
+        curve=t.curve if with_curve else None,
+        epochs=t.epochs,
+        worker=t.worker,
+        attempts=t.attempts,
+        error=t.error,
+        created_at=t.created_at,
+        started_at=t.started_at,
+        finished_at=t.finished_at,
+        duration_s=duration,
+        final_of=t.final_of,
     )
 
 
@@ -231,35 +304,59 @@ def _best_id(descending: bool) -> Any:
     re-trains excluded) in one direction."""
     bt = _TRIALS.alias("bt")
     order = bt.c.value.desc() if descending else bt.c.value.asc()
-    return (select(bt.c.id)
-            .where(bt.c.study_id == _STUDIES.c.id, bt.c.state == State.COMPLETE,
-                   bt.c.value.is_not(None), bt.c.final_of.is_(None))
-            .order_by(order, bt.c.number).limit(1)
-            .correlate(_STUDIES).scalar_subquery())
+    return (
+        select(bt.c.id)
+        .where(
+            bt.c.study_id == _STUDIES.c.id,
+            bt.c.state == State.COMPLETE,
+            bt.c.value.is_not(None),
+            bt.c.final_of.is_(None),
+        )
+        .order_by(order, bt.c.number)
+        .limit(1)
+        .correlate(_STUDIES)
+        .scalar_subquery()
+    )
 
 
 def _has_final() -> Any:
     """Correlated EXISTS: the study has a COMPLETE final-phase re-train. Served by the
     (study_id, final_of) index, so a study without re-trains costs one index probe."""
     ft = _TRIALS.alias("ft")
-    return (select(ft.c.id)
-            .where(ft.c.study_id == _STUDIES.c.id, ft.c.final_of.is_not(None),
-                   ft.c.state == State.COMPLETE)
-            .correlate(_STUDIES).exists())
+    return (
+        select(ft.c.id)
+        .where(
+            ft.c.study_id == _STUDIES.c.id, ft.c.final_of.is_not(None), ft.c.state == State.COMPLETE
+        )
+        .correlate(_STUDIES)
+        .exists()
+    )
 
 
 # One statement, two index lookups: the study by (tenant, name), then the first row of the
 # (study_id, state, value) index in the study's direction (plus one probe of the
 # (study_id, final_of) index). Never reads the other trials.
 _BEST_STMT = (
-    select(_STUDIES.c.id.label("study_pk"), _STUDIES.c.directions,
-           _STUDIES.c.spec["objectives"].label("objectives"),
-           _STUDIES.c.task.label("study_task"), _STUDIES.c.phase.label("study_phase"),
-           _STUDIES.c.baselines.label("study_baselines"), _has_final().label("has_final"),
-           *_TRIAL_COLS)
-    .select_from(_STUDIES.outerjoin(_TRIALS, _TRIALS.c.id == case(
-        (_STUDIES.c.directions[0].as_string() == "maximize", _best_id(True)),
-        else_=_best_id(False))))
+    select(
+        _STUDIES.c.id.label("study_pk"),
+        _STUDIES.c.directions,
+        _STUDIES.c.spec["objectives"].label("objectives"),
+        _STUDIES.c.task.label("study_task"),
+        _STUDIES.c.phase.label("study_phase"),
+        _STUDIES.c.baselines.label("study_baselines"),
+        _has_final().label("has_final"),
+        *_TRIAL_COLS,
+    )
+    .select_from(
+        _STUDIES.outerjoin(
+            _TRIALS,
+            _TRIALS.c.id
+            == case(
+                (_STUDIES.c.directions[0].as_string() == "maximize", _best_id(True)),
+                else_=_best_id(False),
+            ),
+        )
+    )
     .where(_STUDIES.c.tenant == bindparam("tenant"), _STUDIES.c.name == bindparam("name"))
 )
 
@@ -277,8 +374,9 @@ def _finite_num(v: Any) -> float | None:
     return float(v)
 
 
-def final_summary(phase: str, directions: list[str],
-                  rows: list[tuple[int, float | None, dict[str, Any] | None]]) -> dict[str, Any]:
+def final_summary(
+    phase: str, directions: list[str], rows: list[tuple[int, float | None, dict[str, Any] | None]]
+) -> dict[str, Any]:
     """The final phase's re-trains grouped by the search trial they re-train.
 
     ``rows`` are ``(final_of, value, test_metrics)`` of COMPLETE re-trains. Returns::
@@ -307,14 +405,22 @@ def final_summary(phase: str, directions: list[str],
             if xs:
                 km, ksd = _mean_sd(xs)
                 test[k] = {"mean": km, "sd": ksd}
-        groups.append({"trial": trial, "n": len(members), "value_mean": mean, "value_sd": sd,
-                       "test": test})
+        groups.append(
+            {"trial": trial, "n": len(members), "value_mean": mean, "value_sd": sd, "test": test}
+        )
     sign = -1.0 if directions and directions[0] == "maximize" else 1.0
-    groups.sort(key=lambda g: (g["value_mean"] is None,
-                               sign * g["value_mean"] if g["value_mean"] is not None else 0.0,
-                               g["trial"]))
-    winner = (groups[0]["trial"] if len(directions) == 1 and groups
-              and groups[0]["value_mean"] is not None else None)
+    groups.sort(
+        key=lambda g: (
+            g["value_mean"] is None,
+            sign * g["value_mean"] if g["value_mean"] is not None else 0.0,
+            g["trial"],
+        )
+    )
+    winner = (
+        groups[0]["trial"]
+        if len(directions) == 1 and groups and groups[0]["value_mean"] is not None
+        else None
+    )
     return {"phase": phase, "groups": groups, "winner": winner}
 
 
@@ -334,9 +440,13 @@ def _final_of(conn: Connection, m: Any) -> dict[str, Any] | None:
         return None
     rows = conn.execute(
         select(_TRIALS.c.final_of, _TRIALS.c.value, _TRIALS.c.test_metrics)
-        .where(_TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == State.COMPLETE,
-               _TRIALS.c.final_of.is_not(None))
-        .order_by(_TRIALS.c.final_of, _TRIALS.c.number)).all()
+        .where(
+            _TRIALS.c.study_id == m["study_pk"],
+            _TRIALS.c.state == State.COMPLETE,
+            _TRIALS.c.final_of.is_not(None),
+        )
+        .order_by(_TRIALS.c.final_of, _TRIALS.c.number)
+    ).all()
     return final_summary(phase, m["directions"], [(r[0], r[1], r[2]) for r in rows])
 
 
@@ -348,9 +458,11 @@ def _best_trial(conn: Connection, m: Any, final: dict[str, Any] | None, name: st
         raise Conflict(f"study '{name}' has no completed trial yet")
     best_t = trial_view(SimpleNamespace(**m, curve=None))
     if final is not None and final["winner"] is not None and final["winner"] != best_t.number:
-        won = conn.execute(select(*_TRIAL_COLS).where(
-            _TRIALS.c.study_id == m["study_pk"],
-            _TRIALS.c.number == final["winner"])).one_or_none()
+        won = conn.execute(
+            select(*_TRIAL_COLS).where(
+                _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.number == final["winner"]
+            )
+        ).one_or_none()
         if won is not None:  # else the search trial is gone: keep the index's best
             best_t = trial_view(SimpleNamespace(**won._mapping, curve=None))
     return best_t
@@ -365,9 +477,11 @@ def best_trial(db: Database, *, tenant: str, name: str) -> TrialView:
     def read(conn: Connection) -> TrialView:
         m = _best_row(conn, tenant, name)
         if len(m["directions"]) > 1:
-            raise Conflict(f"study '{name}' has several objectives, so no single best "
-                           "model: pick a trial of GET /v1/studies/{name}/best and download"
-                           " /v1/studies/{name}/trials/{number}/model")
+            raise Conflict(
+                f"study '{name}' has several objectives, so no single best "
+                "model: pick a trial of GET /v1/studies/{name}/best and download"
+                " /v1/studies/{name}/trials/{number}/model"
+            )
         return _best_trial(conn, m, _final_of(conn, m), name)
 
     return db.read(read)
@@ -394,25 +508,42 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
         baselines, final = m["study_baselines"], _final_of(conn, m)
         if len(directions) == 1:
             best_t = _best_trial(conn, m, final, name)
-            return BestView(study=name, directions=directions, metrics=metrics, best=best_t,
-                            baselines=baselines, final=final,
-                            verdict=verdict(baselines, best_t, m["study_task"]))
-        front = conn.execute(select(*_TRIAL_COLS).where(
-            _TRIALS.c.study_id == m["study_pk"], _TRIALS.c.state == State.COMPLETE,
-            _TRIALS.c.on_front.is_(True), _TRIALS.c.final_of.is_(None))
-            .order_by(_TRIALS.c.number)).all()
+            return BestView(
+                study=name,
+                directions=directions,
+                metrics=metrics,
+                best=best_t,
+                baselines=baselines,
+                final=final,
+                verdict=verdict(baselines, best_t, m["study_task"]),
+            )
+        front = conn.execute(
+            select(*_TRIAL_COLS)
+            .where(
+                _TRIALS.c.study_id == m["study_pk"],
+                _TRIALS.c.state == State.COMPLETE,
+                _TRIALS.c.on_front.is_(True),
+                _TRIALS.c.final_of.is_(None),
+            )
+            .order_by(_TRIALS.c.number)
+        ).all()
         if not front:
             raise Conflict(f"study '{name}' has no completed trial yet")
-        return BestView(study=name, directions=directions, metrics=metrics,
-                        pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None))
-                                      for f in front],
-                        baselines=baselines, final=final)
+        return BestView(
+            study=name,
+            directions=directions,
+            metrics=metrics,
+            pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None)) for f in front],
+            baselines=baselines,
+            final=final,
+        )
 
     return db.read(read)
 
 
-def seqtune_study(db: Database, storage: optuna.storages.BaseStorage,
-                  view: StudyView) -> optuna.Study:
+def seqtune_study(
+    db: Database, storage: optuna.storages.BaseStorage, view: StudyView
+) -> optuna.Study:
     """The study as seqtune shows it, for Optuna's plots and importances: its trials that have
     a seqtune record (asked by a seqtune claim, or queued through seqtune, whoever ran them),
     the trials ``/trials`` lists and ``/best`` chooses from, under their own numbers. Trials
@@ -421,11 +552,18 @@ def seqtune_study(db: Database, storage: optuna.storages.BaseStorage,
     metrics. Optuna itself (``load_study``, the dashboard, the sampler) sees every trial.
 
     Reads every trial: for people, not hot paths."""
-    ours = frozenset(db.run(lambda s: s.scalars(
-        select(Trial.optuna_trial_id).join(Study, Study.id == Trial.study_id)
-        .where(Study.tenant == view.tenant, Study.name == view.name)).all()))
-    return optuna.load_study(study_name=view.optuna_study_name,
-                             storage=_OnlyTheseTrials(storage, ours))
+    ours = frozenset(
+        db.run(
+            lambda s: s.scalars(
+                select(Trial.optuna_trial_id)
+                .join(Study, Study.id == Trial.study_id)
+                .where(Study.tenant == view.tenant, Study.name == view.name)
+            ).all()
+        )
+    )
+    return optuna.load_study(
+        study_name=view.optuna_study_name, storage=_OnlyTheseTrials(storage, ours)
+    )
 
 
 def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
@@ -442,10 +580,14 @@ class _OnlyTheseTrials(optuna.storages.BaseStorage):
     def __init__(self, base: optuna.storages.BaseStorage, keep: frozenset[int]) -> None:
         self._base, self._keep = base, keep
 
-    def get_all_trials(self, study_id: int, deepcopy: bool = True,
-                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return [t for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
-                if t._trial_id in self._keep]
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        return [
+            t
+            for t in self._base.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+            if t._trial_id in self._keep
+        ]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._base.get_trial(trial_id)
@@ -483,8 +625,14 @@ class _OnlyTheseTrials(optuna.storages.BaseStorage):
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
-def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: str, name: str,
-               objective: int = 0) -> ImportanceView:
+def importance(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    *,
+    tenant: str,
+    name: str,
+    objective: int = 0,
+) -> ImportanceView:
     """Parameter importances (Optuna's default evaluator, PED-ANOVA in Optuna 5).
 
     Raises Conflict until ``MIN_TRIALS_FOR_IMPORTANCE`` trials completed, NotFound for an
@@ -493,11 +641,15 @@ def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: st
     """
     view = get_study(db, tenant=tenant, name=name)
     if not 0 <= objective < len(view.directions):
-        raise NotFound(f"study '{name}' has no objective {objective}: its objectives are "
-                       f"0 to {len(view.directions) - 1}")
+        raise NotFound(
+            f"study '{name}' has no objective {objective}: its objectives are "
+            f"0 to {len(view.directions) - 1}"
+        )
     if view.trials.complete < MIN_TRIALS_FOR_IMPORTANCE:
-        raise Conflict(f"importances need {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
-                       f"'{name}' has {view.trials.complete}")
+        raise Conflict(
+            f"importances need {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
+            f"'{name}' has {view.trials.complete}"
+        )
     if not view.spec.get("search_space"):
         raise Conflict("the study searches no hyperparameter")
     study = seqtune_study(db, storage, view)
@@ -507,5 +659,10 @@ def importance(db: Database, storage: optuna.storages.BaseStorage, *, tenant: st
     except (ValueError, RuntimeError) as exc:
         raise Conflict(f"importances cannot be computed yet: {exc}") from None
     metric = view.spec["objectives"][objective]["metric"]
-    return ImportanceView(study=name, metric=metric, evaluator="PedAnovaImportanceEvaluator",
-                          n_trials=view.trials.complete, importances=dict(imp))
+    return ImportanceView(
+        study=name,
+        metric=metric,
+        evaluator="PedAnovaImportanceEvaluator",
+        n_trials=view.trials.complete,
+        importances=dict(imp),
+    )

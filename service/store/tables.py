@@ -35,7 +35,6 @@ JsonType = JSON().with_variant(JSONB(), "postgresql")
 NullableJsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
-
 class UtcDateTime(TypeDecorator[datetime]):
     """``TIMESTAMP WITH TIME ZONE`` that always hands back an aware UTC datetime.
 
@@ -120,7 +119,9 @@ class Study(Base):
     n_trials: Mapped[int] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     dataset_id: Mapped[str | None] = mapped_column(
-        String(32), ForeignKey("seqtune_datasets.id", ondelete="RESTRICT"), nullable=True,
+        String(32),
+        ForeignKey("seqtune_datasets.id", ondelete="RESTRICT"),
+        nullable=True,
         index=True,
     )
     # Counters kept in step with trial transitions, so reading a study never counts its trials.
@@ -138,8 +139,7 @@ class Study(Base):
     lease_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
     max_retries: Mapped[int] = mapped_column(Integer, default=2)
     deadline: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
-    last_served_at: Mapped[datetime | None] = mapped_column(UtcDateTime(),
-                                                            nullable=True)
+    last_served_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     # Classical baselines, computed once per study by the first worker that claims one of its
     # trials (service.store.baselines): NULL until claimed, then {"status": "computing" | "done" |
     # "failed", ...}.
@@ -147,9 +147,7 @@ class Study(Base):
     # 'search' while sampling; 'final' once the top configurations are re-trained with seeds.
     phase: Mapped[str] = mapped_column(String(16), default="search", server_default="search")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        UtcDateTime(), default=utcnow, onupdate=utcnow
-    )
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
@@ -169,8 +167,9 @@ class Trial(Base):
         Index(None, "study_id", "final_of"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
-                                    primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     study_id: Mapped[int] = mapped_column(
         Integer, ForeignKey("seqtune_studies.id", ondelete="CASCADE")
     )
@@ -196,8 +195,7 @@ class Trial(Base):
     # RUNNING with no owner = waiting for a worker to resume it (after a lost lease or SIGTERM).
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     fence: Mapped[int] = mapped_column(Integer, default=0)
-    lease_renewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(),
-                                                              nullable=True)
+    lease_renewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -211,7 +209,9 @@ class Checkpoint(Base):
 
     trial_id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"),
-        ForeignKey("seqtune_trials.id", ondelete="CASCADE"), primary_key=True)
+        ForeignKey("seqtune_trials.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -236,5 +236,7 @@ class Worker(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     trial_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"),
-        ForeignKey("seqtune_trials.id", ondelete="SET NULL"), nullable=True)
+        ForeignKey("seqtune_trials.id", ondelete="SET NULL"),
+        nullable=True,
+    )
     trials_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -26,23 +26,36 @@ from service.store.studies import best_trial, study_row, trial_view
 from service.store.tables import Checkpoint, Study, Trial
 
 # The study row's counter of trials in each state.
-_COUNTER = {TrialState.WAITING: "n_waiting", TrialState.RUNNING: "n_running",
-            TrialState.COMPLETE: "n_complete", TrialState.PRUNED: "n_pruned",
-            TrialState.FAIL: "n_failed"}
-_SORTS = {"number": Trial.number, "value": Trial.value, "started_at": Trial.started_at,
-          "finished_at": Trial.finished_at}
+_COUNTER = {
+    TrialState.WAITING: "n_waiting",
+    TrialState.RUNNING: "n_running",
+    TrialState.COMPLETE: "n_complete",
+    TrialState.PRUNED: "n_pruned",
+    TrialState.FAIL: "n_failed",
+}
+_SORTS = {
+    "number": Trial.number,
+    "value": Trial.value,
+    "started_at": Trial.started_at,
+    "finished_at": Trial.finished_at,
+}
 
 
-def list_trials(db: Database, *, tenant: str, name: str, state: str | None, sort: str,
-                limit: int, offset: int) -> Page[TrialView]:
+def list_trials(
+    db: Database, *, tenant: str, name: str, state: str | None, sort: str, limit: int, offset: int
+) -> Page[TrialView]:
     """One page of a study's trials (without curves). ``sort`` is a field, '-' for descending."""
     if state is not None and state.upper() not in set(TrialState):
-        raise Invalid(f"state must be one of {[s.value for s in TrialState]}",
-                      details=[{"field": "state", "reason": "unknown state"}])
+        raise Invalid(
+            f"state must be one of {[s.value for s in TrialState]}",
+            details=[{"field": "state", "reason": "unknown state"}],
+        )
     key = sort.lstrip("-")
     if key not in _SORTS:
-        raise Invalid(f"sort must be one of {sorted(_SORTS)}, optionally prefixed with '-'",
-                      details=[{"field": "sort", "reason": "unknown sort key"}])
+        raise Invalid(
+            f"sort must be one of {sorted(_SORTS)}, optionally prefixed with '-'",
+            details=[{"field": "sort", "reason": "unknown sort key"}],
+        )
     col = _SORTS[key]
 
     def txn(s: Session) -> Page[TrialView]:
@@ -53,8 +66,10 @@ def list_trials(db: Database, *, tenant: str, name: str, state: str | None, sort
         order = col.desc().nulls_last() if sort.startswith("-") else col.asc().nulls_last()
         rows = s.scalars(q.order_by(order, Trial.number).limit(limit + 1).offset(offset)).all()
         more = len(rows) > limit
-        return Page(items=[trial_view(t) for t in rows[:limit]],
-                    next_offset=offset + limit if more else None)
+        return Page(
+            items=[trial_view(t) for t in rows[:limit]],
+            next_offset=offset + limit if more else None,
+        )
 
     return db.run(txn)
 
@@ -79,8 +94,9 @@ class TrialModel(NamedTuple):
     data: bytes
 
 
-def model_checkpoint(db: Database, *, tenant: str, name: str,
-                     number: int | None = None) -> TrialModel:
+def model_checkpoint(
+    db: Database, *, tenant: str, name: str, number: int | None = None
+) -> TrialModel:
     """The trained model of trial ``number``, or of the best trial when None. Raises NotFound
     (no such study/trial) and Conflict (no model yet: no completed trial or none saved, or the
     best of a multi-objective study)."""
@@ -95,11 +111,14 @@ def model_checkpoint(db: Database, *, tenant: str, name: str,
         t = s.scalar(select(Trial).where(Trial.study_id == study.id, Trial.number == number))
         if t is None:
             raise NotFound(f"study '{name}' has no trial {number}")
-        data = s.scalar(select(Checkpoint.data).where(Checkpoint.trial_id == t.id,
-                                                      Checkpoint.kind == "best"))
+        data = s.scalar(
+            select(Checkpoint.data).where(Checkpoint.trial_id == t.id, Checkpoint.kind == "best")
+        )
         if data is None:
-            raise Conflict(f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
-                           "models are kept for trials that trained at least one epoch)")
+            raise Conflict(
+                f"trial {t.number} of '{name}' has no saved model (state {t.state}; "
+                "models are kept for trials that trained at least one epoch)"
+            )
         return TrialModel(t.number, bytes(data))
 
     return db.run(txn)
@@ -111,8 +130,11 @@ def _check_params(spec: StudySpec, params: dict[str, Any]) -> None:
     for key, value in params.items():
         dist = dists.get(key)
         if dist is None:
-            reason = ("is fixed by the study, not searched" if key in spec.fixed_config()
-                      else "is not in the study's search space")
+            reason = (
+                "is fixed by the study, not searched"
+                if key in spec.fixed_config()
+                else "is not in the study's search space"
+            )
             errors.append({"field": f"params.{key}", "reason": f"'{key}' {reason}"})
             continue
         if isinstance(value, float) and not math.isfinite(value):
@@ -121,9 +143,13 @@ def _check_params(spec: StudySpec, params: dict[str, Any]) -> None:
         try:
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
                 ok = any(type(value) is type(c) and value == c for c in dist.choices)
-            elif isinstance(value, bool) or not isinstance(value, int | float) or (
-                isinstance(dist, optuna.distributions.IntDistribution)
-                and not isinstance(value, int)
+            elif (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (
+                    isinstance(dist, optuna.distributions.IntDistribution)
+                    and not isinstance(value, int)
+                )
             ):
                 ok = False
             else:
@@ -136,8 +162,14 @@ def _check_params(spec: StudySpec, params: dict[str, Any]) -> None:
         raise Invalid(f"{len(errors)} parameter(s) do not fit the search space", details=errors)
 
 
-def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant: str,
-                  name: str, params: dict[str, Any]) -> TrialView:
+def enqueue_trial(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    *,
+    tenant: str,
+    name: str,
+    params: dict[str, Any],
+) -> TrialView:
     """Queue a trial with given hyperparameters (warm start); it runs before sampled ones.
 
     Parameters left out are sampled. Raises Invalid for parameters outside the space and
@@ -151,17 +183,28 @@ def enqueue_trial(db: Database, storage: optuna.storages.BaseStorage, *, tenant:
         spec = StudySpec.model_validate(study.spec)
         _check_params(spec, params)
         if study.n_claimed + study.n_waiting >= study.n_trials:
-            raise Conflict(f"the budget of {study.n_trials} trials is spent; raise it with "
-                           "PATCH {\"n_trials\": ...} first")
+            raise Conflict(
+                f"the budget of {study.n_trials} trials is spent; raise it with "
+                'PATCH {"n_trials": ...} first'
+            )
         # Optuna's own enqueue path: a WAITING trial whose fixed_params ask() will honour.
-        template = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
-                                             system_attrs={"fixed_params": params})
+        template = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, system_attrs={"fixed_params": params}
+        )
         trial_id = storage.create_new_trial(study.optuna_study_id, template_trial=template)
         number = storage.get_trial_number_from_id(trial_id)
-        row = Trial(study_id=study.id, number=number, optuna_trial_id=trial_id,
-                    state=TrialState.WAITING, params=params, curve=[], epochs=0, info={},
-                    attempts=0,
-                    on_front=False)
+        row = Trial(
+            study_id=study.id,
+            number=number,
+            optuna_trial_id=trial_id,
+            state=TrialState.WAITING,
+            params=params,
+            curve=[],
+            epochs=0,
+            info={},
+            attempts=0,
+            on_front=False,
+        )
         s.add(row)
         count_move(s, study.id, None, TrialState.WAITING)
         s.flush()
@@ -194,8 +237,9 @@ def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
 def update_front(s: Session, study: Study, new: Trial) -> None:
     """Keep the Pareto-front flags right after ``new`` completed (study row locked)."""
     assert new.values is not None
-    front = s.scalars(select(Trial).where(Trial.study_id == study.id,
-                                          Trial.on_front.is_(True))).all()
+    front = s.scalars(
+        select(Trial).where(Trial.study_id == study.id, Trial.on_front.is_(True))
+    ).all()
     if any(_dominates(f.values or [], new.values, study.directions) for f in front):
         new.on_front = False
         return

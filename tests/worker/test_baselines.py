@@ -128,8 +128,9 @@ def test_no_look_ahead(where: str) -> None:
     first = b if where == "val" else c
     keep = t0 - first + 1  # rows for origins first..t0
     for name in before:
-        np.testing.assert_array_equal(after[name][where][:keep], before[name][where][:keep],
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            after[name][where][:keep], before[name][where][:keep], err_msg=name
+        )
         if where == "test":  # the validation forecasts and the train fit are untouched too
             np.testing.assert_array_equal(after[name]["val"], before[name]["val"], name)
     # ...and the change is seen from the next origin on (the test can fail).
@@ -162,7 +163,8 @@ def test_multi_step_persistence_matches_a_hand_computation() -> None:
         # The same numbers as the engine's own metric function.
         eng = engine._forecast_metrics(pred, true, "x")
         assert (got["rmse"], got["mae"], got["mape"]) == pytest.approx(
-            (eng["x_rmse"], eng["x_mae"], eng["x_mape"]))
+            (eng["x_rmse"], eng["x_mae"], eng["x_mape"])
+        )
     assert len(res["models"]["ar"]["params"]["targets"]) == 2
     _json_roundtrip(res)
 

@@ -84,8 +84,9 @@ def test_trials_with_any_seq_len_score_the_same_targets() -> None:
 @pytest.mark.parametrize("transform", ["none", "diff", "window_norm", "residual"])
 def test_target_transforms_invert_exactly_and_fit_on_train(transform: str) -> None:
     co2 = datasets.builtin("co2")
-    data = prepare(co2, task="forecast", seq_len=20, horizon=3, fractions=F,
-                   target_transform=transform)
+    data = prepare(
+        co2, task="forecast", seq_len=20, horizon=3, fractions=F, target_transform=transform
+    )
     assert data.test is not None
     for split in (data.val, data.test):
         back = data.to_original(split.y.double().numpy(), split)
@@ -94,9 +95,10 @@ def test_target_transforms_invert_exactly_and_fit_on_train(transform: str) -> No
         # The scale comes from the training split alone: later data does not move it.
         _, b, _, _ = data.bounds
         tail = co2.copy()
-        tail.loc[b + 50:, "co2"] += 100.0
-        other = prepare(tail, task="forecast", seq_len=20, horizon=3, fractions=F,
-                        target_transform=transform)
+        tail.loc[b + 50 :, "co2"] += 100.0
+        other = prepare(
+            tail, task="forecast", seq_len=20, horizon=3, fractions=F, target_transform=transform
+        )
         assert np.allclose(other.transform.scale, data.transform.scale)
         # And on a trending series, the network's targets stay in the training range.
         assert abs(float(data.test.y.mean())) < 3
@@ -104,8 +106,10 @@ def test_target_transforms_invert_exactly_and_fit_on_train(transform: str) -> No
 
 def test_walk_forward_folds_are_chronological_with_their_own_scaler() -> None:
     frame = pd.DataFrame({"y": np.arange(1000, dtype=float) ** 1.5})
-    folds = [prepare(frame, task="forecast", seq_len=8, horizon=2, fractions=F,
-                     fold=(k, 3), gap=4) for k in range(3)]
+    folds = [
+        prepare(frame, task="forecast", seq_len=8, horizon=2, fractions=F, fold=(k, 3), gap=4)
+        for k in range(3)
+    ]
     ends = []
     for k, f in enumerate(folds):
         a, b, c, d = f.bounds
@@ -113,7 +117,7 @@ def test_walk_forward_folds_are_chronological_with_their_own_scaler() -> None:
         assert train_last_target < b - 4  # the gap holds
         assert f.val.origins.min() == b and f.val.origins.max() + 1 < c
         # The fold's scaler saw its training part only: fit it again on exactly that.
-        expected = Scaler.fit("standard", frame["y"].to_numpy()[:b - 4, None])
+        expected = Scaler.fit("standard", frame["y"].to_numpy()[: b - 4, None])
         assert np.allclose(f.scaler.shift, expected.shift)
         assert (f.test is not None) == (k == 2)
         ends.append(b)
@@ -134,10 +138,18 @@ def test_missing_values_are_filled_within_their_split() -> None:
 
 
 def test_forecast_shapes_multivariate_multistep() -> None:
-    frame = datasets.generate(SyntheticData(kind="synthetic", generator="ar", n_points=600,
-                                            options={"n_series": 4}))
-    data = prepare(frame, task="forecast", seq_len=16, horizon=3, fractions=F,
-                   target=["x0", "x2"], features=["x0", "x1", "x2", "x3"])
+    frame = datasets.generate(
+        SyntheticData(kind="synthetic", generator="ar", n_points=600, options={"n_series": 4})
+    )
+    data = prepare(
+        frame,
+        task="forecast",
+        seq_len=16,
+        horizon=3,
+        fractions=F,
+        target=["x0", "x2"],
+        features=["x0", "x1", "x2", "x3"],
+    )
     assert data.train.x.shape[1:] == (16, 4) and data.train.y.shape[1:] == (3, 2)
     assert data.out_dim == 6 and data.target_idx == [0, 2]
     assert data.test is not None and data.test.persistence is not None
@@ -146,14 +158,14 @@ def test_forecast_shapes_multivariate_multistep() -> None:
 
 def test_targets_outside_the_inputs_are_scaled_too() -> None:
     frame = pd.DataFrame({"a": np.arange(500.0), "b": np.arange(500.0) * 10})
-    data = prepare(frame, task="forecast", seq_len=5, horizon=1, fractions=F,
-                   target=["b"], features=["a"])
+    data = prepare(
+        frame, task="forecast", seq_len=5, horizon=1, fractions=F, target=["b"], features=["a"]
+    )
     assert data.n_features == 1 and data.targets == ["b"] and data.target_idx == [1]
 
 
 def test_classify_shapes_and_labels() -> None:
-    frame = datasets.generate(SyntheticData(kind="synthetic", generator="waveforms",
-                                            n_points=2000))
+    frame = datasets.generate(SyntheticData(kind="synthetic", generator="waveforms", n_points=2000))
     data = prepare(frame, task="classify", seq_len=20, horizon=1, fractions=F)
     assert data.train.x.shape[1:] == (20, 1) and data.train.y.ndim == 1
     assert data.classes == [0, 1, 2, 3] and data.out_dim == 4
