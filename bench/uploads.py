@@ -166,9 +166,9 @@ def main() -> None:
                 print(
                     f"| {case} | {path.stat().st_size:,} | {m['status']} | "
                     f"{m['wall_s']:.2f} | {m['peak'] / 2**20:.0f} | "  # type: ignore[operator]
-                    f"{m['growth'] / 2**20:.0f} | {m['message']} |",
+                    f"{m['growth'] / 2**20:.0f} | {m['message']} |",  # type: ignore[operator]
                     flush=True,
-                )  # type: ignore[operator]
+                )
         harness.fresh_database(url)  # leave no 49 MB rows behind
 
 

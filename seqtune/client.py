@@ -29,14 +29,11 @@ from pydantic import BaseModel
 
 from seqtune.errors import ErrorCode, import_extra
 from seqtune.spec import load_yaml
-from seqtune.states import FINISHED_STATUSES
+from seqtune.states import FINISHED_STATUSES, StudyStatus
 from seqtune.views import BestView, DatasetView, Page, StudyView, TrialView, WorkerView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0
-# Where a watch ends: the study starts no more trials on its own (seqtune.states).
-FINAL_STATUSES = FINISHED_STATUSES
-PLOTS = ("history", "importance", "intermediate", "parallel", "contour")
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -212,13 +209,13 @@ class Client:
         return self._model(StudyView, "PATCH", f"/v1/studies/{self._q(name)}", json=body)
 
     def pause(self, name: str) -> StudyView:
-        return self.update(name, status="paused")
+        return self.update(name, status=StudyStatus.PAUSED)
 
     def resume(self, name: str) -> StudyView:
-        return self.update(name, status="running")
+        return self.update(name, status=StudyStatus.RUNNING)
 
     def stop(self, name: str) -> StudyView:
-        return self.update(name, status="stopped")
+        return self.update(name, status=StudyStatus.STOPPED)
 
     def delete(self, name: str, *, force: bool = False) -> None:
         self._call("DELETE", f"/v1/studies/{self._q(name)}", params={"force": force})
@@ -231,13 +228,14 @@ class Client:
         timeout_s: float | None = None,
         on_update: Callable[[StudyView], None] | None = None,
     ) -> StudyView:
-        """Poll until the study is completed, stopped, failed or timed out."""
+        """Poll until the study is completed, stopped or timed out (FINISHED_STATUSES: it
+        starts no more trials on its own); returns its last view."""
         t0 = time.monotonic()
         while True:
             view = self.study(name)
             if on_update is not None:
                 on_update(view)
-            if view.status in FINAL_STATUSES:
+            if view.status in FINISHED_STATUSES:
                 return view
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"study {name} still {view.status} after {timeout_s} s")

@@ -16,15 +16,16 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from seqtune.client import FINAL_STATUSES, PLOTS, ApiError, Client
+from seqtune.client import ApiError, Client
 from seqtune.errors import ErrorCode, Exit
-from seqtune.views import BestView, StudyView, TrialView, baseline_label
+from seqtune.states import FINISHED_STATUSES, SETTABLE_STATUSES, BaselinesStatus, StudyStatus
+from seqtune.views import PLOT_KINDS, BestView, StudyView, TrialView, baseline_label
 
 # What each exit code means, for `seqtune --help`. Keyed by Exit, so a new exit code without
 # its line fails at import; which error exits with which code is ErrorCode's table.
 _EXIT_HELP: dict[Exit, str] = {
     Exit.OK: "success (with --watch: the study completed its budget)",
-    Exit.UNFINISHED: "with --watch: the study ended stopped, failed or timed out",
+    Exit.UNFINISHED: "with --watch: the study ended stopped or timed out",
     Exit.BAD_INPUT: "bad input: a wrong argument, file or study definition (the message names "
     "the field),\n     or a database URL naming a database that does not exist or a login "
     "Postgres refuses",
@@ -161,7 +162,7 @@ def status_line(
     bar = "#" * filled + "-" * (width - filled)
     end = view.finished_at or now or datetime.now(UTC)  # the API's times are aware (UTC)
     elapsed = max((end - view.created_at).total_seconds(), 0.0)
-    if view.status in FINAL_STATUSES:
+    if view.status in FINISHED_STATUSES:
         left = "done"
     elif t.finished:
         left = "~" + _duration(elapsed / t.finished * max(t.budget - t.finished, 0)) + " left"
@@ -222,7 +223,7 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
             elif line != last:
                 print(line, flush=True)
             last = line
-            if view.status in FINAL_STATUSES:
+            if view.status in FINISHED_STATUSES:
                 final = view
                 break
             time.sleep(args.interval)
@@ -234,7 +235,7 @@ def _watch(c: Client, name: str, args: argparse.Namespace) -> int:
         return Exit.INTERRUPTED
     if tty and not args.json:
         print()
-    return Exit.OK if final.status == "completed" else Exit.UNFINISHED
+    return Exit.OK if final.status == StudyStatus.COMPLETED else Exit.UNFINISHED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -298,13 +299,13 @@ def _print_baselines(b: BestView, out: TextIO) -> None:
         )
         return
     status = bl.get("status")
-    if status == "computing":
+    if status == BaselinesStatus.COMPUTING:
         print(
             f"baselines: still computing (by {bl.get('owner', '?')} since {bl.get('since', '?')})",
             file=out,
         )
         return
-    if status != "done":
+    if status != BaselinesStatus.DONE:
         print(f"baselines: failed: {bl.get('error') or status}", file=out)
         return
     models: dict[str, Any] = bl.get("models") or {}
@@ -449,8 +450,13 @@ def cmd_trials(args: argparse.Namespace) -> int:
     return 0
 
 
+# pause, resume, stop: the commands named by the user's actions of seqtune.states' table, each
+# asking PATCH for the status its action moves the study to.
+_STEER: dict[str, StudyStatus] = {action: to for to, action in SETTABLE_STATUSES.items()}
+
+
 def cmd_steer(args: argparse.Namespace) -> int:
-    status = {"pause": "paused", "resume": "running", "stop": "stopped"}[args.command]
+    status = _STEER[args.command]
     with client_of(args) as c:
         view = c.update(args.name, status=status)
     print(_dump(view) if args.json else f"{view.name}: {view.status}")
@@ -584,7 +590,7 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = add("plot", cmd_plot, "save a plot of a study (PNG or HTML)")
     p.add_argument("name")
-    p.add_argument("kind", choices=PLOTS)
+    p.add_argument("kind", choices=PLOT_KINDS)
     p.add_argument("--format", choices=("png", "html"), default="png")
     p.add_argument("--objective", type=int, default=0)
     p.add_argument("-o", "--output")

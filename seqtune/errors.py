@@ -24,7 +24,7 @@ class Exit(IntEnum):
     """The ``seqtune`` command's exit codes."""
 
     OK = 0
-    UNFINISHED = 1  # --watch: the study ended stopped, failed or timed out
+    UNFINISHED = 1  # --watch: the study ended stopped or timed out
     BAD_INPUT = 2
     NOT_FOUND = 3
     AUTH = 4
@@ -107,6 +107,12 @@ class Conflict(SeqtuneError):
     """The request is valid but the resource's current state does not allow it."""
 
     code = ErrorCode.CONFLICT
+
+
+class Fenced(Conflict):
+    """This attempt no longer holds the trial's lease: its writes are refused. Raised by the
+    store (``service.store.leases``); the worker's runner classifies it (abandon the attempt)
+    without importing the store."""
 
 
 class Invalid(SeqtuneError):

@@ -1,4 +1,5 @@
-"""The states of studies and trials, and the one table of the moves between them.
+"""The states of studies and trials, and the one table of the moves between them; the statuses
+of worker slots and of a study's baselines record.
 
 Pure Python: the client, the service and the worker all read it. The values are the strings
 stored in the database and shown by the API (a ``StrEnum`` member equals its string), so the
@@ -22,6 +23,10 @@ Trials::
 
 RUNNING with no lease owner means "waiting for a worker to resume it": the lease, not the
 state, tells a live attempt from a freed one (``service.store.leases``).
+
+Worker slots (``WorkerStatus``) and baselines records (``BaselinesStatus``) have no table here:
+a slot's status is derived when it is listed, and the baselines record moves by compare-and-set
+(``service.store.baselines``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,23 @@ class TrialState(StrEnum):
     COMPLETE = "COMPLETE"
     PRUNED = "PRUNED"
     FAIL = "FAIL"
+
+
+class WorkerStatus(StrEnum):
+    """A worker slot as GET /v1/workers shows it (``service.store.workers``): heartbeating,
+    silent for ``Settings.lost_after_s``, or shut down."""
+
+    LIVE = "live"
+    LOST = "lost"
+    STOPPED = "stopped"
+
+
+class BaselinesStatus(StrEnum):
+    """The ``status`` of a study's baselines record (``service.store.baselines``)."""
+
+    COMPUTING = "computing"  # claimed by a worker (its "owner") "since" a time
+    DONE = "done"
+    FAILED = "failed"  # with the "error"; not retried automatically
 
 
 # Studies that still take trials (enqueue, claim after a resume) and hold their dataset.

@@ -5,9 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from seqtune.states import StudyPhase, StudyStatus, TrialState
+from seqtune.states import StudyPhase, StudyStatus, TrialState, WorkerStatus
 
 T = TypeVar("T")
 
@@ -18,41 +18,50 @@ def _values(*enums: type[StrEnum], lower: bool = False) -> tuple[str, ...]:
     return values + tuple(v.lower() for v in values) if lower else values
 
 
-# The closed sets the API names, as Literals of the enums' strings (seqtune.states): the
-# OpenAPI document lists them inline, and the views hold plain strings as the database does.
-# Type checkers see ``str``: a Literal built at run time is opaque to them.
+# The plots GET /v1/studies/{name}/plots/{kind} draws (service.plots has one row per kind),
+# and the fields GET /v1/studies/{name}/trials sorts on (service.store.trials: each is a column).
+PLOT_KINDS: tuple[str, ...] = ("history", "importance", "intermediate", "parallel", "contour")
+TRIAL_SORT_KEYS: tuple[str, ...] = ("number", "value", "started_at", "finished_at")
+# Each sort key ascending, then with '-' for descending.
+_TRIAL_SORTS = tuple(prefix + key for key in TRIAL_SORT_KEYS for prefix in ("", "-"))
+
+# The closed sets the API names, as Literals of the enums' strings (seqtune.states) and of the
+# tuples above: the OpenAPI document lists them inline, and the views hold plain strings as the
+# database does. Type checkers see ``str``: a Literal built at run time is opaque to them.
 if TYPE_CHECKING:
     StudyStatusName = str
     TrialStateName = str
     TrialStateFilter = str
     StudyPhaseName = str
+    WorkerStatusName = str
+    PlotKind = str
+    TrialSort = str
 else:
     StudyStatusName = Literal[_values(StudyStatus)]
     TrialStateName = Literal[_values(TrialState)]
     # The trials filter takes a state in upper or lower case.
     TrialStateFilter = Literal[_values(TrialState, lower=True)]
     StudyPhaseName = Literal[_values(StudyPhase)]
+    WorkerStatusName = Literal[_values(WorkerStatus)]
+    PlotKind = Literal[PLOT_KINDS]
+    TrialSort = Literal[_TRIAL_SORTS]
 
-PlotKind = Literal["history", "importance", "intermediate", "parallel", "contour"]
-TrialSort = Literal[
-    "number",
-    "-number",
-    "value",
-    "-value",
-    "started_at",
-    "-started_at",
-    "finished_at",
-    "-finished_at",
-]
 Direction = Literal["minimize", "maximize"]
 
 
-class Page(BaseModel, Generic[T]):
+class View(BaseModel):
+    """The base of every view: frozen, since a view is a value read from the store (a changed
+    copy is ``view.model_copy(update=...)``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class Page(View, Generic[T]):
     items: list[T]
     next_offset: int | None = None
 
 
-class TrialCounts(BaseModel):
+class TrialCounts(View):
     waiting: int
     running: int
     complete: int
@@ -63,7 +72,7 @@ class TrialCounts(BaseModel):
     remaining: int
 
 
-class StudyView(BaseModel):
+class StudyView(View):
     name: str
     tenant: str
     status: StudyStatusName
@@ -78,13 +87,13 @@ class StudyView(BaseModel):
     updated_at: AwareDatetime
     finished_at: AwareDatetime | None = None
     # Classical baselines (see service.store.baselines): None until a worker claims them, then
-    # {"status": "computing" | "done" | "failed", ...}.
+    # {"status": computing | done | failed (seqtune.states.BaselinesStatus), ...}.
     baselines: dict[str, Any] | None = None
     # 'final' while/after the top configs are re-trained
     phase: StudyPhaseName = StudyPhase.SEARCH.value
 
 
-class TrialView(BaseModel):
+class TrialView(View):
     number: int
     state: TrialStateName
     params: dict[str, Any]
@@ -105,7 +114,7 @@ class TrialView(BaseModel):
     final_of: int | None = None  # a final-phase re-train of this search trial's params
 
 
-class BestView(BaseModel):
+class BestView(View):
     study: str
     directions: list[Direction]
     metrics: list[str]
@@ -120,7 +129,7 @@ class BestView(BaseModel):
     final: dict[str, Any] | None = None
 
 
-class ImportanceView(BaseModel):
+class ImportanceView(View):
     """Hyperparameter importances of one objective (Optuna's default evaluator)."""
 
     study: str
@@ -130,7 +139,7 @@ class ImportanceView(BaseModel):
     importances: dict[str, float]
 
 
-class DatasetView(BaseModel):
+class DatasetView(View):
     id: str
     name: str
     sha256: str
@@ -140,7 +149,7 @@ class DatasetView(BaseModel):
     created_at: AwareDatetime
 
 
-class Readiness(BaseModel):
+class Readiness(View):
     """GET /readyz: 'ready' with the migration, or 'unavailable' (503) with the reason."""
 
     status: Literal["ready", "unavailable"]
@@ -148,13 +157,13 @@ class Readiness(BaseModel):
     reason: str | None = Field(default=None, description="why the service is not ready")
 
 
-class WorkerView(BaseModel):
+class WorkerView(View):
     id: str
     host: str
     slot: int
     device: str
     pid: int
-    status: str  # live | lost | stopped
+    status: WorkerStatusName
     versions: dict[str, Any]
     started_at: AwareDatetime
     heartbeat_at: AwareDatetime

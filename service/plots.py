@@ -9,53 +9,65 @@ import io
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from seqtune.errors import Conflict, Invalid, NotFound
-from seqtune.views import StudyView
+from seqtune.views import PLOT_KINDS, StudyView
 from service.store.db import Database
 from service.store.studies import seqtune_study
 
-KINDS = ("history", "importance", "intermediate", "parallel", "contour")
 _PYPLOT = threading.Lock()  # pyplot keeps global state: one figure at a time per process
 
 
-def _functions(module: Any) -> dict[str, Callable[..., Any]]:
-    return {
-        "history": module.plot_optimization_history,
-        "importance": module.plot_param_importances,
-        "intermediate": module.plot_intermediate_values,
-        "parallel": module.plot_parallel_coordinate,
-        "contour": module.plot_contour,
-    }
+@dataclass(frozen=True)
+class _Plot:
+    """How to draw one kind: Optuna's function (the same name in ``optuna.visualization`` and
+    ``optuna.visualization.matplotlib``) and what the study needs first."""
+
+    function: str
+    min_complete: int  # completed trials
+    min_params: int  # searched hyperparameters
+
+
+# One row per kind of seqtune.views.PLOT_KINDS, in its order.
+_PLOTS: dict[str, _Plot] = {
+    "history": _Plot("plot_optimization_history", 1, 0),
+    "importance": _Plot("plot_param_importances", 4, 1),
+    "intermediate": _Plot("plot_intermediate_values", 1, 0),
+    "parallel": _Plot("plot_parallel_coordinate", 1, 1),
+    "contour": _Plot("plot_contour", 2, 2),
+}
+if tuple(_PLOTS) != PLOT_KINDS:  # a kind named in seqtune.views needs its row here, at import
+    raise ImportError(f"service.plots draws {tuple(_PLOTS)}, the API names {PLOT_KINDS}")
+
+
+def _function(module: Any, kind: str) -> Callable[..., Any]:
+    """The function drawing ``kind`` in ``module`` (one of Optuna's visualization modules)."""
+    fn: Callable[..., Any] = getattr(module, _PLOTS[kind].function)
+    return fn
 
 
 def _check(view: StudyView, kind: str, objective: int) -> None:
-    if kind not in KINDS:
-        raise Invalid(f"unknown plot '{kind}'; choose one of {', '.join(KINDS)}")
+    if kind not in _PLOTS:
+        raise Invalid(f"unknown plot '{kind}'; choose one of {', '.join(PLOT_KINDS)}")
     if not 0 <= objective < len(view.directions):
         raise NotFound(
             f"study '{view.name}' has no objective {objective}: its objectives are "
             f"0 to {len(view.directions) - 1}"
         )
     n_params = len(view.spec.get("search_space") or {})
-    needs = {
-        "history": (1, 0),
-        "intermediate": (1, 0),
-        "parallel": (1, 1),
-        "importance": (4, 1),
-        "contour": (2, 2),
-    }[kind]
-    if view.trials.complete < needs[0]:
+    plot = _PLOTS[kind]
+    if view.trials.complete < plot.min_complete:
         raise Conflict(
-            f"the {kind} plot needs {needs[0]} completed trial(s); "
+            f"the {kind} plot needs {plot.min_complete} completed trial(s); "
             f"'{view.name}' has {view.trials.complete} so far"
         )
-    if n_params < needs[1]:
+    if n_params < plot.min_params:
         raise Conflict(
-            f"the {kind} plot needs {needs[1]} searched hyperparameter(s); "
+            f"the {kind} plot needs {plot.min_params} searched hyperparameter(s); "
             f"'{view.name}' searches {n_params}"
         )
 
@@ -85,7 +97,7 @@ def render(
         if fmt == "html":
             import optuna.visualization as pv
 
-            fig = _functions(pv)[kind](study, **kw)
+            fig = _function(pv, kind)(study, **kw)
             return fig.to_html(include_plotlyjs=True, full_html=True).encode(), "text/html"
         import matplotlib
 
@@ -94,7 +106,7 @@ def render(
         import optuna.visualization.matplotlib as pm
 
         with _PYPLOT:
-            ax = _functions(pm)[kind](study, **kw)
+            ax = _function(pm, kind)(study, **kw)
             fig = _figure_of(ax)
             buf = io.BytesIO()
             try:

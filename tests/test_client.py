@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from seqtune.client import ApiError, Client, ServiceUnreachable
 from seqtune.spec import StudySpec
+from seqtune.states import WorkerStatus
 from seqtune.views import StudyView
 from service.store import leases, workers
 from service.store.db import Database
@@ -141,7 +142,10 @@ def test_models_download_and_workers(
     workers.register(
         db, worker_id="host-1-s0", host="host", slot=0, device="cpu", pid=1, versions={}
     )
-    assert [w.id for w in api.workers()] == ["host-1-s0"]
+    assert [(w.id, w.status) for w in api.workers()] == [("host-1-s0", WorkerStatus.LIVE)]
+    workers.stopped(db, worker_id="host-1-s0")  # listed again only when asked for
+    assert api.workers() == []
+    assert [w.status for w in api.workers(include_stopped=True)] == [WorkerStatus.STOPPED]
 
 
 def test_best_model_of_several_objectives_is_a_conflict(api: Client) -> None:

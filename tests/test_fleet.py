@@ -288,8 +288,8 @@ def test_a_signal_during_stop_wait_cannot_deadlock() -> None:
     Here the lock is held on purpose while the handler runs."""
     code = (
         "import time\n"
-        "from worker.slot import _Signals\n"
-        "s = _Signals()\n"
+        "from worker.signals import Signals\n"
+        "s = Signals()\n"
         "with s.stop._cond:\n"
         "    s._handle(15, None)\n"
         "t = time.monotonic()\n"

@@ -29,7 +29,7 @@ import pytest
 from optuna.trial import TrialState
 from sqlalchemy import select
 
-from seqtune.errors import SeqtuneError
+from seqtune.errors import Fenced, SeqtuneError
 from seqtune.spec import check_spec, parse_spec
 from service import plots
 from service.settings import Settings
@@ -87,9 +87,9 @@ def test_a_stale_attempt_cannot_store_a_model_for_a_trial_another_attempt_finish
     )
     leases.finish(db, ostudy=ostudy(storage, new), claim=new, state="COMPLETE", values=[1.5])
     # The stale attempt ends its training later and tries to store its own model.
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.save_checkpoint(db, claim=old, kind="best", epoch=3, data=b"stale weights")
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.finish(
             db,
             ostudy=ostudy(storage, old),
@@ -112,7 +112,7 @@ def test_a_refused_finish_stores_no_model_and_the_winner_stores_model_and_value_
     assert old is not None
     new = _steal(db, storage, old)
     # The stale attempt finishes first: its result and its model are refused together.
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.finish(
             db,
             ostudy=ostudy(storage, old),
@@ -326,9 +326,8 @@ def test_a_stop_at_a_walk_forward_fold_boundary_snapshots_there() -> None:
     """A stop requested in the epoch that ends a fold by early stopping: the trial stops at
     the boundary, with a snapshot from which the next fold starts afresh, instead of training
     an epoch of the next fold first; resuming from it gives the uninterrupted result."""
-    from worker import datasets
-    from worker.engine import TrainConfig
-    from worker.objective import fit, monitor_of, resolve
+    from worker import datasets, runner
+    from worker.objective import fit, resolve
 
     spec = parse_spec(
         {
@@ -346,8 +345,7 @@ def test_a_stop_at_a_walk_forward_fold_boundary_snapshots_there() -> None:
     check_spec(spec)
     frame = datasets.load(spec.dataset, cache_dir=None)
     hp = resolve(spec, {})
-    monitor, direction = monitor_of(spec)
-    cfg = TrainConfig(hp=hp, monitor=monitor, direction=direction, patience=1, min_delta=1e9)
+    cfg = runner.train_config(spec, hp, seed=0, device="cpu")  # patience 1, min_delta 1e9
     whole = fit(spec, hp, frame, cfg)
     assert [r["fold"] for r in whole.curve] == [0, 0, 1, 1]
 

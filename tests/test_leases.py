@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from seqtune.errors import Fenced
 from seqtune.spec import StudySpec, check_spec, parse_spec
 from service.settings import Settings
 from service.store import leases, recovery, studies, workers
@@ -137,11 +138,11 @@ def test_a_fenced_attempt_is_refused_and_changes_nothing(db: Database, storage) 
     assert recovery.reap(db, storage).freed == 1
     new = leases.claim(db, storage, owner="alive")
     assert new is not None and new.number == old.number and new.fence > old.fence
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.finish(db, ostudy=ostudy(storage, old), claim=old, state="COMPLETE", values=[0.001])
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.report(db, claim=old, trial=trial, epoch=1, record={"epoch": 1}, value=0.5)
-    with pytest.raises(leases.Fenced):
+    with pytest.raises(Fenced):
         leases.save_checkpoint(db, claim=old, kind="resume", epoch=1, data=b"stale")
     frozen = storage.get_trial(old.optuna_trial_id)
     assert frozen.state == optuna.trial.TrialState.RUNNING and frozen.intermediate_values == {
@@ -263,3 +264,24 @@ def test_no_final_phase_without_a_completed_trial(db: Database, storage) -> None
         leases.finish(db, ostudy=ostudy(storage, c), claim=c, state="PRUNED", reason="pruned")
     st = db.run(lambda s: s.scalar(select(Study).where(Study.name == "G")))
     assert st.status == "completed" and st.phase == "search" and st.n_trials == 2
+
+
+def test_a_refused_end_leaves_optuna_untouched(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    """The transition table is checked before Optuna is told: a move it refuses (here 'reap',
+    which may only fail a trial, asked to complete it) writes nothing anywhere."""
+    from seqtune.errors import Conflict
+    from service.store.budget import close_trial
+
+    make(db, storage)
+    c = leases.claim(db, storage, owner="w1")
+    assert c is not None
+    os_ = ostudy(storage, c)
+
+    def txn(s) -> None:  # type: ignore[no-untyped-def]
+        t = s.get(Trial, c.trial_row_id)
+        close_trial(s, os_, t, action="reap", state="COMPLETE", values=[1.0], reason=None)
+
+    with pytest.raises(Conflict):
+        db.run(txn)
+    assert storage.get_trial(c.optuna_trial_id).state == optuna.trial.TrialState.RUNNING
+    assert db.run(lambda s: s.get(Trial, c.trial_row_id).state) == "RUNNING"

@@ -13,12 +13,10 @@ from fastapi.testclient import TestClient
 
 from seqtune import catalog
 from seqtune.hparams import HPARAMS
-from seqtune.states import StudyStatus, TrialState
-from seqtune.views import PlotKind, TrialSort, TrialStateFilter
-from service import plots
+from seqtune.states import StudyStatus, TrialState, WorkerStatus
+from seqtune.views import PLOT_KINDS, TrialSort, TrialStateFilter
 from service.api.app import create_app
 from service.settings import Settings
-from service.store import trials
 from tests.conftest import study_body
 
 ERROR_REF = "#/components/schemas/ErrorBody"
@@ -93,18 +91,18 @@ def test_the_error_body_is_declared_once(doc: dict) -> None:
 
 def test_enumerations_are_declared(doc: dict) -> None:
     schemas = doc["components"]["schemas"]
-    # The views' Literals are built from seqtune.states' enums: only the document is checked.
-    assert get_args(PlotKind) == plots.KINDS
-    assert set(get_args(TrialSort)) == {p + k for k in trials._SORTS for p in ("", "-")}
+    # The views' Literals are built from seqtune.states' enums and seqtune.views' tuples: only
+    # the document is checked.
     assert schemas["StudyView"]["properties"]["status"]["enum"] == list(StudyStatus)
     assert schemas["TrialView"]["properties"]["state"]["enum"] == list(TrialState)
+    assert schemas["WorkerView"]["properties"]["status"]["enum"] == list(WorkerStatus)
     paths = doc["paths"]
     assert _param(paths["/v1/studies"]["get"], "status")["enum"] == list(StudyStatus)
     listing = paths["/v1/studies/{name}/trials"]["get"]
     assert set(_param(listing, "state")["enum"]) == set(get_args(TrialStateFilter))
     assert _param(listing, "sort")["enum"] == list(get_args(TrialSort))
     plot = paths["/v1/studies/{name}/plots/{kind}"]["get"]
-    assert _param(plot, "kind")["enum"] == list(plots.KINDS)
+    assert _param(plot, "kind")["enum"] == list(PLOT_KINDS)
     assert _param(plot, "format")["enum"] == ["png", "html"]
     for path in ("/v1/studies/{name}/plots/{kind}", "/v1/studies/{name}/importance"):
         objective = _param(paths[path]["get"], "objective")

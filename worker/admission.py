@@ -20,7 +20,9 @@ from worker import gpu_memory
 from worker.engine import Hyper
 from worker.preprocessing import Prepared
 
-WAIT_POLL_S = 0.5  # how often a waiting slot asks the ledger again
+# How often a waiting slot asks the ledger again. Not a setting: the ledger is a local file
+# under a lock, cheap to read, and a trial waits for another one's whole training anyway.
+WAIT_POLL_S = 0.5
 
 
 class TooBig(Exception):

@@ -48,8 +48,7 @@ def _worker_arguments(w: argparse.ArgumentParser) -> None:
         "--exit-with-pid",
         type=int,
         metavar="PID",
-        help="stop the slots and exit once process PID is gone (`seqtune up` passes "
-        "its own; default $SEQTUNE_WORKER_EXIT_WITH_PID)",
+        help="stop the slots and exit once process PID is gone (`seqtune up` passes its own)",
     )
     w.add_argument(
         "--database-url", default=argparse.SUPPRESS, help="overrides SEQTUNE_DATABASE_URL"
@@ -66,11 +65,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.slot import SlotConfig
 
     url = getattr(args, "database_url", None)
-    settings = Settings.load(**({"database_url": url} if url else {}))
+    loaded = Settings.load(**({"database_url": url} if url else {}))
+    # Workers ride out database restarts: more retries than the service. Decided here, once:
+    # every slot gets these settings as they are.
+    settings = loaded.model_copy(update={"db_retries": max(loaded.db_retries, 12)})
     setup_logging(settings)
     studies = tuple(x.strip() for x in (args.studies or "").split(",") if x.strip())
     base = SlotConfig(
-        database_url=url,
         studies=studies,
         max_trials=args.max_trials,
         burst=args.burst,

@@ -8,9 +8,9 @@ Settings: this process reads them once (``run``'s ``settings``) and hands them t
 which gets its timing (heartbeat, poll, reap interval, orphan grace) from them.
 
 No orphans: each slot watches this process and stops within seconds once it is gone
-(``kill -9`` of ``seqtune worker``; see ``worker.slot._ParentWatch``). When
-``SEQTUNE_WORKER_EXIT_WITH_PID`` names a process (``seqtune up`` sets its own pid), this
-process likewise stops its slots and exits once that process is gone.
+(``kill -9`` of ``seqtune worker``; see ``worker.signals.ParentWatch``). With
+``--exit-with-pid`` (``seqtune up`` passes its own pid), this process likewise stops its
+slots and exits once that process is gone.
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ from dataclasses import replace
 from types import FrameType
 
 from service.settings import Settings
-from worker.slot import STOP_SIGNAL, SlotConfig, slot_main
+from worker.signals import STOP_SIGNAL
+from worker.slot import SlotConfig, slot_main
 
 log = logging.getLogger("seqtune.fleet")
-EXIT_WITH_ENV = "SEQTUNE_WORKER_EXIT_WITH_PID"
+# The supervision loop's tick: how soon a dead slot is restarted and a gone --exit-with-pid
+# noticed. Not a setting: it polls local processes only (no database), and the escalation
+# that follows is timed by Settings.orphan_grace_s.
+SUPERVISE_TICK_S = 0.2
 
 
 def plan(gpus: str, slots_per_gpu: int) -> list[tuple[str, str | None]]:
@@ -51,11 +55,6 @@ def plan(gpus: str, slots_per_gpu: int) -> list[tuple[str, str | None]]:
     return [("cuda", g) for g in ids for _ in range(slots_per_gpu)]
 
 
-def _exit_with_from_env() -> int | None:
-    value = os.environ.get(EXIT_WITH_ENV, "").strip()
-    return int(value) if value.isdigit() else None
-
-
 def run(
     base: SlotConfig,
     *,
@@ -67,12 +66,10 @@ def run(
     """Start the slots and supervise them until they all end. Returns an exit code.
 
     ``settings`` (default: read from the environment, once, here) go to every slot.
-    ``exit_with`` (default: ``$SEQTUNE_WORKER_EXIT_WITH_PID``) is the pid of the process this
-    worker lives for: when it is gone, the slots are stopped as by SIGTERM (a second SIGTERM
-    after ``settings.orphan_grace_s``, SIGKILL after as long again) and this process exits."""
+    ``exit_with`` (``--exit-with-pid``; None: none) is the pid of the process this worker
+    lives for: when it is gone, the slots are stopped as by SIGTERM (a second SIGTERM after
+    ``settings.orphan_grace_s``, SIGKILL after as long again) and this process exits."""
     settings = settings or Settings()
-    if exit_with is None:
-        exit_with = _exit_with_from_env()
     slots = plan(gpus, slots_per_gpu)
     cpu_slots = sum(1 for d, _ in slots if d == "cpu")
     threads = base.threads or (max(1, (os.cpu_count() or 1) // cpu_slots) if cpu_slots else None)
@@ -118,7 +115,7 @@ def run(
     def forward(signum: int, _frame: FrameType | None) -> None:
         # One STOP_SIGNAL per request: a slot ignores the SIGTERM/SIGINT copies that reach it
         # directly (the terminal's process group, a supervisor signalling every process), so
-        # one request never counts twice (see worker.slot._Signals).
+        # one request never counts twice (see worker.signals.Signals).
         stopping["count"] += 1
         for p in procs.values():
             if p.is_alive() and p.pid is not None:
@@ -150,7 +147,7 @@ def run(
                 start(i)
             elif p.exitcode == 0 and not finite and not stopping["count"]:
                 start(i)
-        time.sleep(0.2)
+        time.sleep(SUPERVISE_TICK_S)
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Resolve the hyperparameters (searched + fixed), prepare the data, train under the study's
 validation scheme (``fit``), read the objective values, compute the study's classical
-baselines. ``worker.runner`` assembles them into one trial run, the slot's and ``run``'s
-(an Optuna trial, for tests and notebooks) alike.
+baselines. ``worker.runner`` assembles them into one trial run, the slot's and
+``run_optuna``'s (an Optuna trial, for tests and notebooks) alike.
 
 ``fit`` holds the validation scheme: one hold-out split, or walk-forward folds trained one
 after another, each with its own scaler, reported to the pruner as one continuous run of steps.
@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import optuna
 import pandas as pd
 
 from seqtune.spec import Categorical, IntRange, StudySpec
@@ -191,41 +190,6 @@ def fit(
         train_seconds=sum(f["train_seconds"] for f in folds),
         wall_seconds=sum(r.wall_seconds for r in results),
     )
-
-
-def run(
-    spec: StudySpec,
-    trial: optuna.Trial,
-    frame: pd.DataFrame,
-    *,
-    device: str = "cpu",
-    seed: int | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrialResult:
-    """Train the trial's hyperparameters on ``frame`` through the trial runner, as a worker
-    slot does; report each step's monitored metric to Optuna (single objective) and stop when
-    its pruner says so. ``on_epoch(step, record)`` sees every step. Returns the training's
-    result (``worker.runner.classify`` tells what a slot would record); raises what the
-    training raises. The seed is the trial's number unless given."""
-    # Imported here, not at the top: the runner is built on this module's functions.
-    from worker import runner
-
-    def report(step: int, record: dict[str, float], value: float | None) -> None:
-        if on_epoch is not None:
-            on_epoch(step, record)
-        if value is not None:
-            trial.report(value, step)
-
-    outcome = runner.run(
-        spec,
-        trial.params,
-        frame,
-        seed=trial.number if seed is None else seed,
-        device=device,
-        hooks=runner.Hooks(report=report, should_prune=trial.should_prune),
-    )
-    assert outcome.result is not None  # a run that returns has trained to an end
-    return outcome.result
 
 
 def study_baselines(spec: StudySpec, frame: pd.DataFrame) -> dict[str, Any]:

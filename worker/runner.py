@@ -5,33 +5,39 @@
 - ``run``: resolves the hyperparameters, trains under the study's validation scheme
   (``worker.objective.fit``) and classifies the result.
 - ``Hooks``: what a caller plugs in. The slot reports each epoch under its lease, asks the
-  study's pruner, snapshots, and stops on a signal; ``objective.run`` (tests, notebooks)
+  study's pruner, snapshots, and stops on a signal; ``run_optuna`` (tests, notebooks)
   reports to a plain Optuna trial. Both go through ``run``.
 - ``classify``: the one place that decides how an attempt ended, from its result or from
   what it raised: finished (COMPLETE, PRUNED or FAIL with a reason), handed back for another
   attempt, or abandoned because another attempt holds the lease.
 
-No database, no signals, no Optuna here: those come in through the hooks.
+No database, no signals, no Optuna here: those come in through the hooks (``run_optuna``
+takes an Optuna trial but only calls its methods). Importing this module loads neither
+SQLAlchemy, Optuna nor ``service``: ``Fenced`` is seqtune's vocabulary (``seqtune.errors``).
 """
 
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
+from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import TrialState
-from service.store.leases import Fenced, error_text
 from worker.admission import TooBig, Withdrawn
 from worker.engine import Hyper, TrainConfig, TrialResult
 from worker.objective import fit, monitor_of, objective_values, resolve
 from worker.preprocessing import DataError
+
+if TYPE_CHECKING:  # only for the annotation: run_optuna calls the trial's methods
+    import optuna
 
 # reason of a trial a pruner stopped, or one stopped for diverging (recorded PRUNED, not FAIL:
 # a configuration the search should steer away from, not a broken one)
@@ -137,6 +143,39 @@ def run(
     return classify(spec, result)
 
 
+def run_optuna(
+    spec: StudySpec,
+    trial: optuna.Trial,
+    frame: pd.DataFrame,
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrialResult:
+    """Train the trial's hyperparameters on ``frame`` through ``run``, as a worker slot does;
+    report each step's monitored metric to Optuna (single objective) and stop when its pruner
+    says so. ``on_epoch(step, record)`` sees every step. Returns the training's result
+    (``classify`` tells what a slot would record); raises what the training raises. The seed
+    is the trial's number unless given. For tests and notebooks: no database involved."""
+
+    def report(step: int, record: dict[str, float], value: float | None) -> None:
+        if on_epoch is not None:
+            on_epoch(step, record)
+        if value is not None:
+            trial.report(value, step)
+
+    outcome = run(
+        spec,
+        trial.params,
+        frame,
+        seed=trial.number if seed is None else seed,
+        device=device,
+        hooks=Hooks(report=report, should_prune=trial.should_prune),
+    )
+    assert outcome.result is not None  # a run that returns has trained to an end
+    return outcome.result
+
+
 def classify(spec: StudySpec, ended: TrialResult | Exception) -> Outcome:
     """The outcome of an attempt that returned ``ended`` (a result) or raised it.
 
@@ -203,3 +242,9 @@ def trial_info(
     if r.folds is not None:
         info["folds"] = r.folds
     return info
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` as one line of its type and message (no traceback), cut to 2000 characters:
+    what a failed trial or baseline computation records as its error."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]

@@ -1,16 +1,13 @@
 """One worker slot: a process that claims trials, trains them and reports, until told to stop.
 
-It holds the loop (claim, run, record), registration and the heartbeat, signals and the
-parent watch, reaping, and the frame cache. What one trial does is elsewhere: the run and its
-outcome in ``worker.runner``, GPU admission in ``worker.admission``, the snapshot and model
-bytes in ``worker.checkpoints``. Its timing (heartbeat, reap interval, poll, orphan grace)
-comes from the ``Settings`` it is given: the fleet hands each slot its own.
-
-Signals: the first stop request finishes the current epoch, snapshots the trial and releases
-its lease so that another worker resumes it after that epoch; a second one stops at once. A
-slot started by ``seqtune worker`` takes its requests from that process (``STOP_SIGNAL``, one
-per SIGTERM or SIGINT it receives) and ignores the copies that reach it directly; on its own,
-or once that process is gone, SIGTERM and SIGINT are the requests (see ``_Signals``).
+It holds the loop (claim, run, record), registration and the heartbeat, reaping, and the
+frame cache. What one trial does is elsewhere: the run and its outcome in ``worker.runner``,
+GPU admission in ``worker.admission``, the snapshot and model bytes in ``worker.checkpoints``,
+TensorBoard's event files in ``worker.tensorboard``. Stop requests and the parent watch are
+``worker.signals``: the first request finishes the current epoch, snapshots the trial and
+releases its lease so that another worker resumes it after that epoch; a second one stops at
+once. Its timing (heartbeat, reap interval, poll, orphan grace) and database come from the
+``Settings`` it is given: the fleet hands each slot the worker process's.
 """
 
 from __future__ import annotations
@@ -19,18 +16,16 @@ import logging
 import os
 import platform
 import random
-import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import optuna
 import torch
 
+from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import TrialState
 from service.logs import log_context, setup_logging
@@ -40,8 +35,9 @@ from service.store import datasets as service_datasets
 from service.store import leases, recovery, workers
 from service.store.db import Database
 from service.store.optuna import make_storage, optuna_study
-from worker import admission, checkpoints, datasets, runner
+from worker import admission, checkpoints, datasets, runner, tensorboard
 from worker.objective import prepare_for, resolve, study_baselines
+from worker.signals import ParentWatch, Signals, arm_parent_death_signal
 
 log = logging.getLogger("seqtune.worker")
 
@@ -53,7 +49,6 @@ class SlotConfig:
 
     slot: int = 0
     device: str = "cpu"
-    database_url: str | None = None
     studies: tuple[str, ...] = ()
     max_trials: int | None = None
     burst: bool = False
@@ -61,81 +56,9 @@ class SlotConfig:
     threads: int | None = None  # torch CPU threads; the fleet splits the cores among slots
     slots_on_device: int = 1  # slots sharing this slot's GPU (its memory ledger)
     # The `seqtune worker` process that started this slot (set by the fleet). The slot stops
-    # when that process dies: nobody would supervise or stop it any more (see _ParentWatch).
+    # when that process dies: nobody would supervise or stop it any more (see
+    # worker.signals.ParentWatch).
     parent_pid: int | None = None
-
-
-# The stop request a fleet sends its slots: one per SIGTERM or SIGINT the fleet receives.
-STOP_SIGNAL = signal.SIGUSR1
-
-
-class _Signals:
-    """Stop requests. The first: finish the epoch, snapshot, hand the trial back. The second:
-    stop now.
-
-    A slot started by a fleet (``parent_pid``) counts, while that process lives, only the
-    fleet's requests (``STOP_SIGNAL``, one per SIGTERM or SIGINT the fleet received). The
-    same request reaches the slot directly as well: a terminal sends Ctrl+C's SIGINT to its
-    whole foreground process group, and supervisors (systemd by default, ``kill -- -PGID``)
-    signal every process. Counting that copy made the fleet's forward the *second* request:
-    the slot stopped mid-epoch without a snapshot, and the next attempt redid every epoch
-    since the last periodic one. Once the fleet is gone (this process was re-parented),
-    SIGTERM and SIGINT count again: an orphan obeys its parent-death signal and _ParentWatch.
-    A slot run on its own (no ``parent_pid``) obeys SIGTERM and SIGINT."""
-
-    def __init__(self, parent_pid: int | None = None) -> None:
-        self.stop = threading.Event()
-        self._signalled = False
-        self._parent_pid = parent_pid
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(STOP_SIGNAL, self._handle)
-
-    def _copy_of_fleets(self, signum: int) -> bool:
-        """A SIGTERM/SIGINT that the live fleet received too and forwards as STOP_SIGNAL."""
-        return (
-            signum != STOP_SIGNAL
-            and self._parent_pid is not None
-            and os.getppid() == self._parent_pid
-        )
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self._copy_of_fleets(signum):
-            # Logged from a thread, like _stop_soon: the interrupted main thread may hold the
-            # logging lock.
-            threading.Thread(
-                target=log.debug,
-                args=(
-                    "signal %d left to the worker process %s, which forwards it",
-                    signum,
-                    self._parent_pid,
-                ),
-                name="seqtune-signal",
-                daemon=True,
-            ).start()
-            return
-        if self._signalled:
-            raise SystemExit(128 + signum)
-        self._signalled = True
-        # Never Event.set() in the handler itself: the interrupted main thread may be inside
-        # stop.wait() holding the event's (non-reentrant) lock, and the set would deadlock.
-        # A helper thread sets it as soon as the main thread lets go of that lock.
-        threading.Thread(
-            target=self._stop_soon, args=(signum,), name="seqtune-signal", daemon=True
-        ).start()
-
-    def _stop_soon(self, signum: int) -> None:
-        source = "the worker process" if signum == STOP_SIGNAL else f"signal {signum}"
-        if self._parent_pid is not None and os.getppid() != self._parent_pid:
-            # Said here too: the parent-death signal can stop the slot before _ParentWatch's
-            # next poll notices, and the log must say why the slot stopped.
-            source += f" (the worker process {self._parent_pid} that started this slot is gone)"
-        log.info(
-            "stop requested by %s: finishing the epoch, then handing the trial back (a "
-            "second signal stops at once)",
-            source,
-        )
-        self.stop.set()
 
 
 class _Heartbeat(threading.Thread):
@@ -167,7 +90,7 @@ class _Heartbeat(threading.Thread):
                 if c is not None and self.progress != self._seen:
                     self._seen = self.progress
                     leases.renew(self.db, claim=c)
-            except leases.Fenced:
+            except Fenced:
                 self.fenced = True
             except Exception:  # noqa: BLE001 - a missed beat is logged, the next one retries
                 log.exception("heartbeat failed")
@@ -176,102 +99,19 @@ class _Heartbeat(threading.Thread):
         self._halt.set()
 
 
-class _ParentWatch(threading.Thread):
-    """Stops an orphaned slot: once the process that started it is gone (``kill -9`` of
-    ``seqtune worker``), nobody would stop the slot, and it would train and claim trials for
-    ever. Polls ``os.getppid()`` (portable: an orphan is re-parented to init or a subreaper),
-    then escalates like an operator would:
-
-    1. a first SIGTERM (unless the kernel already sent it as the parent-death signal): finish
-       the epoch, snapshot, hand the trial back;
-    2. after ``grace_s`` (``Settings.orphan_grace_s``), a second SIGTERM: hand the trial
-       back now;
-    3. after ``grace_s`` more (the main thread is stuck, e.g. in a hung driver call), exit
-       at once and leave the trial to the reaper (its lease stops being renewed).
-
-    So an orphaned slot is gone within about ``2 * grace_s`` plus one poll."""
-
-    def __init__(
-        self, parent_pid: int, *, signalled_by_kernel: bool, grace_s: float, poll_s: float = 0.5
-    ) -> None:
-        super().__init__(name="seqtune-parent-watch", daemon=True)
-        self.parent_pid, self.poll_s, self.grace_s = parent_pid, poll_s, grace_s
-        self.signalled_by_kernel = signalled_by_kernel
-
-    def orphaned(self) -> bool:
-        return os.getppid() != self.parent_pid
-
-    def run(self) -> None:
-        while not self.orphaned():
-            time.sleep(self.poll_s)
-        log.warning(
-            "the worker process %d that started this slot is gone: stopping this "
-            "slot (finish the epoch within %.0fs, else hand the trial back at once)",
-            self.parent_pid,
-            self.grace_s,
-        )
-        # Signals, not a direct Event.set(): the slot's SIGTERM contract (first: graceful,
-        # second: now) is then the one path for operators, the fleet and this watch.
-        if not self.signalled_by_kernel:
-            os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(self.grace_s)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(self.grace_s)
-        # The main thread is stuck: no cleanup can be trusted, not even logging (a stuck
-        # thread may hold a handler's lock, or the log pipe may be full), so the last word
-        # gets half a second on a thread of its own, then the process ends regardless.
-        last = threading.Thread(
-            target=log.error,
-            daemon=True,
-            args=(
-                "slot still running %.0fs after its worker process died: exiting now; the reaper "
-                "recovers its trial after the lease timeout",
-                2 * self.grace_s,
-            ),
-        )
-        last.start()
-        last.join(0.5)
-        os._exit(1)
-
-
-def arm_parent_death_signal(parent_pid: int) -> bool:
-    """Ask Linux to send this process SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
-    so a slot starts stopping at once rather than at the next poll. True when armed while
-    the parent is still ``parent_pid`` (it may have died before the call: then no signal
-    comes, and the poll in _ParentWatch sends it). False where prctl is unavailable."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
-        return False
-    # The signal fires when the parent *thread* that started us exits: the fleet starts its
-    # slots from its main thread, whose exit is the process's.
-    return os.getppid() == parent_pid
-
-
 class Slot:
     """The slot's loop and its parts. ``settings`` (default: read from the environment) holds
-    its timing and database; the worker process passes its own to every slot it starts."""
+    its timing and database, used as given; the worker process passes its own (with a
+    worker's database retries, see ``worker.cli.cmd_worker``) to every slot it starts."""
 
     def __init__(self, cfg: SlotConfig, settings: Settings | None = None) -> None:
         self.cfg = cfg
-        base = settings or Settings()
-        overrides: dict[str, Any] = {"db_retries": max(base.db_retries, 12)}
-        if cfg.database_url:
-            overrides["database_url"] = cfg.database_url
-        # Workers ride out database restarts: more retries than the service.
-        self.settings = Settings(**{**base.model_dump(), **overrides})
+        self.settings = settings or Settings()
         self.db = Database(self.settings)
         self.storage = make_storage(self.settings)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-s{cfg.slot}"
         self.frames: dict[str, Any] = {}
-        self.signals = _Signals(cfg.parent_pid)
+        self.signals = Signals(cfg.parent_pid)
         self.hb = _Heartbeat(self.db, self.worker_id, self.settings.heartbeat_s)
         self._last_reap = 0.0
         self.parent_death_signal = False  # slot_main sets it once the kernel's signal is armed
@@ -294,7 +134,7 @@ class Slot:
         )
         self.hb.start()
         if self.cfg.parent_pid is not None:
-            _ParentWatch(
+            ParentWatch(
                 self.cfg.parent_pid,
                 signalled_by_kernel=self.parent_death_signal,
                 grace_s=self.settings.orphan_grace_s,
@@ -428,7 +268,7 @@ class Slot:
         except Exception as exc:  # noqa: BLE001 - the trial goes on without baselines
             log.exception("baselines of %s failed", c.study_name)
             service_baselines.fail(
-                self.db, study_id=c.study_id, owner=self.worker_id, error=leases.error_text(exc)
+                self.db, study_id=c.study_id, owner=self.worker_id, error=runner.error_text(exc)
             )
             return
         service_baselines.store(self.db, study_id=c.study_id, owner=self.worker_id, result=result)
@@ -449,7 +289,9 @@ class Slot:
             if snap is not None:
                 resume = snap.state
                 log.info("resuming trial %s#%d after epoch %d", c.study_name, c.number, snap.epoch)
-        tb = tensorboard_writer(self.settings.tensorboard_dir, c)
+        tb = tensorboard.writer(
+            self.settings.tensorboard_dir, study=c.study_name, number=c.number, attempt=c.attempt
+        )
         try:
             return runner.run(
                 spec,
@@ -470,7 +312,7 @@ class Slot:
 
         def report(step: int, record: dict[str, float], value: float | None) -> None:
             if self.hb.fenced:
-                raise leases.Fenced("the lease was taken from this attempt")
+                raise Fenced("the lease was taken from this attempt")
             leases.report(
                 self.db,
                 claim=c,
@@ -480,10 +322,7 @@ class Slot:
                 value=value,
             )
             if tb is not None:
-                for k, v in record.items():
-                    if k != "epoch" and isinstance(v, int | float):
-                        tb.add_scalar(k, v, step)
-                tb.flush()
+                tensorboard.add_record(tb, step, record)
 
         return runner.Hooks(
             report=report,
@@ -533,32 +372,15 @@ class Slot:
             log.info(
                 "trial %s#%d: %s (%s)", c.study_name, c.number, kw.get("state"), kw.get("reason")
             )
-        except leases.Fenced as exc:
+        except Fenced as exc:
             log.warning("result refused: %s", exc.message)
 
     def _release(self, c: leases.Claim) -> None:
         try:
             leases.release(self.db, claim=c)
             log.info("trial %s#%d handed back for another worker", c.study_name, c.number)
-        except leases.Fenced:
+        except Fenced:
             pass
-
-
-def tensorboard_writer(root: Path | None, c: leases.Claim) -> Any:
-    """A TensorBoard event writer for this attempt of the trial, when SEQTUNE_TENSORBOARD_DIR
-    is set: ``<dir>/<study>/trial-<number>-a<attempt>``, one scalar per curve field."""
-    if root is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning(
-            "SEQTUNE_TENSORBOARD_DIR is set but the tensorboard package is missing: "
-            "pip install 'seqtune[tensorboard]'"
-        )
-        return None
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.study_name)
-    return SummaryWriter(log_dir=str(root / safe / f"trial-{c.number:05d}-a{c.attempt}"))
 
 
 def slot_main(cfg: SlotConfig, settings: Settings) -> None:

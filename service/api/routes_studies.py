@@ -24,7 +24,7 @@ from seqtune.spec import (
     default_search_space,
     integral,
 )
-from seqtune.states import SETTABLE_STATUSES
+from seqtune.states import SETTABLE_STATUSES, StudyStatus
 from seqtune.views import (
     BestView,
     ImportanceView,
@@ -81,7 +81,9 @@ class StudyPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
     status: SettableStatus | SkipJsonSchema[None] = Field(
-        default=None, description="'paused' holds new trials, 'running' resumes, 'stopped' ends"
+        default=None,
+        description=f"'{StudyStatus.PAUSED}' holds new trials, '{StudyStatus.RUNNING}' resumes, "
+        f"'{StudyStatus.STOPPED}' ends",
     )
     n_trials: (
         Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)] | SkipJsonSchema[None]

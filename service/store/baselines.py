@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, and_, or_, update
 
+from seqtune.states import BaselinesStatus
 from seqtune.views import TrialView, baseline_label
 from service.store.db import Database
 from service.store.tables import Study
@@ -77,14 +78,17 @@ def claim(db: Database, *, study_id: int, owner: str, stale_after_s: float = 900
     """
     now = datetime.now(UTC)
     cutoff = _iso(now - timedelta(seconds=stale_after_s))
-    marker = {"status": "computing", "owner": owner, "since": _iso(now)}
+    marker = {"status": BaselinesStatus.COMPUTING, "owner": owner, "since": _iso(now)}
     stmt = (
         update(_STUDIES)
         .where(
             _STUDIES.c.id == study_id,
             or_(
                 _B.is_(None),
-                and_(_b_status == "computing", or_(_b_since.is_(None), _b_since < cutoff)),
+                and_(
+                    _b_status == BaselinesStatus.COMPUTING,
+                    or_(_b_since.is_(None), _b_since < cutoff),
+                ),
             ),
         )
         .values(baselines=marker)
@@ -103,15 +107,15 @@ def store(db: Database, *, study_id: int, owner: str, result: dict[str, Any]) ->
     "failed"; otherwise (another worker re-claimed a stale marker, or stored first) nothing
     changes. Non-finite floats are stored as null.
     """
-    value = _finite({**result, "status": "done"})
+    value = _finite({**result, "status": BaselinesStatus.DONE})
     stmt = (
         update(_STUDIES)
         .where(
             _STUDIES.c.id == study_id,
             or_(
                 _B.is_(None),
-                _b_status == "failed",
-                and_(_b_status == "computing", _b_owner == owner),
+                _b_status == BaselinesStatus.FAILED,
+                and_(_b_status == BaselinesStatus.COMPUTING, _b_owner == owner),
             ),
         )
         .values(baselines=value)
@@ -133,12 +137,15 @@ def fail(db: Database, *, study_id: int, owner: str, error: str) -> None:
     Written only while ``owner`` holds the "computing" marker (or the column is NULL): never
     over finished baselines or another worker's claim.
     """
-    value = {"status": "failed", "error": error[:2000]}
+    value = {"status": BaselinesStatus.FAILED, "error": error[:2000]}
     stmt = (
         update(_STUDIES)
         .where(
             _STUDIES.c.id == study_id,
-            or_(_B.is_(None), and_(_b_status == "computing", _b_owner == owner)),
+            or_(
+                _B.is_(None),
+                and_(_b_status == BaselinesStatus.COMPUTING, _b_owner == owner),
+            ),
         )
         .values(baselines=value)
     )
@@ -185,7 +192,7 @@ def verdict(baselines: dict[str, Any] | None, trial: TrialView, task: str) -> di
     "beats" means strictly better. None when the baselines are missing or not "done", name no
     usable best model, or either side lacks the validation metric.
     """
-    if not baselines or baselines.get("status") != "done" or task not in _METRIC:
+    if not baselines or baselines.get("status") != BaselinesStatus.DONE or task not in _METRIC:
         return None
     metric, higher = _METRIC[task]
     name = baselines.get("best")

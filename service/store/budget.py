@@ -46,6 +46,10 @@ def close_trial(
     its lease and its worker; move the study's counters (and its Pareto front); and, once the
     budget is spent and nothing runs, call ``end_of_budget``. Raises Conflict (from the
     transition table) for an end the trial's state does not allow."""
+    # The move is checked before anything is written: Optuna's tell commits on its own
+    # connection, and a refused move after it would leave Optuna and seqtune disagreeing.
+    old_state = t.state
+    new_state = trial_transition(action, old_state, state, number=t.number)
     # Optuna first, under the trial's lock only: the study row is what claimers queue on while
     # they ask(), so it is taken last and held just for the counters and the completion check.
     if tell and ostudy is not None:
@@ -55,8 +59,7 @@ def close_trial(
             state=OptunaState[state],
             skip_if_finished=True,
         )
-    old_state = t.state
-    t.state = trial_transition(action, old_state, state, number=t.number)
+    t.state = new_state
     t.reason, t.error = reason, error
     t.values = list(values) if values is not None else None
     t.value = values[0] if values else None

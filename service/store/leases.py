@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from seqtune.errors import Conflict
+from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
 from service.store.budget import close_trial, enqueue_retrain, finite
@@ -63,10 +62,6 @@ from service.store.trials import count_move
 
 log = logging.getLogger(__name__)
 _T: Table = Trial.__table__  # type: ignore[assignment]  # Core table for the epoch hot path
-
-
-class Fenced(Conflict):
-    """This attempt no longer holds the trial's lease: its writes are refused."""
 
 
 @dataclass(frozen=True)
@@ -523,7 +518,3 @@ def has_work(db: Database, *, studies: list[str] | None = None) -> bool:
         return s.scalar(q) is not None
 
     return db.run(txn)
-
-
-def error_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:2000]

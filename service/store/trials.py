@@ -14,12 +14,12 @@ from typing import Any, NamedTuple
 
 import optuna
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from seqtune.errors import Conflict, Invalid, NotFound
 from seqtune.spec import StudySpec
 from seqtune.states import ACTIVE_STATUSES, TrialState
-from seqtune.views import Page, TrialView
+from seqtune.views import TRIAL_SORT_KEYS, Page, TrialView
 from service.store.db import Database
 from service.store.optuna import distributions
 from service.store.studies import best_trial, study_row, trial_view
@@ -33,11 +33,9 @@ _COUNTER = {
     TrialState.PRUNED: "n_pruned",
     TrialState.FAIL: "n_failed",
 }
-_SORTS = {
-    "number": Trial.number,
-    "value": Trial.value,
-    "started_at": Trial.started_at,
-    "finished_at": Trial.finished_at,
+# The columns the listing sorts on: each sort key is the name of the trial row's column.
+_SORTS: dict[str, InstrumentedAttribute[Any]] = {
+    key: getattr(Trial, key) for key in TRIAL_SORT_KEYS
 }
 
 

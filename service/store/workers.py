@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from seqtune.states import WorkerStatus
 from seqtune.views import WorkerView
 from service.store.db import Database
 from service.store.tables import Study, Trial, Worker, utcnow
@@ -95,11 +96,12 @@ def list_workers(
             q = q.where(Worker.stopped_at.is_(None))
         out = []
         for w, number, study, owner in s.execute(q):
-            status = (
-                "stopped"
-                if w.stopped_at
-                else ("live" if w.heartbeat_at > now - timedelta(seconds=lost_after_s) else "lost")
-            )
+            if w.stopped_at:
+                status = WorkerStatus.STOPPED
+            elif w.heartbeat_at > now - timedelta(seconds=lost_after_s):
+                status = WorkerStatus.LIVE
+            else:
+                status = WorkerStatus.LOST
             mine = owner == tenant
             out.append(
                 WorkerView(

@@ -16,8 +16,9 @@ from seqtune.spec import SyntheticData, parse_spec
 from service.store.optuna import distributions, make_pruner
 from worker import datasets
 from worker.engine import Hyper, Predictor, TrainConfig, train
-from worker.objective import objective_values, run
+from worker.objective import objective_values
 from worker.preprocessing import prepare
+from worker.runner import run_optuna
 
 F = (0.7, 0.15, 0.15)
 
@@ -212,7 +213,7 @@ def test_walk_forward_reports_fold_by_fold_and_averages_the_folds() -> None:
     )
     steps: list[tuple[int, int]] = []
     study = optuna.create_study()
-    r = run(
+    r = run_optuna(
         spec,
         study.ask(),
         datasets.builtin("sunspots"),
@@ -228,7 +229,7 @@ def test_walk_forward_reports_fold_by_fold_and_averages_the_folds() -> None:
         {**spec.model_dump(), "pruner": {"name": "threshold", "options": {"upper": 1.0}}}
     )
     study = optuna.create_study(pruner=make_pruner(pruned.pruner))
-    r = run(pruned, study.ask(), datasets.builtin("sunspots"))
+    r = run_optuna(pruned, study.ask(), datasets.builtin("sunspots"))
     assert r.reason == "pruned" and r.folds is not None and len(r.folds) == 1
 
 
@@ -244,7 +245,7 @@ def test_optuna_pruner_prunes_through_the_objective() -> None:
     )
     study = optuna.create_study(pruner=make_pruner(spec.pruner))
     trial = study.ask()
-    r = run(spec, trial, datasets.builtin("sunspots"))
+    r = run_optuna(spec, trial, datasets.builtin("sunspots"))
     assert r.reason == "pruned" and r.epochs == 1  # val RMSE (~30 sunspots) is over 1.0
 
 
@@ -270,7 +271,7 @@ def test_small_search_on_sunspots_beats_persistence() -> None:
     results = {}
     for _ in range(6):
         trial = study.ask(distributions(spec))
-        r = run(spec, trial, frame)
+        r = run_optuna(spec, trial, frame)
         study.tell(trial, objective_values(spec, r)[0])
         results[trial.number] = r
     best = results[study.best_trial.number]

@@ -12,7 +12,8 @@ import pandas as pd
 from seqtune.spec import parse_spec
 from seqtune.views import TrialView
 from service.store import baselines as service_baselines
-from worker.objective import run, study_baselines
+from worker.objective import study_baselines
+from worker.runner import run_optuna
 
 
 def test_a_random_walk_gets_the_does_not_beat_the_baseline_verdict() -> None:
@@ -30,7 +31,7 @@ def test_a_random_walk_gets_the_does_not_beat_the_baseline_verdict() -> None:
     # Persistence is (within noise) the best classical forecast of a random walk.
     models = base["models"]
     assert models["persistence"]["val"]["rmse"] <= 1.01 * models[base["best"]]["val"]["rmse"]
-    r = run(spec, optuna.create_study().ask(), frame)
+    r = run_optuna(spec, optuna.create_study().ask(), frame)
     trial = TrialView(
         number=0,
         state="COMPLETE",
