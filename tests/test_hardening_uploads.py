@@ -25,6 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from seqtune.errors import Invalid
+from service import csvparse
 from service.settings import Settings
 from service.store import datasets
 from service.store.db import Database
@@ -60,11 +61,11 @@ def test_hostile_header_is_refused_at_its_first_chunk() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(Invalid) as err:
-            datasets.parse_csv(source)
+            csvparse.parse_csv(source)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert err.value.message == f"line 1: more than {datasets.MAX_COLUMNS} columns"
+    assert err.value.message == f"line 1: more than {csvparse.MAX_COLUMNS} columns"
     assert source.pulled == 1, "read past the chunk that broke the column cap"
     assert peak < 16 * MiB, f"{peak / MiB:.0f} MiB to refuse a header"  # 912 MB before
 
@@ -77,9 +78,9 @@ def test_a_line_over_the_cap_is_refused_as_it_streams_in() -> None:
 
     source = Counting(long_line())
     with pytest.raises(Invalid) as err:
-        datasets.parse_csv(source)
+        csvparse.parse_csv(source)
     assert err.value.message == (
-        f"line 3: the line is longer than {datasets.MAX_LINE_BYTES} bytes (the line-length cap)"
+        f"line 3: the line is longer than {csvparse.MAX_LINE_BYTES} bytes (the line-length cap)"
     )
     assert source.pulled <= 3
 
@@ -92,7 +93,7 @@ def test_a_line_over_the_cap_is_refused_as_it_streams_in() -> None:
 
     source = Counting(long_record())
     with pytest.raises(Invalid) as err:
-        datasets.parse_csv(source)
+        csvparse.parse_csv(source)
     assert "line 2: a record (a quoted field with line breaks) is longer than" in err.value.message
     assert source.pulled <= 4
 
@@ -100,7 +101,7 @@ def test_a_line_over_the_cap_is_refused_as_it_streams_in() -> None:
 def test_utf8_error_names_the_byte_of_the_file_past_a_bom() -> None:
     content = b"\xef\xbb\xbfa,b\n1,\xff\n"  # the bad byte is at offset 9 of the file
     with pytest.raises(Invalid) as err:
-        datasets.parse_csv(iter([content[:8], content[8:]]))
+        csvparse.parse_csv(iter([content[:8], content[8:]]))
     assert err.value.message == "the file is not UTF-8 text (byte 9); save it as UTF-8 CSV"
 
 
@@ -230,13 +231,13 @@ def test_any_chunking_gives_the_value_by_value_answer(monkeypatch: pytest.Monkey
         content = random_csv(rng)
         want = outcome(reference_parse, content)
         for size in (1, 3, 7, 64, None):
-            monkeypatch.setattr(datasets, "_BATCH_FIELDS", rng.choice((1, 5, 1 << 18)))
+            monkeypatch.setattr(csvparse, "_BATCH_FIELDS", rng.choice((1, 5, 1 << 18)))
             chunks = (
                 content
                 if size is None
                 else (content[i : i + size] for i in range(0, len(content), size))
             )
-            got = outcome(datasets.parse_csv, chunks)
+            got = outcome(csvparse.parse_csv, chunks)
             assert got == want, (n, size, content)
 
 
@@ -330,7 +331,7 @@ def test_served_hostile_header_is_refused_in_flat_memory(
     r, seconds, growth = upload_measured(base, key, pid, path)
     print(f"hostile 50 MB header: {r.status_code} in {seconds:.2f} s, +{growth:.0f} MiB")
     assert r.status_code == 422, r.text
-    assert r.json()["error"]["message"] == f"line 1: more than {datasets.MAX_COLUMNS} columns"
+    assert r.json()["error"]["message"] == f"line 1: more than {csvparse.MAX_COLUMNS} columns"
     assert growth < 64, f"the server grew {growth:.0f} MiB to refuse the header"  # 670 before
 
 
