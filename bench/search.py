@@ -9,6 +9,7 @@ TPE + hyperband, and seqtune's defaults (a study that names no sampler and no pr
 
     python bench/search.py --problems sunspots --epochs 1500 --seeds 0 1 2
     python bench/search.py --problems mackey_glass --mg-points 20000 --epochs 200
+    python bench/search.py --problems elnino --strategies defaults defaults-buffer0 --slots 4
 
 Writes bench/results/search-<problem>.json, a markdown table on stdout and a PNG plot.
 """
@@ -53,6 +54,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     # Optuna's MedianPruner as it comes (5 startup trials, no warm-up): seqtune's old default
     "tpe+median-w0": {"sampler": {"name": "tpe"}, "pruner": {"name": "median"}},
     "defaults": {},
+    # seqtune's defaults without the suggestion buffer (every claim asks): what the buffer costs
+    "defaults-buffer0": {"sampler": {"name": "tpe", "buffer": 0}},
 }
 
 SPACE = {
@@ -71,6 +74,12 @@ def problem(name: str, mg_points: int) -> dict[str, Any]:
     if name == "sunspots":
         return {
             "dataset": {"kind": "builtin", "name": "sunspots"},
+            "search_space": SPACE,
+            "fixed": {"max_epochs": 60, "clip_norm": 1.0},
+        }
+    if name == "elnino":  # monthly sea surface temperatures, 1950-2010 (732 values)
+        return {
+            "dataset": {"kind": "builtin", "name": "elnino"},
             "search_space": SPACE,
             "fixed": {"max_epochs": 60, "clip_norm": 1.0},
         }

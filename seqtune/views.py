@@ -70,6 +70,8 @@ class TrialCounts(View):
     finished: int
     budget: int
     remaining: int
+    # Of ``remaining``: suggestions asked ahead of the workers' claims (the sampler's buffer).
+    buffered: int = 0
 
 
 class StudyView(View):

@@ -32,7 +32,7 @@ from seqtune.errors import CommandFailed, Exit, Invalid, MissingExtra
 from service.logs import setup_logging
 from service.settings import Settings
 from service.store import keys, migrate
-from service.store.db import Database
+from service.store.db import Database, role_limits
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.workers > 1:
         if settings.migrate_on_start:  # once, before the processes race for it
-            migrate.upgrade(Database(settings).engine)
+            migrate.upgrade(Database(settings).engine, settings=settings)
         # uvicorn spawns the server processes itself, and each builds its app (the factory
         # below) from the environment it inherits: the one way to hand them these settings
         # (--database-url, --no-auth, migrations done) is to make this process's environment
@@ -248,7 +248,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Before migrating or starting the worker: a port in use is the common failure of `up`.
     check_port_free(args.host or settings.host, args.port or settings.port)
     db = Database(settings)
-    migrate.upgrade(db.engine)  # before the worker starts, so neither races the other
+    # Before the worker starts, so neither races the other; with the session limits on the
+    # role (SEQTUNE_DB_SESSION_LIMITS=role), before its first connection too.
+    migrate.upgrade(db.engine, settings=settings)
     db.dispose()
     # The worker runs with these settings (a --database-url included), rendered into its
     # environment. It stops its slots and exits once this process is gone (kill -9 included),
@@ -291,9 +293,16 @@ def _db_arguments(db: argparse.ArgumentParser) -> None:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    db = Database(_settings(args))
-    migrate.upgrade(db.engine)
+    """Apply the migrations; with SEQTUNE_DB_SESSION_LIMITS=role, also set the session limits
+    on the connecting role in this database (``migrate.set_role_limits``)."""
+    settings = _settings(args)
+    db = Database(settings)
+    migrate.upgrade(db.engine, settings=settings)
     print(f"seqtune schema at {migrate.current_revision(db.engine)}")
+    limits = role_limits(settings)
+    if limits:
+        shown = ", ".join(f"{k}={v}" for k, v in limits.items() if v) or "none"
+        print(f"session limits set on the role in this database: {shown}")
     return Exit.OK
 
 
@@ -310,8 +319,9 @@ def _keys_arguments(k: argparse.ArgumentParser) -> None:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    db = Database(_settings(args))
-    migrate.upgrade(db.engine)
+    settings = _settings(args)
+    db = Database(settings)
+    migrate.upgrade(db.engine, settings=settings)
     key = keys.create_key(db, tenant=args.tenant)
     print(f"created a key for tenant '{args.tenant}'; it is shown once, keep it:", file=sys.stderr)
     print(key)

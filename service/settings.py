@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; unset means an SQLite file in data_dir."
     )
+    optuna_database_url: str | None = Field(
+        default=None,
+        description="Where Optuna's storage connects: the same database as database_url, by "
+        "another route. Unset: database_url. Behind PgBouncer, a second database entry for the "
+        "same database, so that Optuna's connections have a pool of their own: seqtune holds "
+        "its transaction open while Optuna writes (a report, a tell, an ask), and with one "
+        "shared pool those held transactions could take every server connection while each "
+        "waits for one more (deploy/pgbouncer/README.md).",
+    )
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="Checkpoints, caches, SQLite.")
     auth_enabled: bool = Field(
         default=True, description="Require 'Authorization: Bearer <key>' on every /v1 call."
@@ -42,8 +51,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     migrate_on_start: bool = True
-    pool_size: int = Field(default=5, ge=1, le=200)
-    max_overflow: int = Field(default=10, ge=0, le=500)
+    pool_size: int = Field(
+        default=5, ge=1, le=200, description="Connections kept per engine (the service's)."
+    )
+    max_overflow: int = Field(
+        default=10, ge=0, le=500, description="Connections opened past pool_size at peaks."
+    )
+    # A worker slot holds two engines (seqtune's and Optuna's) used by at most three threads
+    # at once (the trial loop, the heartbeat, the suggestion refill): 2 + 1 per engine covers
+    # them. `seqtune worker` gives its slots these instead of pool_size / max_overflow.
+    worker_pool_size: int = Field(
+        default=2, ge=1, le=50, description="pool_size of each of a worker slot's two engines."
+    )
+    worker_max_overflow: int = Field(
+        default=1, ge=0, le=50, description="max_overflow of each of a worker slot's engines."
+    )
     pool_recycle_s: int = Field(default=1800, ge=30)
     db_retries: int = Field(default=5, ge=0, le=50, description="Retries on a lost connection.")
     db_retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
@@ -74,8 +96,16 @@ class Settings(BaseSettings):
         ge=0,
         le=86400,
         description="Postgres cancels a statement waiting this long for a lock (retried). Off "
-        "by default: workers queue on a study's row for every ask() ahead of them, and a "
-        "frozen holder is already ended by the idle-in-transaction timeout.",
+        "by default: the waits left are short (a study's row behind one claim's statement), "
+        "and a frozen holder is already ended by the idle-in-transaction timeout.",
+    )
+    db_session_limits: Literal["startup", "role", "off"] = Field(
+        default="startup",
+        description="How the server-side limits above (idle-in-transaction, statement and "
+        "lock timeouts, server TCP keepalives) reach each Postgres session: 'startup' sends "
+        "them as libpq options on every connection; 'role' sends none (PgBouncer refuses "
+        "startup options) and `seqtune db upgrade` sets them on the connecting role for "
+        "seqtune's database (ALTER ROLE CURRENT_USER IN DATABASE ... SET); 'off' does neither.",
     )
     db_keepalives_idle_s: int = Field(
         default=10,
@@ -151,9 +181,9 @@ class Settings(BaseSettings):
             return v
         return v.strip().lower() if info.field_name == "log_format" else v.strip().upper()
 
-    @field_validator("database_url")
+    @field_validator("database_url", "optuna_database_url")
     @classmethod
-    def _normalise_url(cls, v: str | None) -> str | None:
+    def _normalise_url(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or v.strip() == "":
             return None
         v = v.strip()
@@ -163,7 +193,8 @@ class Settings(BaseSettings):
         if v.startswith("postgresql://"):
             v = "postgresql+psycopg2://" + v[len("postgresql://") :]
         if not (v.startswith("postgresql+") or v.startswith("sqlite")):
-            raise ValueError("SEQTUNE_DATABASE_URL must be a postgresql:// or sqlite:/// URL")
+            name = f"SEQTUNE_{(info.field_name or 'database_url').upper()}"
+            raise ValueError(f"{name} must be a postgresql:// or sqlite:/// URL")
         return v
 
     @property
@@ -172,6 +203,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'seqtune.db').resolve()}"
+
+    @property
+    def optuna_url(self) -> str:
+        """The URL Optuna's storage connects to (``optuna_database_url``, else ``url``)."""
+        return self.optuna_database_url or self.url
 
     @property
     def is_sqlite(self) -> bool:

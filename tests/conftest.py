@@ -12,7 +12,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import pytest
@@ -25,6 +25,8 @@ from service.settings import Settings
 from service.store import keys, leases, migrate
 from service.store.db import Database
 from service.store.optuna import optuna_study
+from tests.pgbouncer import PgBouncer
+from tests.pgbouncer import Unavailable as PgBouncerUnavailable
 
 ADMIN_URL = os.environ.get(
     "SEQTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -35,6 +37,32 @@ def _admin():  # type: ignore[no-untyped-def]
     return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1, pool_pre_ping=True)
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[PgBouncer]:
+    """PgBouncer (Debian's package) in transaction pooling mode on a free 127.0.0.1 port, in
+    front of the test Postgres, for the whole run, with 3 server connections per database
+    entry (fewer than the fleet tests' slots); stopped (by its PID) at the end. Under CI=true
+    a failure to start fails the run; elsewhere it skips the tests that need it.
+
+    Any database name is served (a ``*`` entry), so each test's clone works through it;
+    its server connections to a clone are ended by the clone's DROP ... WITH (FORCE)."""
+    try:
+        with PgBouncer.running(ADMIN_URL, pool_size=3) as bouncer:
+            yield bouncer
+    except PgBouncerUnavailable as exc:
+        _unavailable(str(exc))
+
+
+def _unavailable(why: str) -> NoReturn:
+    if _in_ci():
+        pytest.fail(f"{why} (under CI=true)")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     try:
@@ -42,7 +70,7 @@ def pg_template() -> Iterator[str]:
         with admin.connect() as c:
             c.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if _in_ci():
             pytest.fail(f"Postgres is unreachable at {ADMIN_URL} under CI=true: {exc}")
         pytest.skip(f"Postgres unreachable at {ADMIN_URL}: {exc}")
     name = f"seqtune_tpl_{os.getpid()}"

@@ -23,6 +23,7 @@ def test_create_returns_201_with_location_and_counts(client: TestClient, auth: d
         "finished": 0,
         "budget": 20,
         "remaining": 20,
+        "buffered": 0,
     }
     assert body["directions"] == ["minimize"]
 

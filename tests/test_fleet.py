@@ -1,5 +1,7 @@
-"""The worker fleet as real processes on real Postgres: exact budgets with 8 workers, a
-kill -9 mid-trial, SIGTERM hand-over to another worker, and a Postgres restart."""
+"""The worker fleet as real processes on real Postgres, through PgBouncer in transaction
+pooling mode as deployed at scale: exact budgets with 8 workers, a kill -9 of one of several
+workers mid-trial, SIGTERM hand-over to another worker, and a Postgres restart behind
+PgBouncer. The tests' own reads and the study's creation go to Postgres directly."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,13 +19,15 @@ from typing import Any
 import optuna
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from seqtune.spec import check_spec, parse_spec
 from service.settings import Settings
-from service.store import studies
+from service.store import migrate, studies
 from service.store.db import Database
 from service.store.optuna import make_storage
 from service.store.tables import Checkpoint, Study, Trial
+from tests.pgbouncer import PgBouncer
 
 # Trials of a few seconds each (about 0.3 s an epoch on one core), long enough to interrupt.
 SLOW = {
@@ -51,8 +56,9 @@ def create(db: Database, settings: Settings, name: str, base: dict, **budget: An
 
 
 class Workers:
-    def __init__(self, url: str, tmp: Path) -> None:
-        self.url, self.tmp, self.procs = url, tmp, []  # type: ignore[var-annotated]
+    def __init__(self, url: str, tmp: Path, **env: str) -> None:
+        self.url, self.tmp, self.env = url, tmp, env
+        self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         exe = shutil.which("seqtune")
@@ -63,6 +69,7 @@ class Workers:
             "SEQTUNE_DATA_DIR": str(self.tmp),
             "SEQTUNE_CHECKPOINT_EVERY_S": "0",
             "PYTHONUNBUFFERED": "1",
+            **self.env,
         }
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         p = subprocess.Popen(
@@ -72,24 +79,68 @@ class Workers:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.procs.append(p)
+        self.procs[name] = p
         return p
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
+    def owner(self, worker_id: str) -> str:
+        """The name of the started worker whose slot is ``worker_id`` (host-pid-sN)."""
+        slot_pid = int(worker_id.rsplit("-", 2)[1])
+        stat = Path(f"/proc/{slot_pid}/stat").read_text()
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        return next(n for n, p in self.procs.items() if p.pid == parent)
+
     def stop_all(self) -> None:
-        for p in self.procs:
+        for p in self.procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
 
 @pytest.fixture
-def fleet(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(settings.url, tmp_path)
+def fleet(settings: Settings, tmp_path: Path, pgbouncer: PgBouncer) -> Iterator[Workers]:
+    """Workers that reach the test database through PgBouncer (transaction pooling), set up
+    as a deployment behind it is: the session limits on the role (the upgrade, run through
+    PgBouncer, sets them), none in the startup packet."""
+    url = pgbouncer.url(settings.url)
+    behind = settings.model_copy(update={"database_url": url, "db_session_limits": "role"})
+    db = Database(behind)
+    migrate.upgrade(db.engine, settings=behind)
+    db.dispose()
+    # Optuna's storage by a second entry for the same database: a pool of its own.
+    w = Workers(
+        url,
+        tmp_path,
+        SEQTUNE_DB_SESSION_LIMITS="role",
+        SEQTUNE_OPTUNA_DATABASE_URL=pgbouncer.optuna_url(settings.url),
+    )
     yield w
     w.stop_all()
+
+
+class PoolWatch(threading.Thread):
+    """The most client and server connections PgBouncer held for one database at once (its
+    entry and Optuna's), sampled from its admin console while the fleet runs."""
+
+    def __init__(self, bouncer: PgBouncer, database: str) -> None:
+        super().__init__(daemon=True)
+        self.bouncer, self.database = bouncer, database
+        self.clients = self.servers = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.2):
+            n = {
+                what: sum(
+                    r["database"] in (self.database, f"{self.database}__optuna")
+                    for r in self.bouncer.show(what)
+                )
+                for what in ("CLIENTS", "SERVERS")
+            }
+            self.clients = max(self.clients, n["CLIENTS"])
+            self.servers = max(self.servers, n["SERVERS"])
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -129,14 +180,24 @@ def assert_accounted(db: Database, settings: Settings, name: str, n: int) -> Non
 
 
 def test_budget_is_exact_with_8_concurrent_workers(
-    db: Database, settings: Settings, fleet: Workers
+    db: Database, settings: Settings, fleet: Workers, pgbouncer: PgBouncer
 ) -> None:
     create(db, settings, "eight", FAST, n_trials=20)
-    procs = [fleet.start(f"w{i}", "--burst") for i in range(8)]
-    for p in procs:
-        assert p.wait(timeout=240) == 0
+    watch = PoolWatch(pgbouncer, str(make_url(settings.url).database))
+    watch.start()
+    procs = [fleet.start(f"w{i}", "--burst", "--threads", "1") for i in range(8)]
+    try:
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=240) == 0, fleet.log(f"w{i}")
+    finally:
+        watch.halt.set()
+        watch.join()
     assert_accounted(db, settings, "eight", 20)
     assert len({t.worker for t in trials(db, "eight")}) > 1  # the work was shared
+    # The fleet's traffic went through PgBouncer, whose server connections stayed within
+    # its two pools (3 each in the fixture): fewer than the 8 slots, which held more.
+    assert watch.clients >= 8, (watch.clients, watch.servers)
+    assert 0 < watch.servers <= 6, (watch.clients, watch.servers)
 
 
 def _running_after_epochs(db: Database, name: str, epochs: int) -> Trial | None:
@@ -153,21 +214,27 @@ def _assert_resumed(t: Trial) -> None:
     assert t.attempts == 2
 
 
-def test_kill_9_mid_trial_is_retried_from_its_checkpoint(
+def test_kill_9_of_one_worker_mid_trial_keeps_the_budget_exact(
     db: Database, settings: Settings, fleet: Workers
 ) -> None:
-    create(db, settings, "killed", SLOW, n_trials=2, lease_timeout_s=5)
-    a = fleet.start("a")
+    """Three workers; the one running a trial mid-way is killed with SIGKILL (slot process
+    included). Another recovers the trial and resumes it from its checkpoint, and the study
+    ends with exactly n_trials finished, in seqtune's records and in Optuna's storage."""
+    create(db, settings, "killed", SLOW, n_trials=4, lease_timeout_s=5)
+    for i in range(3):
+        fleet.start(f"w{i}", "--burst", "--threads", "1")
     victim = wait_for(lambda: _running_after_epochs(db, "killed", 2), 120, "a trial mid-way")
-    os.killpg(a.pid, signal.SIGKILL)  # the whole worker, slot process included
-    a.wait()
-    b = fleet.start("b", "--burst")
-    assert b.wait(timeout=240) == 0, fleet.log("b")
-    assert_accounted(db, settings, "killed", 2)
+    killed = fleet.owner(victim.lease_owner or victim.worker or "")
+    os.killpg(fleet.procs[killed].pid, signal.SIGKILL)  # the whole worker, slot included
+    fleet.procs[killed].wait()
+    others = [n for n in fleet.procs if n != killed]
+    for n in others:
+        assert fleet.procs[n].wait(timeout=240) == 0, fleet.log(n)
+    assert_accounted(db, settings, "killed", 4)
     t = next(t for t in trials(db, "killed") if t.number == victim.number)
     assert t.state == "COMPLETE"
     _assert_resumed(t)
-    assert "resuming trial" in fleet.log("b")
+    assert any("resuming trial" in fleet.log(n) for n in others)
 
 
 def test_sigterm_hands_the_trial_to_another_worker(

@@ -13,7 +13,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from seqtune.client import ApiError
 from seqtune.commands import client_of
 from seqtune.errors import ErrorCode, Exit
 from worker.engine import Predictor
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def add_arguments(verb: str, parser: argparse.ArgumentParser) -> None:
@@ -65,10 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.slot import SlotConfig
 
     url = getattr(args, "database_url", None)
-    loaded = Settings.load(**({"database_url": url} if url else {}))
-    # Workers ride out database restarts: more retries than the service. Decided here, once:
-    # every slot gets these settings as they are.
-    settings = loaded.model_copy(update={"db_retries": max(loaded.db_retries, 12)})
+    settings = worker_settings(Settings.load(**({"database_url": url} if url else {})))
     setup_logging(settings)
     studies = tuple(x.strip() for x in (args.studies or "").split(",") if x.strip())
     base = SlotConfig(
@@ -89,6 +89,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"seqtune: {exc}", file=sys.stderr)
         return Exit.BAD_INPUT
+
+
+def worker_settings(loaded: Settings) -> Settings:
+    """The settings every slot of ``seqtune worker`` gets, decided here, once, from the
+    environment's: more database retries than the service (workers ride out restarts), and
+    the worker's small pools (``worker_pool_size`` / ``worker_max_overflow``) for both of a
+    slot's engines, seqtune's and Optuna's, instead of the service's ``pool_size`` /
+    ``max_overflow``: a slot's threads (trial loop, heartbeat, refill) use at most one
+    connection each, and hundreds of slots must fit a Postgres (or PgBouncer) pool."""
+    return loaded.model_copy(
+        update={
+            "db_retries": max(loaded.db_retries, 12),
+            "pool_size": loaded.worker_pool_size,
+            "max_overflow": loaded.worker_max_overflow,
+        }
+    )
 
 
 # -- seqtune predict -----------------------------------------------------------------------------

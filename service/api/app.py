@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings)
         if settings.migrate_on_start:
-            migrate.upgrade(db.engine)
+            migrate.upgrade(db.engine, settings=settings)
         storage = make_storage(settings)
         app.state.seqtune = AppState(settings=settings, db=db, storage=storage)
         app.state.metrics = Metrics(db)

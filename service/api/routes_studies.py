@@ -218,6 +218,7 @@ def update_study(
         status=patch.status,
         n_trials=patch.n_trials,
         priority=patch.priority,
+        storage=st.storage,
     )
 
 

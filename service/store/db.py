@@ -52,48 +52,74 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def server_limits(settings: Settings) -> dict[str, int]:
+    """The Postgres settings that bound how long a session can hold on, in their default
+    units (milliseconds, keepalives in seconds), each mapped to 0 where turned off:
+    ``idle_in_transaction_session_timeout`` ends a session frozen inside a transaction and
+    frees its row locks; ``statement_timeout`` and ``lock_timeout`` bound statements;
+    ``tcp_keepalives_*`` and ``tcp_user_timeout`` drop a partitioned client.
+
+    They reach the server as ``settings.db_session_limits`` says: in the startup packet
+    (``session_limits``) or as the role's defaults in seqtune's database (``role_limits``,
+    applied by ``seqtune db upgrade``)."""
+    keep = settings.db_keepalives_idle_s
+    every, count = settings.db_keepalives_interval_s, settings.db_keepalives_count
+    return {
+        "idle_in_transaction_session_timeout": _ms_or_off(
+            settings.db_idle_in_transaction_timeout_s
+        ),
+        "statement_timeout": _ms_or_off(settings.db_statement_timeout_s),
+        "lock_timeout": _ms_or_off(settings.db_lock_timeout_s),
+        "tcp_keepalives_idle": keep,
+        "tcp_keepalives_interval": every if keep else 0,
+        "tcp_keepalives_count": count if keep else 0,
+        # Keepalives probe only an idle connection; with unacknowledged data in flight the
+        # kernel retransmits for about 15 minutes instead. The user timeout bounds that too.
+        "tcp_user_timeout": (keep + every * count) * 1000 if keep else 0,
+    }
+
+
+def _ms_or_off(seconds: float) -> int:
+    return _ms(seconds) if seconds else 0
+
+
+def role_limits(settings: Settings) -> dict[str, int]:
+    """What ``seqtune db upgrade`` sets on the connecting role in seqtune's database when
+    ``settings.db_session_limits`` is ``"role"`` (0: reset to the server's default); empty
+    otherwise, and on SQLite."""
+    if settings.is_sqlite or settings.db_session_limits != "role":
+        return {}
+    return server_limits(settings)
+
+
 def session_limits(settings: Settings) -> dict[str, Any]:
     """libpq connection parameters that bound how long a Postgres session can hold on.
 
-    - Server side, sent as ``options`` in the startup packet (so they hold from the first
-      statement, on our pool and Optuna's alike, with no extra round trip):
-      ``idle_in_transaction_session_timeout`` ends a session frozen inside a transaction and
-      frees its row locks; ``statement_timeout`` and ``lock_timeout`` bound statements;
-      ``tcp_keepalives_*`` and ``tcp_user_timeout`` drop a partitioned client.
-    - Client side: libpq's ``keepalives*`` and ``tcp_user_timeout``, so a worker waiting on a
-      partitioned server gets an error (a disconnect, retried) instead of waiting forever.
+    - Server side (``server_limits``), with ``db_session_limits="startup"`` (the default):
+      sent as ``options`` in the startup packet, so they hold from the first statement, on our
+      pool and Optuna's alike, with no extra round trip. PgBouncer refuses any startup
+      ``options`` ("unsupported startup parameter"): behind it, ``"role"`` sends none and has
+      ``seqtune db upgrade`` make them the role's defaults instead (``role_limits``).
+    - Client side, always: libpq's ``keepalives*`` and ``tcp_user_timeout``, so a worker
+      waiting on a partitioned server (or pooler) gets an error (a disconnect, retried)
+      instead of waiting forever. libpq applies these to its own socket; they are not sent
+      to the server, so a pooler never sees them.
 
-    Settings of 0 send nothing (behind PgBouncer, which refuses startup ``options``, set them
-    to 0 and configure the role instead: ``ALTER ROLE ... SET idle_in_transaction_session_
-    timeout = '30s'``). An ``options`` value in the database URL is kept, ours appended.
+    Settings of 0 send nothing. An ``options`` value in the database URL is kept, ours
+    appended.
     """
-    gucs: dict[str, int] = {}
-    if settings.db_idle_in_transaction_timeout_s:
-        gucs["idle_in_transaction_session_timeout"] = _ms(settings.db_idle_in_transaction_timeout_s)
-    if settings.db_statement_timeout_s:
-        gucs["statement_timeout"] = _ms(settings.db_statement_timeout_s)
-    if settings.db_lock_timeout_s:
-        gucs["lock_timeout"] = _ms(settings.db_lock_timeout_s)
     out: dict[str, Any] = {}
     if settings.db_keepalives_idle_s:
         idle, every = settings.db_keepalives_idle_s, settings.db_keepalives_interval_s
         count = settings.db_keepalives_count
-        # Keepalives probe only an idle connection; with unacknowledged data in flight the
-        # kernel retransmits for about 15 minutes instead. The user timeout bounds that too.
-        user_timeout = (idle + every * count) * 1000
-        gucs.update(
-            tcp_keepalives_idle=idle,
-            tcp_keepalives_interval=every,
-            tcp_keepalives_count=count,
-            tcp_user_timeout=user_timeout,
-        )
         out.update(
             keepalives=1, keepalives_idle=idle, keepalives_interval=every, keepalives_count=count
         )
         if _libpq_version(settings.url) >= 120000:  # older libpq refuses the parameter
-            out["tcp_user_timeout"] = user_timeout
-    if gucs:
-        mine = " ".join(f"-c {k}={v}" for k, v in gucs.items())
+            out["tcp_user_timeout"] = (idle + every * count) * 1000
+    gucs = server_limits(settings) if settings.db_session_limits == "startup" else {}
+    mine = " ".join(f"-c {k}={v}" for k, v in gucs.items() if v)
+    if mine:
         theirs = make_url(settings.url).query.get("options")
         if isinstance(theirs, tuple):
             theirs = " ".join(theirs)
@@ -182,6 +208,13 @@ def _is_disconnect(exc: BaseException) -> bool:
             "ssl connection has been closed",
             "connection already closed",
             "database is locked",
+            # PgBouncer's words for the same: its server went away or is not back yet, or
+            # every server connection stayed busy (query_wait_timeout). All pass.
+            "server conn crashed",
+            "server login has been failing",
+            "pgbouncer cannot connect to server",
+            "query_wait_timeout",
+            "no more connections allowed",
         )
         return any(m in text for m in markers)
     return False

@@ -5,10 +5,12 @@ The lifecycle (Postgres; SQLite gets the same guarantees from its single writer)
 1. ``claim``: one worker takes either a RUNNING trial that lost its owner (resume) or a new
    budget slot: an UPDATE of the study row that increments ``n_claimed`` only while
    ``n_claimed < n_trials``, so exactly ``n_trials`` trials ever start, whatever the number of
-   workers. While that row is locked the worker calls Optuna's ``ask()`` (which pops enqueued
-   trials first), so asks on one study are serialised: no two workers get the same grid point,
-   and TPE's constant liar sees every running trial. Each trial it asks is marked with
-   ``ASKED_BY`` (``service.store.optuna``) before it is sampled.
+   workers. The slot's trial is a suggestion asked ahead, popped in one statement
+   (``service.store.buffer``), or, when the buffer is empty (or off, or queued trials wait),
+   one the claim asks itself under the study's ask lock and row lock (``ask()`` pops enqueued
+   trials first). Asks on one study are serialised either way: no two workers get the same
+   grid point, and TPE's constant liar sees every running or buffered trial. Each trial
+   seqtune asks is marked with ``ASKED_BY`` (``service.store.optuna``) before it is sampled.
 2. The claim holds a lease: ``lease_owner`` plus a ``fence`` number. Every epoch's report and
    every heartbeat that follows progress renews it (``lease_renewed_at``).
 3. Every write of an attempt (``report``, ``save_checkpoint``, ``finish`` with the trial's
@@ -25,16 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 from optuna.trial import TrialState as OptunaState
 from sqlalchemy import (
     Connection,
@@ -53,9 +50,10 @@ from sqlalchemy.orm import Session
 from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
+from service.store import buffer
 from service.store.budget import close_trial, enqueue_retrain, finite
 from service.store.db import Database
-from service.store.optuna import ASKED_BY, distributions, optuna_study
+from service.store.optuna import ask_marked, distributions, optuna_study
 from service.store.recovery import poppable, settle_outside
 from service.store.tables import Checkpoint, Study, Trial, utcnow
 from service.store.trials import count_move
@@ -134,9 +132,20 @@ def claim(
             db.run(lambda s: settle_outside(s, storage, study_id=hint[2], now=utcnow()))
 
     def txn(s: Session) -> Claim | None:
-        return _claim_resume(s, owner, studies) or _claim_new(s, storage, owner, studies)
+        return (
+            _claim_resume(s, owner, studies)
+            or _claim_buffered(s, owner, studies)
+            or _claim_new(s, storage, owner, studies)
+        )
 
-    return db.run(txn)
+    for pause in buffer.pauses():
+        try:
+            return db.run(txn)
+        except buffer.Raced:  # rolled back: the study reached its cap meanwhile
+            return None
+        except buffer.Busy:  # rolled back: another process is asking for the study
+            time.sleep(pause)
+    return None
 
 
 def _pick(names: list[str] | None) -> Any:
@@ -199,39 +208,79 @@ def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | No
     return _claim_view(t, study)
 
 
+def _claim_buffered(s: Session, owner: str, names: list[str] | None) -> Claim | None:
+    """A suggestion asked ahead (``service.store.buffer``) of the study the next slot comes
+    from, popped without waiting on anyone's ask; None when it has none to pop."""
+    study = s.scalar(select(Study).where(Study.id == _pick(names).scalar_subquery()))
+    if study is None or study.n_buffered <= 0 or study.n_waiting > 0:
+        return None  # queued trials go first: ask() pops them (``_claim_new``)
+    return _popped(s, study, owner)
+
+
+def _popped(s: Session, study: Study, owner: str) -> Claim | None:
+    now = utcnow()
+    row = buffer.pop(s, study_id=study.id, owner=owner, now=now)
+    if row is None:
+        return None
+    return Claim(
+        owner=owner,
+        fence=1,
+        trial_row_id=row["id"],
+        number=row["number"],
+        optuna_trial_id=row["optuna_trial_id"],
+        attempt=1,
+        params=row["params"],
+        study_id=study.id,
+        study_name=study.name,
+        tenant=study.tenant,
+        optuna_study_name=study.optuna_study_name,
+        spec=study.spec,
+    )
+
+
 def _claim_new(
     s: Session, storage: optuna.storages.BaseStorage, owner: str, names: list[str] | None
 ) -> Claim | None:
-    pick = _pick(names)
-    # Wait for the study's row rather than skip it: its lock is held for one ask(). With
-    # SKIP LOCKED, workers arriving during another's ask found nothing and idled a whole poll
-    # interval (measured: 7 of 56 trials timed at 8 workers). Studies still share the fleet:
-    # the least recently served one is picked first.
-    study = s.scalar(select(Study).where(Study.id == pick.scalar_subquery()).with_for_update())
+    study_id = s.scalar(_pick(names))
+    if study_id is None:
+        return None
+    # Every ask for a study happens under its ask lock (``service.store.buffer``), taken
+    # before the study's row lock as a refill takes them. When it is taken, ``claim`` tries
+    # this study again moments later rather than skip it: the lock is held for one ask(), or
+    # one refill whose suggestions this claim then pops. (Skipping it, workers arriving
+    # during another's ask found nothing and idled a whole poll interval: measured, 7 of 56
+    # trials timed at 8 workers.) Studies still share the fleet: the least recently served
+    # one is picked first.
+    if not buffer.try_ask_lock(s, study_id):
+        raise buffer.Busy
+    study = s.scalar(select(Study).where(Study.id == study_id).with_for_update())
     if study is None:
         return None
     # The row we hold is the current one: re-check it before asking, or claimers queued behind
     # the last slot would each leave an extra trial in Optuna.
     if not _has_room(study):
         return None
-    if (
-        study.n_waiting > 0
-        and study.n_claimed + study.n_waiting >= study.n_trials
-        and poppable(s, storage, study) == 0
-    ):
+    if study.n_buffered > 0 and study.n_waiting == 0:
+        popped = _popped(s, study, owner)  # a refill stored them while we waited
+        if popped is not None:
+            return popped
+    free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
+    if free <= 0 and (study.n_waiting == 0 or poppable(s, storage, study) == 0):
         # Every slot left is reserved by a queued trial that cannot be popped now (an outside
-        # Optuna client took it moments ago, or a claim that died did): a fresh ask would
-        # spend its slot a second time. Step back in the serving order meanwhile, so that the
-        # other studies are served; the reaper settles the queued trial.
+        # Optuna client took it moments ago, or a claim that died did), or by a suggestion
+        # another claim is popping: a fresh ask would spend its slot a second time. Step back
+        # in the serving order meanwhile, so that the other studies are served; the reaper
+        # settles the queued trial.
         study.last_served_at = utcnow()
         return None
     spec = StudySpec.model_validate(study.spec)
     # Optuna's write comes before ours: on SQLite (one writer for the whole file) Optuna's own
     # connection could not write while this transaction held the write lock. On Postgres the
-    # study row is locked from the SELECT above, so asks on one study still never interleave.
-    ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=study.n_claimed + 1)
+    # ask lock taken above keeps asks on one study from interleaving (refills' included).
+    slot_no = study.n_claimed + study.n_buffered + 1
+    ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=slot_no)
     final_of = enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL else None
-    trial = _ask(storage, ostudy, distributions(spec), owner)
+    trial = ask_marked(storage, ostudy, distributions(spec), owner)
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
     slot = s.execute(
         update(Study)
@@ -291,29 +340,6 @@ def _has_room(study: Study) -> bool:
     )
 
 
-def _ask(
-    storage: optuna.storages.BaseStorage,
-    ostudy: optuna.Study,
-    dists: dict[str, BaseDistribution],
-    owner: str,
-) -> optuna.Trial:
-    """``ostudy.ask(dists)``, with the trial marked as seqtune's (``ASKED_BY``) right after
-    Optuna creates or pops it and before the sampler runs, so that the window in which a dying
-    claim leaves an unmarked trial is one write wide. The parameters are then suggested
-    exactly as ask() suggests fixed distributions (enqueued values honoured)."""
-    trial = ostudy.ask()
-    storage.set_trial_system_attr(trial._trial_id, ASKED_BY, owner)
-    for name, dist in dists.items():
-        if isinstance(dist, FloatDistribution):
-            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
-        elif isinstance(dist, IntDistribution):
-            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-        else:
-            assert isinstance(dist, CategoricalDistribution)
-            trial.suggest_categorical(name, dist.choices)
-    return trial
-
-
 def _locked(s: Session, c: Claim) -> Trial:
     t = s.scalar(select(Trial).where(Trial.id == c.trial_row_id).with_for_update())
     if t is None or t.lease_owner != c.owner or t.fence != c.fence or t.state != TrialState.RUNNING:
@@ -356,9 +382,10 @@ def report(
     (single-objective studies) as the intermediate value of step ``epoch``, replacing the
     value an earlier attempt reported for that step (see ``report_value``). Raises Fenced.
 
-    The row is locked and the fence checked before Optuna's write and held until the append
-    commits, so a reaper fencing this attempt off waits for it, and a fenced attempt never
-    reaches Optuna (strictly on Postgres; SQLite has no row locks)."""
+    The fence is checked and the row locked (by the append itself, on Postgres) before
+    Optuna's write, and held until the append commits, so a reaper fencing this attempt off
+    waits for it, and a fenced attempt never reaches Optuna (strictly on Postgres; SQLite has
+    no row locks)."""
     stamped = json.dumps({k: finite(v) for k, v in {**record, "attempt": claim.attempt}.items()})
 
     def txn(conn: Connection) -> None:
@@ -374,19 +401,29 @@ def report(
             _T.c.fence == claim.fence,
             _T.c.state == TrialState.RUNNING,
         )
-        # Lock (Postgres) and check first, then Optuna, then our write: Optuna writes on its
-        # own connection, which SQLite's single writer would refuse while we held the lock.
-        if conn.execute(select(_T.c.id).where(*held).with_for_update()).first() is None:
-            raise Fenced(
-                f"trial {claim.number} of '{claim.study_name}' is no longer held by this attempt"
-            )
-        if trial is not None and value is not None:
-            report_value(trial, epoch, value)
-        conn.execute(
+        write = (
             update(_T)
             .where(*held)
             .values(curve=curve, epochs=_T.c.epochs + 1, lease_renewed_at=utcnow())
         )
+        fenced = Fenced(
+            f"trial {claim.number} of '{claim.study_name}' is no longer held by this attempt"
+        )
+        if conn.dialect.name == "postgresql":
+            # Check, lock and write in one statement; Optuna's write follows while the row
+            # stays locked until our commit (a fenced attempt never reaches Optuna).
+            if conn.execute(write.returning(_T.c.id)).first() is None:
+                raise fenced
+            if trial is not None and value is not None:
+                report_value(trial, epoch, value)
+            return
+        # SQLite: check first, then Optuna, then our write: Optuna writes on its own
+        # connection, which SQLite's single writer would refuse while we held the lock.
+        if conn.execute(select(_T.c.id).where(*held)).first() is None:
+            raise fenced
+        if trial is not None and value is not None:
+            report_value(trial, epoch, value)
+        conn.execute(write)
 
     db.write(txn)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+
+from service.settings import Settings
+from service.store.db import role_limits
 
 VERSION_TABLE = "seqtune_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -40,9 +44,14 @@ def current_revision(engine: Engine) -> str | None:
         return ctx.get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, settings: Settings | None = None) -> None:
     """Bring seqtune's tables to ``revision``. Safe to run from several processes at once:
-    on Postgres an advisory lock serialises concurrent upgrades."""
+    on Postgres an advisory lock serialises concurrent upgrades (a transaction-scoped one:
+    it holds behind PgBouncer's transaction pooling too).
+
+    With ``settings`` whose ``db_session_limits`` is ``"role"``, also makes the session
+    limits the connecting role's defaults in this database (``set_role_limits``), in the
+    same transaction."""
     cfg = _config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
@@ -50,6 +59,31 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+        if settings is not None and conn.dialect.name == "postgresql":
+            set_role_limits(conn, role_limits(settings))
+
+
+def set_role_limits(conn: Connection, limits: Mapping[str, int]) -> None:
+    """``ALTER ROLE CURRENT_USER IN DATABASE <this one> SET`` each of ``limits`` (RESET for
+    0): every later session of this role in this database starts with them, whatever sends
+    it there (PgBouncer included, which refuses them as startup options). Scoped to this
+    database so the role's other work is untouched; any role may set its own defaults.
+
+    Other sessions already open keep their values (behind PgBouncer: its ``RECONNECT``
+    command, or ``server_lifetime``, renews them). This one takes the new values at once:
+    behind PgBouncer it is the server connection the next client (a worker) is likely handed,
+    and without them it would serve that client unbounded for as long as it lives."""
+    if not limits:
+        return
+    name = conn.execute(text("SELECT current_database()")).scalar_one()
+    where = 'ALTER ROLE CURRENT_USER IN DATABASE "{}"'.format(str(name).replace('"', '""'))
+    for guc, value in limits.items():
+        # Names come from server_limits and values are ints: nothing here is user text.
+        conn.execute(text(f"{where} SET {guc} = {int(value)}" if value else f"{where} RESET {guc}"))
+        if value:
+            # Session-wide on purpose (not SET LOCAL): the value every new session of the
+            # role gets from now on anyway, so no later user of this connection is surprised.
+            conn.execute(text("SELECT set_config(:g, :v, false)"), {"g": guc, "v": str(value)})
 
 
 def _unbounded(conn: Connection) -> None:

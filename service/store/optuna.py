@@ -34,8 +34,10 @@ def make_storage(settings: Settings) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on seqtune's database, with the same pool, pre-ping settings and
     session limits (``service.store.db.session_limits``): Optuna's connection holds locks too (on
     its trial rows while a worker reports or tells), so a frozen worker's Optuna session must
-    be ended by the server like ours. RDBStorage passes ``engine_kwargs`` to create_engine."""
-    return _cached_storage(settings.url, tuple(sorted(_hashable(engine_kwargs(settings)))))
+    be ended by the server like ours. RDBStorage passes ``engine_kwargs`` to create_engine.
+    It connects to ``Settings.optuna_url``: the same database, by a route of its own behind
+    PgBouncer (a pool that seqtune's held transactions cannot exhaust)."""
+    return _cached_storage(settings.optuna_url, tuple(sorted(_hashable(engine_kwargs(settings)))))
 
 
 def _hashable(d: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -105,3 +107,26 @@ def optuna_study(
         )
     study.sampler = make_sampler(spec)
     return study
+
+
+def ask_marked(
+    storage: optuna.storages.BaseStorage,
+    ostudy: optuna.Study,
+    dists: dict[str, BaseDistribution],
+    owner: str,
+) -> optuna.Trial:
+    """``ostudy.ask(dists)``, with the trial marked as seqtune's (``ASKED_BY``) right after
+    Optuna creates or pops it and before the sampler runs, so that the window in which a dying
+    claim leaves an unmarked trial is one write wide. The parameters are then suggested
+    exactly as ask() suggests fixed distributions (enqueued values honoured)."""
+    trial = ostudy.ask()
+    storage.set_trial_system_attr(trial._trial_id, ASKED_BY, owner)
+    for name, dist in dists.items():
+        if isinstance(dist, FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            assert isinstance(dist, CategoricalDistribution)
+            trial.suggest_categorical(name, dist.choices)
+    return trial

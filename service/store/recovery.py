@@ -36,6 +36,7 @@ from seqtune.states import (
     study_transition,
     trial_transition,
 )
+from service.store import buffer
 from service.store.budget import close_trial, end_of_budget
 from service.store.db import Database
 from service.store.optuna import ASKED_BY, optuna_study
@@ -64,6 +65,7 @@ class ReapReport:
     outside: int = 0  # queued seqtune trials an outside Optuna client took or finished
     timed_out: int = 0  # studies past their deadline
     completed: int = 0
+    cancelled: int = 0  # suggestions asked ahead that their study no longer has room for
 
 
 @dataclass
@@ -77,6 +79,7 @@ class _Tally:
     outside: int = 0
     timed_out: int = 0
     completed: int = 0
+    cancelled: int = 0
 
 
 def reap(
@@ -135,7 +138,26 @@ def reap(
 
         db.run(outside)
     db.run(lambda s: _reap_studies(s, now, out))
+    _cancel_buffers(db, storage, out)
     return ReapReport(**asdict(out))
+
+
+def _cancel_buffers(db: Database, storage: optuna.storages.BaseStorage, out: _Tally) -> None:
+    """Cancel the suggestions of studies that are no longer running or have lost the budget
+    for them (a path that changed the study without cancelling them, or a queued trial that
+    took their slot), each study in a transaction of its own, and fail them in Optuna."""
+    ids = db.run(
+        lambda s: list(s.scalars(select(Study.id).where(Study.n_buffered > 0).order_by(Study.id)))
+    )
+    for study_id in ids:
+
+        def one(s: Session, i: int = study_id) -> list[int]:
+            study = s.scalar(select(Study).where(Study.id == i).with_for_update(skip_locked=True))
+            if study is None or study.n_buffered <= buffer.keep_for(study):
+                return []
+            return buffer.cancel(s, study, keep=buffer.keep_for(study))
+
+        out.cancelled += buffer.fail_cancelled(storage, db.run(one))
 
 
 def _optuna_utc(ts: datetime) -> datetime:
@@ -220,7 +242,7 @@ def _reap_orphans(
                     Trial.study_id == study.id, Trial.state == TrialState.RUNNING
                 )
             )
-        )
+        ) | buffer.buffered_ids(s, study.id)
         for ft in running:
             started = ft.datetime_start
             if ft._trial_id in known or started is None or ASKED_BY not in ft.system_attrs:

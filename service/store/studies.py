@@ -26,6 +26,7 @@ from seqtune.spec import StudySpec, UploadedData
 from seqtune.states import SETTABLE_STATUSES, StudyPhase, StudyStatus, study_transition
 from seqtune.states import TrialState as State
 from seqtune.views import BestView, ImportanceView, Page, StudyView, TrialCounts, TrialView
+from service.store import buffer
 from service.store.baselines import verdict
 from service.store.db import Database
 from service.store.tables import Study, Trial, utcnow
@@ -67,6 +68,7 @@ def study_view(row: Any) -> StudyView:
             finished=finished,
             budget=row.n_trials,
             remaining=max(0, row.n_trials - row.n_claimed - row.n_waiting),
+            buffered=row.n_buffered,
         ),
     )
 
@@ -207,14 +209,21 @@ def update_study(
     status: str | None = None,
     n_trials: int | None = None,
     priority: int | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> StudyView:
     """Pause, resume or stop a study, change its budget or priority.
+
+    Suggestions asked ahead (``service.store.buffer``) that the study no longer has room for
+    (paused, stopped, or a lower budget) are cancelled with the change, and failed in Optuna
+    through ``storage`` once it is committed (without it, the reaper's orphan sweep fails them).
 
     Raises Conflict for a transition its status does not allow (a stopped or timed-out study
     stays so) or a budget below the trials already started or queued.
     """
+    cancelled: list[int] = []
 
     def txn(s: Session) -> StudyView:
+        cancelled.clear()
         row = study_row(s, tenant, name, lock=True)
         started = row.n_claimed + row.n_waiting
         if n_trials is not None:
@@ -239,11 +248,16 @@ def update_study(
             row.status = study_transition(action, row.status, name=name)
             if row.status == StudyStatus.STOPPED:
                 row.finished_at = utcnow()
+        if row.n_buffered > buffer.keep_for(row):
+            cancelled.extend(buffer.cancel(s, row, keep=buffer.keep_for(row)))
         row.updated_at = utcnow()
         s.flush()
         return study_view(row)
 
-    return db.run(txn)
+    view = db.run(txn)
+    if cancelled and storage is not None:
+        buffer.fail_cancelled(storage, cancelled)
+    return view
 
 
 def delete_study(

@@ -136,6 +136,9 @@ class Study(Base):
     n_claimed: Mapped[int] = mapped_column(Integer, default=0)
     # Leases taken from dead attempts (each freed or failed-as-lost trial), for /metrics.
     n_reaped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Suggestions asked ahead and not yet claimed (``service.store.buffer``). Each holds a
+    # budget slot: n_claimed + n_waiting + n_buffered never exceeds n_trials.
+    n_buffered: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Copies of spec fields the claim and reap statements filter on.
     max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     lease_timeout_s: Mapped[float] = mapped_column(Float, default=300.0)
@@ -167,6 +170,8 @@ class Trial(Base):
         Index(None, "optuna_trial_id", unique=True),
         # Serves GET /best's final-phase summary: a study's re-train trials without a scan.
         Index(None, "study_id", "final_of"),
+        # Serves the buffer's recent claim rate (trials started in the last seconds).
+        Index(None, "study_id", "started_at"),
     )
 
     id: Mapped[int] = mapped_column(
@@ -242,3 +247,22 @@ class Worker(Base):
         nullable=True,
     )
     trials_done: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Suggestion(Base):
+    """A trial asked of Optuna ahead of any claim (``service.store.buffer``): RUNNING in
+    Optuna, so samplers see it as running, and not yet a seqtune trial. A claim turns it into
+    one; a pause, a stop or a lower budget cancels it."""
+
+    __tablename__ = "seqtune_suggestions"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    study_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("seqtune_studies.id", ondelete="CASCADE"), index=True
+    )
+    optuna_trial_id: Mapped[int] = mapped_column(Integer, unique=True)
+    number: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -1,0 +1,214 @@
+"""Suggestions asked ahead of claims (service.store.buffer) on real Postgres and real Optuna:
+a claim pops a suggestion, budgets stay exact, buffered trials are RUNNING for the sampler,
+and a pause, a stop, a lower budget or the reaper cancels what has no slot left."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState as OptunaState
+from sqlalchemy import select, update
+
+from seqtune.spec import StudySpec
+from service.store import buffer, leases, recovery, studies, trials
+from service.store.db import Database
+from service.store.optuna import ASKED_BY, make_storage, optuna_study
+from service.store.tables import Study, Suggestion, Trial, utcnow
+from tests.test_leases import make
+
+
+@pytest.fixture
+def storage(settings):  # type: ignore[no-untyped-def]
+    return make_storage(settings)
+
+
+def study_row(db: Database, name: str = "L") -> Study:
+    return db.run(lambda s: s.scalar(select(Study).where(Study.name == name)))
+
+
+def refill(db: Database, storage: Any, name: str = "L") -> int:
+    return buffer.refill(db, storage, study_id=study_row(db, name).id, owner="test-refill")
+
+
+def suggestions(db: Database) -> list[Suggestion]:
+    return db.run(lambda s: list(s.scalars(select(Suggestion).order_by(Suggestion.id))))
+
+
+def optuna_states(storage: Any, name: str = "L") -> dict[int, OptunaState]:
+    st = optuna.load_study(study_name=f"acme/{name}", storage=storage)
+    return {t._trial_id: t.state for t in st.get_trials(deepcopy=False)}
+
+
+def finish(db: Database, storage: Any, c: leases.Claim, value: float = 1.0) -> None:
+    ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
+    leases.finish(db, ostudy=ostudy, claim=c, state="COMPLETE", values=[value])
+
+
+def test_a_claim_pops_the_suggestion_a_refill_asked(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 5})
+    assert refill(db, storage) == 1  # no recent claims: a buffer of one
+    [sug] = suggestions(db)
+    assert study_row(db).n_buffered == 1
+    counts = studies.get_study(db, tenant="acme", name="L").trials
+    assert (counts.buffered, counts.remaining) == (1, 5)  # a buffered trial has not started
+    # Asked of Optuna and RUNNING there (TPE's constant liar sees it), not yet a seqtune trial.
+    assert optuna_states(storage)[sug.optuna_trial_id] == OptunaState.RUNNING
+    assert db.run(lambda s: s.scalar(select(Trial.id))) is None
+
+    c = leases.claim(db, storage, owner="w1")
+    assert c is not None
+    assert (c.optuna_trial_id, c.number, c.params) == (sug.optuna_trial_id, sug.number, sug.params)
+    assert suggestions(db) == []
+    row = study_row(db)
+    assert (row.n_claimed, row.n_running, row.n_buffered) == (1, 1, 0)
+    t = db.run(lambda s: s.get(Trial, c.trial_row_id))
+    assert (t.state, t.lease_owner, t.fence, t.attempts) == ("RUNNING", "w1", 1, 1)
+    # The popped trial is a normal one: it reports and finishes.
+    finish(db, storage, c, 0.5)
+    assert optuna_states(storage)[c.optuna_trial_id] == OptunaState.COMPLETE
+    assert studies.get_study(db, tenant="acme", name="L").trials.complete == 1
+
+
+def test_the_budget_stays_exact_with_refills_racing_claims(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 24})
+    done: list[leases.Claim] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def racer(i: int) -> None:
+        refiller = buffer.Refiller(db, storage, owner=f"refill-{i}")
+        barrier.wait()
+        while (c := leases.claim(db, storage, owner=f"w{i}")) is not None:
+            refiller.after_claim(c.study_id)
+            refill(db, storage)  # and one in this thread, racing the others' refills
+            finish(db, storage, c)
+            with lock:
+                done.append(c)
+        refiller.close()
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) == 24 and len({c.number for c in done}) == 24
+    st = optuna.load_study(study_name="acme/L", storage=storage)
+    askers = [t.system_attrs[ASKED_BY] for t in st.get_trials(deepcopy=False)]
+    assert sum(a.startswith(("refill-", "test-refill")) for a in askers) >= 8  # popped ones
+    row = study_row(db)
+    assert (row.n_claimed, row.n_buffered, row.n_complete, row.status) == (24, 0, 24, "completed")
+    states = list(optuna_states(storage).values())
+    # Nothing asked beyond the budget: every Optuna trial is one of the 24 seqtune trials.
+    assert states.count(OptunaState.COMPLETE) == 24 and len(states) == 24
+    assert suggestions(db) == []
+
+
+def test_a_pause_cancels_the_buffer_and_a_resume_refills_it(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 10})
+    assert refill(db, storage) == 1
+    [sug] = suggestions(db)
+    studies.update_study(db, tenant="acme", name="L", status="paused", storage=storage)
+    assert suggestions(db) == [] and study_row(db).n_buffered == 0
+    st = optuna.load_study(study_name="acme/L", storage=storage)
+    cancelled = st._storage.get_trial(sug.optuna_trial_id)
+    assert cancelled.state == OptunaState.FAIL and cancelled.system_attrs[buffer.CANCELLED]
+    assert refill(db, storage) == 0  # paused: nothing asked
+    studies.update_study(db, tenant="acme", name="L", status="running", storage=storage)
+    assert refill(db, storage) == 1
+    c = leases.claim(db, storage, owner="w")
+    assert c is not None and c.number != sug.number  # the cancelled one never runs
+
+
+def test_a_lower_budget_cancels_the_suggestions_beyond_it(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 4}, budget={"n_trials": 40})
+    # 30 claims just now: about 2 s of claims at 1/s is 2 suggestions; the cap is 4.
+    claims = [leases.claim(db, storage, owner="w") for _ in range(30)]
+    assert all(claims)
+    assert refill(db, storage) == 2
+    assert study_row(db).n_buffered == 2
+    studies.update_study(db, tenant="acme", name="L", n_trials=31, storage=storage)
+    row = study_row(db)
+    assert row.n_buffered == 1 and len(suggestions(db)) == 1  # the oldest is kept
+    assert leases.claim(db, storage, owner="w") is not None
+    assert leases.claim(db, storage, owner="w") is None  # 31 started: exact
+    assert study_row(db).n_claimed == 31
+
+
+def test_target_follows_the_claim_rate_within_the_cap(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 3}, budget={"n_trials": 200})
+    now = utcnow()
+
+    def target() -> int:
+        return db.run(
+            lambda s: buffer.target(
+                s, study_row(db), StudySpec.model_validate(study_row(db).spec), now
+            )
+        )
+
+    assert target() == 1
+    for _ in range(16):
+        assert leases.claim(db, storage, owner="w") is not None
+    assert target() == 2  # 16 claims in 30 s, times 2 s: 1.07, rounded up
+    for _ in range(44):
+        assert leases.claim(db, storage, owner="w") is not None
+    assert target() == 3  # 60 in 30 s would want 4: the study's cap is 3
+    # Claims older than the window no longer count.
+    db.run(lambda s: s.execute(update(Trial).values(started_at=now - timedelta(minutes=5))))
+    assert target() == 1
+
+
+@pytest.mark.parametrize("sampler", [{"name": "tpe", "buffer": 0}, {"name": "grid"}])
+def test_no_buffer_when_turned_off_or_for_grid(db: Database, storage, sampler) -> None:  # type: ignore[no-untyped-def]
+    space = {"hidden_size": {"type": "int", "low": 8, "high": 32, "step": 8}}
+    make(db, storage, sampler=sampler, search_space=space, budget={"n_trials": 4})
+    assert refill(db, storage) == 0
+    assert leases.claim(db, storage, owner="w") is not None  # claims ask as before
+
+
+def test_queued_trials_are_claimed_before_the_buffer(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 5})
+    assert refill(db, storage) == 1
+    [sug] = suggestions(db)
+    trials.enqueue_trial(db, storage, tenant="acme", name="L", params={"hidden_size": 33})
+    c = leases.claim(db, storage, owner="w")
+    assert c is not None and c.params == {"hidden_size": 33}
+    assert study_row(db).n_buffered == 1  # the suggestion waits for the next claim
+    c2 = leases.claim(db, storage, owner="w")
+    assert c2 is not None and (c2.number, c2.params) == (sug.number, sug.params)
+
+
+def test_a_full_concurrency_cap_rolls_the_pop_back(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 5, "max_concurrent_trials": 1})
+    assert refill(db, storage) == 1
+    # Another claim fills the cap between this claim's pick and its pop.
+    db.run(lambda s: s.execute(update(Study).values(n_running=1)))
+    with pytest.raises(buffer.Raced):
+        db.run(lambda s: buffer.pop(s, study_id=study_row(db).id, owner="w", now=utcnow()))
+    assert len(suggestions(db)) == 1 and study_row(db).n_buffered == 1  # rolled back
+
+
+def test_the_reaper_cancels_buffers_of_studies_that_stopped_running(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 5, "lease_timeout_s": 5})
+    assert refill(db, storage) == 1
+    [sug] = suggestions(db)
+    # Long after its ask, a live suggestion is not an orphan: the reaper leaves it RUNNING.
+    later = utcnow() + timedelta(hours=1)
+    report = recovery.reap(db, storage, now=later)
+    assert (report.orphans, report.cancelled) == (0, 0)
+    assert optuna_states(storage)[sug.optuna_trial_id] == OptunaState.RUNNING
+    # A study that left 'running' by a path that did not cancel (here: behind our back).
+    db.run(lambda s: s.execute(update(Study).values(status="timed_out")))
+    report = recovery.reap(db, storage, now=later)
+    assert report.cancelled == 1 and suggestions(db) == [] and study_row(db).n_buffered == 0
+    assert optuna_states(storage)[sug.optuna_trial_id] == OptunaState.FAIL
+
+
+def test_a_deleted_study_takes_its_suggestions_along(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage)
+    assert refill(db, storage) == 1
+    studies.delete_study(db, storage, tenant="acme", name="L")
+    assert suggestions(db) == []
