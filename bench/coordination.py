@@ -3,7 +3,8 @@ plain ``optuna.Study.optimize`` loop doing the same 20 reports, on the same Post
 seqtune's suggestion buffer on (the default) and off (``sampler.buffer: 0``).
 
     python bench/coordination.py [--workers 1,8,32,64] [--prefill 100,10000]
-                                 [--trials-per-worker 8] [--pgbouncer] [--json FILE]
+                                 [--trials-per-worker 8] [--epochs 20] [--loops ...]
+                                 [--pgbouncer [--pool-size 10]] [--json FILE]
 
 No training: the objective only reports. Both sides use RandomSampler and NopPruner, so what
 is measured is coordination, not the sampler (TPE's cost is Optuna's and the same for both).
@@ -50,7 +51,7 @@ SPACE = {
 }
 
 
-def seqtune_worker(route: Route, name: str, n: int, out: mp.Queue) -> None:
+def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) -> None:
     import optuna
 
     from seqtune.spec import StudySpec
@@ -83,7 +84,7 @@ def seqtune_worker(route: Route, name: str, n: int, out: mp.Queue) -> None:
         refiller.after_claim(c.study_id)
         ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
-        for e in range(EPOCHS):
+        for e in range(epochs):
             t0 = time.perf_counter()
             leases.report(
                 db,
@@ -107,7 +108,7 @@ def seqtune_worker(route: Route, name: str, n: int, out: mp.Queue) -> None:
     out.put((times, calls))
 
 
-def optuna_worker(route: Route, name: str, n: int, out: mp.Queue) -> None:
+def optuna_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) -> None:
     url = route[0]
     import optuna
 
@@ -124,7 +125,7 @@ def optuna_worker(route: Route, name: str, n: int, out: mp.Queue) -> None:
     def objective(trial: optuna.Trial) -> float:
         trial.suggest_int("hidden_size", 8, 64)
         trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        for e in range(EPOCHS):
+        for e in range(epochs):
             trial.report(1.0 / (e + 1), e)
             trial.should_prune()
         return float(np.random.rand())
@@ -177,7 +178,12 @@ def prefill(engine, optuna_study_id: int, seqtune_study_id: int | None, n: int) 
 
 
 def run_case(
-    kind: str, workers: int, pre: int, per_worker: int, route: Callable[[str], Route]
+    kind: str,
+    workers: int,
+    pre: int,
+    per_worker: int,
+    route: Callable[[str], Route],
+    epochs: int = EPOCHS,
 ) -> tuple[list[float], dict[str, list[float]], int]:
     """One loop at one size: (trial times, seqtune's per-call times, peak connections)."""
     import optuna
@@ -235,7 +241,9 @@ def run_case(
 
         with create_engine(direct).begin() as conn:
             migrate.set_role_limits(conn, role_limits(settings))
-    procs = [ctx.Process(target=target, args=(urls, name, per_worker, q)) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=target, args=(urls, name, per_worker, epochs, q)) for _ in range(workers)
+    ]
     cpu0 = server_cpu()
     for p in procs:
         p.start()
@@ -307,6 +315,7 @@ def main() -> None:
     ap.add_argument("--prefill", default="100,10000")
     ap.add_argument("--trials-per-worker", type=int, default=8)
     ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help="reports per trial")
     ap.add_argument("--pgbouncer", action="store_true", help="run every loop through PgBouncer")
     ap.add_argument("--pool-size", type=int, default=10, help="PgBouncer's pool per entry")
     ap.add_argument("--json", help="also write the rows here")
@@ -325,7 +334,7 @@ def main() -> None:
     via = "through PgBouncer (transaction pooling)" if args.pgbouncer else "direct"
     print(
         f"\nMachine: {platform.node()} ({os.cpu_count()} CPUs), Postgres 15 local, {via}; "
-        f"{EPOCHS} reports per trial, RandomSampler, NopPruner\n"
+        f"{args.epochs} reports per trial, RandomSampler, NopPruner\n"
     )
     print(
         "| trials before | workers | loop | trials timed | p50 ms | p99 ms | p50 vs Optuna "
@@ -359,7 +368,7 @@ def measure(args: argparse.Namespace, route: Callable[[str], Route]) -> list[dic
         for w in [int(x) for x in args.workers.split(",")]:
             per = max(4, args.trials_per_worker if w > 1 else 3 * args.trials_per_worker)
             for kind in args.loops.split(","):
-                times, calls, peak = run_case(kind, w, pre, per, route)
+                times, calls, peak = run_case(kind, w, pre, per, route, args.epochs)
                 t = np.array(times) * 1e3
                 row: dict[str, Any] = {
                     "prefill": pre,
@@ -381,7 +390,9 @@ def measure(args: argparse.Namespace, route: Callable[[str], Route]) -> list[dic
                     row |= {
                         "claim_p50": float(np.percentile(claim, 50)),
                         "claim_p99": float(np.percentile(claim, 99)),
-                        "report_mean": float(np.mean(calls["report"]) * 1e3),
+                        "report_mean": float(np.mean(calls["report"]) * 1e3)
+                        if calls["report"]
+                        else float("nan"),
                         "tell_mean": float(np.mean(calls["tell"]) * 1e3),
                     }
                 rows.append(row)

@@ -96,8 +96,9 @@ class Settings(BaseSettings):
         ge=0,
         le=86400,
         description="Postgres cancels a statement waiting this long for a lock (retried). Off "
-        "by default: the waits left are short (a study's row behind one claim's statement), "
-        "and a frozen holder is already ended by the idle-in-transaction timeout.",
+        "by default: a claim that asks Optuna itself holds its study's row for that ask() "
+        "(pops and finishes of the study wait for it), and a frozen holder is already ended "
+        "by the idle-in-transaction timeout.",
     )
     db_session_limits: Literal["startup", "role", "off"] = Field(
         default="startup",

@@ -212,3 +212,54 @@ def test_a_deleted_study_takes_its_suggestions_along(db: Database, storage) -> N
     assert refill(db, storage) == 1
     studies.delete_study(db, storage, tenant="acme", name="L")
     assert suggestions(db) == []
+
+
+def test_a_pause_does_not_wait_for_a_pop_holding_a_suggestion(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    """A pop locks its suggestion, then the study row; a pause locks the study row, then
+    cancels. The cancel skips the locked suggestion instead of waiting for it (a deadlock),
+    and the reaper cancels it once its holder let go."""
+    make(db, storage, budget={"n_trials": 5})
+    assert refill(db, storage) == 1
+    popping = db.engine.connect()
+    popping.execute(select(Suggestion.id).with_for_update())  # a pop, mid-statement
+    done = threading.Event()
+
+    def pause() -> None:
+        studies.update_study(db, tenant="acme", name="L", status="paused", storage=storage)
+        done.set()
+
+    t = threading.Thread(target=pause, daemon=True)
+    t.start()
+    try:
+        assert done.wait(10), "the pause waited for the suggestion a pop holds"
+    finally:
+        popping.rollback()
+        popping.close()
+        t.join(10)
+    assert study_row(db).status == "paused" and study_row(db).n_buffered == 1  # skipped
+    assert recovery.reap(db, storage).cancelled == 1
+    assert suggestions(db) == [] and study_row(db).n_buffered == 0
+
+
+def test_a_queued_trial_takes_the_last_slot_from_a_suggestion(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, budget={"n_trials": 2})
+    first = leases.claim(db, storage, owner="w")
+    assert first is not None and refill(db, storage) == 1  # 1 started + 1 buffered: full
+    [sug] = suggestions(db)
+    trials.enqueue_trial(db, storage, tenant="acme", name="L", params={"hidden_size": 7})
+    assert suggestions(db) == [] and study_row(db).n_buffered == 0
+    assert optuna_states(storage)[sug.optuna_trial_id] == OptunaState.FAIL
+    c = leases.claim(db, storage, owner="w")
+    assert c is not None and c.params == {"hidden_size": 7}
+    assert leases.claim(db, storage, owner="w") is None
+    assert study_row(db).n_claimed == 2
+
+
+def test_a_refill_leaves_the_cached_study_sampler_alone(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    """The worker's main thread uses the process's cached Optuna study (and its sampler)
+    while the refill thread asks: the refill asks through a study object of its own."""
+    spec = make(db, storage, sampler={"name": "random", "seed": 3}, budget={"n_trials": 5})
+    cached = optuna_study(storage, "acme/L", spec)
+    sampler = cached.sampler
+    assert refill(db, storage) == 1
+    assert cached.sampler is sampler

@@ -147,7 +147,13 @@ class Slot:
         try:
             while not self.signals.stop.is_set() and not self._orphaned():
                 self._maybe_reap()
-                c = leases.claim(self.db, self.storage, owner=self.worker_id, studies=names)
+                c = leases.claim(
+                    self.db,
+                    self.storage,
+                    owner=self.worker_id,
+                    studies=names,
+                    stop=self.signals.stop,
+                )
                 if c is not None and self._orphaned():
                     # The fleet died while this claim was under way: an orphan must not
                     # start a trial (the watch is about to stop it). Hand it back untouched.
@@ -189,7 +195,7 @@ class Slot:
         self._last_reap = time.monotonic()
         try:
             report = recovery.reap(self.db, self.storage)
-            if report.freed or report.failed or report.orphans:
+            if report.freed or report.failed or report.orphans or report.cancelled:
                 log.info("reaped: %s", report)
         except Exception:  # noqa: BLE001 - reaping is best effort here; the service reaps too
             log.exception("reap failed")

@@ -6,14 +6,15 @@ trials the claim, not the GPU, sets the pace. With it (Postgres only; SQLite's s
 keeps the ask-per-claim path):
 
 - ``refill`` (a worker's background thread after each claim, see ``Refiller``) tops the buffer
-  up: under the study's *ask lock*, a transaction-scoped advisory lock (safe behind PgBouncer
-  in transaction mode), so one process at a time, it asks Optuna for up to ``target`` trials
-  and stores them as ``Suggestion`` rows, in one transaction. The
+  up to ``target``: one ``Suggestion`` row per transaction, asked of Optuna under the study's
+  *ask lock*, a transaction-scoped advisory lock (safe behind PgBouncer in transaction mode),
+  so one process at a time. The
   asked trials are RUNNING in Optuna, so TPE's constant liar treats them as running trials and
   no sampler proposes them again.
 - ``pop`` (``service.store.leases.claim``) turns the oldest suggestion into a running,
   leased seqtune trial in one statement: ``FOR UPDATE SKIP LOCKED`` on the suggestion and a
-  guarded UPDATE of the study's counters, so concurrent claims never wait on each other's asks.
+  guarded UPDATE of the study's counters, so while the buffer lasts, a claim waits for no
+  ``ask()`` (only for the study row, which each pop holds for its one statement).
 - Every ask for a study, buffered or not, happens under its ask lock, so asks never
   interleave (grid points stay unique). Nobody waits for it inside a transaction (see
   ``try_ask_lock``): a claim that finds the buffer empty and the lock taken tries again
@@ -40,7 +41,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,8 +53,8 @@ from sqlalchemy.orm import Session
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus
 from service.store.db import Database
-from service.store.optuna import ask_marked, distributions, optuna_study
-from service.store.tables import Study, Suggestion, Trial, utcnow
+from service.store.optuna import ask_marked, asking_study, distributions
+from service.store.tables import Study, Suggestion, Trial
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ class Busy(Exception):
 
 
 def pauses(total_s: float = ASK_WAIT_S) -> Iterator[float]:
-    """The waits between tries for a busy ask lock: from 2 ms growing to 25 ms, jittered,
-    for at most ``total_s`` in all."""
+    """The waits between tries for a busy ask lock: from 2 ms growing to 50 ms, jittered,
+    for at most ``total_s`` in all. (The lock is held for one ``ask()``.)"""
     deadline = time.monotonic() + total_s
     pause = 0.002
     while time.monotonic() < deadline:
         yield pause * (0.5 + random.random())
-        pause = min(pause * 1.5, 0.025)
+        pause = min(pause * 1.5, 0.05)
 
 
 def wants_buffer(study: Study, spec: StudySpec) -> bool:
@@ -116,18 +117,18 @@ def wants_buffer(study: Study, spec: StudySpec) -> bool:
     )
 
 
-def target(s: Session, study: Study, spec: StudySpec, now: datetime) -> int:
+def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = None) -> int:
     """How many suggestions the study should hold: about ``HORIZON_S`` of its claims over the
-    last ``RATE_WINDOW_S``, at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
+    last ``RATE_WINDOW_S`` (up to ``now``; by default the database's clock, which stamped
+    them), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0
+    window = timedelta(seconds=RATE_WINDOW_S)
+    since = (now - window) if now is not None else func.now() - window
     recent = s.scalar(
         select(func.count())
         .select_from(Trial)
-        .where(
-            Trial.study_id == study.id,
-            Trial.started_at >= now - timedelta(seconds=RATE_WINDOW_S),
-        )
+        .where(Trial.study_id == study.id, Trial.started_at >= since)
     )
     rate = (recent or 0) / RATE_WINDOW_S
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
@@ -144,84 +145,108 @@ def refill(
     study_id: int,
     owner: str,
     now: datetime | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Top the study's buffer up to its ``target``. Returns how many suggestions it stored.
 
-    It tries for the study's ask lock until it gets it (``pauses``), as a claim does: a
-    refill that gave up at the first try would never get in while claims that found the
-    buffer empty keep asking, and the buffer would stay empty exactly when the fleet is
-    busiest. A refill that finds the buffer full, before or after, asks nothing."""
+    One suggestion per transaction: take the ask lock, re-read the study, ask, store, commit.
+    So the lock is held (and the idle-in-transaction timeout spans) one ``ask()``, and claims
+    waiting for the lock get a turn between two. The lock is tried until it is free
+    (``pauses``), as a claim does: a refill that gave up at the first try would never get in
+    while claims that found the buffer empty keep asking, and the buffer would stay empty
+    exactly when the fleet is busiest. ``stop`` (a worker shutting down) ends it early."""
     if not enabled(db):
         return 0
-    asked: list[optuna.Trial] = []
-    when = now or utcnow()
 
     def wanted(s: Session, study: Study | None) -> int:
         if study is None:
             return 0
         spec = StudySpec.model_validate(study.spec)
         free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
-        return min(target(s, study, spec, when) - study.n_buffered, free)
+        return min(target(s, study, spec, now) - study.n_buffered, free)
 
-    def txn(s: Session) -> int:
-        asked.clear()
+    stored = 0
+    waits = pauses()
+    while stop is None or not stop.is_set():
+        if db.run(lambda s: wanted(s, s.get(Study, study_id))) <= 0:
+            break
+        try:
+            if not _store_one(db, storage, study_id, owner, wanted):
+                break
+            stored += 1
+        except Busy:
+            pause = next(waits, None)
+            if pause is None:
+                break
+            time.sleep(pause)
+    return stored
+
+
+def _store_one(
+    db: Database,
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    owner: str,
+    wanted: Callable[[Session, Study | None], int],
+) -> bool:
+    """Ask one suggestion and store it, in one transaction under the ask lock. False when the
+    study wants none (any more). Raises ``Busy`` when the lock is taken. Whatever Optuna asked
+    and did not end up stored (the study changed meanwhile, an error, or an attempt that
+    ``Database.run`` retried after a lost connection) is failed in Optuna as cancelled."""
+    asked: list[int] = []
+
+    def txn(s: Session) -> int | None:
         if not try_ask_lock(s, study_id):
             raise Busy
         study = s.get(Study, study_id)  # read after the lock: no ask can change it now
-        k = wanted(s, study)
-        if study is None or k <= 0:
-            return 0
+        if study is None or wanted(s, study) <= 0:
+            return None
         spec = StudySpec.model_validate(study.spec)
         slot = study.n_claimed + study.n_buffered + 1
-        ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=slot)
-        dists = distributions(spec)
-        for _ in range(k):
-            trial = ask_marked(storage, ostudy, dists, owner)
-            asked.append(trial)
-            s.add(
-                Suggestion(
-                    study_id=study_id,
-                    optuna_trial_id=trial._trial_id,
-                    number=trial.number,
-                    params=trial.params,
-                )
+        ostudy = asking_study(storage, study.optuna_study_name, spec, seed_offset=slot)
+        trial = ask_marked(storage, ostudy, distributions(spec), owner)
+        asked.append(trial._trial_id)
+        s.add(
+            Suggestion(
+                study_id=study_id,
+                optuna_trial_id=trial._trial_id,
+                number=trial.number,
+                params=trial.params,
             )
+        )
         s.flush()
-        stored = s.execute(
+        kept = s.execute(
             update(Study)
             .where(
                 Study.id == study_id,
                 Study.status == StudyStatus.RUNNING,
-                Study.n_claimed + Study.n_waiting + Study.n_buffered + k <= Study.n_trials,
+                Study.n_claimed + Study.n_waiting + Study.n_buffered < Study.n_trials,
             )
-            .values(n_buffered=Study.n_buffered + k)
+            .values(n_buffered=Study.n_buffered + 1)
         )
-        if stored.rowcount != 1:  # type: ignore[attr-defined]
-            raise _Abandoned  # paused, stopped or cut back while we asked
-        return k
+        if kept.rowcount != 1:  # type: ignore[attr-defined]
+            raise _Abandoned  # paused, stopped, cut back or queued to while we asked
+        return trial._trial_id
 
-    for pause in pauses():
-        if db.run(lambda s: wanted(s, s.get(Study, study_id))) <= 0:
-            return 0
-        try:
-            return db.run(txn)
-        except Busy:
-            time.sleep(pause)
-        except _Abandoned:
-            fail_cancelled(storage, (t._trial_id for t in asked))
-            return 0
-        except Exception:
-            # Our transaction rolled back; what Optuna asked is failed now rather than left
-            # for the reaper's orphan sweep.
-            fail_cancelled(storage, (t._trial_id for t in asked))
-            raise
-    return 0
+    try:
+        got = db.run(txn)
+    except Busy:
+        raise
+    except _Abandoned:
+        fail_cancelled(storage, asked)
+        return False
+    except BaseException:
+        fail_cancelled(storage, asked)
+        raise
+    fail_cancelled(storage, [a for a in asked if a != got])  # a retried attempt's ask
+    return got is not None
 
 
 def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, Any] | None:
     """Take the study's oldest suggestion as a new RUNNING trial leased to ``owner``, in one
-    statement: the suggestion row is skipped if another claim holds it, and the study's
-    counters move only while the study runs, has budget and is under its concurrency cap.
+    statement: the suggestion row is skipped if another claim (or a cancel) holds it, and the
+    study's counters move only while the study runs, has no queued trial (those go first, and
+    a suggestion never takes their slot), has budget and is under its concurrency cap.
 
     Returns the new trial's ``id``, ``number``, ``optuna_trial_id`` and ``params``; None when
     there was nothing to pop. Raises ``Raced`` when a suggestion was taken but the study no
@@ -242,8 +267,8 @@ def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, An
 
 
 class Raced(Exception):
-    """A pop took a suggestion the study had no room for (its concurrency cap was reached
-    meanwhile): roll the claim's transaction back."""
+    """A pop took a suggestion the study had no room for (its concurrency cap was reached,
+    it was paused, or a trial was queued meanwhile): roll the claim's transaction back."""
 
 
 _POP = """
@@ -258,7 +283,8 @@ WITH sug AS (
     UPDATE seqtune_studies
     SET n_claimed = n_claimed + 1, n_running = n_running + 1, n_buffered = n_buffered - 1,
         last_served_at = :now
-    WHERE id = :sid AND status = :running AND n_claimed < n_trials
+    WHERE id = :sid AND status = :running AND n_waiting = 0
+      AND n_claimed + n_waiting + n_buffered <= n_trials AND n_claimed < n_trials
       AND (max_concurrent IS NULL OR n_running < max_concurrent)
       AND EXISTS (SELECT 1 FROM sug)
     RETURNING id
@@ -280,7 +306,12 @@ FROM sug LEFT JOIN ins ON ins.optuna_trial_id = sug.optuna_trial_id
 def cancel(s: Session, study: Study, *, keep: int = 0) -> list[int]:
     """Delete the study's suggestions beyond its ``keep`` oldest (the study row is locked by
     the caller) and return their Optuna trial ids: the caller fails them in Optuna
-    (``fail_cancelled``) once its transaction has committed."""
+    (``fail_cancelled``) once its transaction has committed.
+
+    A suggestion a claim is popping right now is skipped, not waited for (the pop waits for
+    the study row this caller holds: waiting here would deadlock). That pop then fails its
+    guard and rolls back, or took a slot that was still there; what is left over is cancelled
+    by the next reap (``service.store.recovery``)."""
     if study.n_buffered <= keep and keep > 0:
         return []
     ids = list(
@@ -289,7 +320,7 @@ def cancel(s: Session, study: Study, *, keep: int = 0) -> list[int]:
             .where(Suggestion.study_id == study.id)
             .order_by(Suggestion.id)
             .offset(keep)
-            .with_for_update()
+            .with_for_update(skip_locked=True)
         )
     )
     if not ids:
@@ -322,6 +353,8 @@ def fail_cancelled(storage: optuna.storages.BaseStorage, optuna_ids: Iterable[in
             n += 1
         except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
             continue
+        except Exception:  # noqa: BLE001 - the reaper's orphan sweep fails it later
+            log.warning("could not fail cancelled suggestion %s in Optuna", tid, exc_info=True)
     return n
 
 
@@ -337,11 +370,12 @@ class Refiller:
     def __init__(self, db: Database, storage: optuna.storages.BaseStorage, owner: str) -> None:
         self.db, self.storage, self.owner = db, storage, owner
         self._busy = threading.Lock()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def after_claim(self, study_id: int) -> None:
         """Start a refill of ``study_id`` unless one is already running here."""
-        if not enabled(self.db) or not self._busy.acquire(blocking=False):
+        if self._stop.is_set() or not enabled(self.db) or not self._busy.acquire(blocking=False):
             return
         self._thread = threading.Thread(
             target=self._run, args=(study_id,), name="seqtune-refill", daemon=True
@@ -350,14 +384,16 @@ class Refiller:
 
     def _run(self, study_id: int) -> None:
         try:
-            refill(self.db, self.storage, study_id=study_id, owner=self.owner)
+            refill(self.db, self.storage, study_id=study_id, owner=self.owner, stop=self._stop)
         except Exception:  # noqa: BLE001 - a failed refill only means the next claim asks
             log.exception("refilling study %s's suggestions failed", study_id)
         finally:
             self._busy.release()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Wait for a refill under way (its asks are then stored, not orphaned)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop refilling: a refill under way ends after the suggestion it is asking (stored,
+        not orphaned), waited for at most ``timeout`` seconds."""
+        self._stop.set()
         t = self._thread
         if t is not None and t.is_alive():
             t.join(timeout)

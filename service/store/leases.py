@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,11 +111,14 @@ def claim(
     *,
     owner: str,
     studies: list[str] | None = None,
+    stop: threading.Event | None = None,
 ) -> Claim | None:
     """Take one trial to run, or None when no running study has work for this worker.
 
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
+    While another process asks for that study, it tries again moments later
+    (``buffer.pauses``), unless ``stop`` is set meanwhile.
     """
     hint = db.run(
         lambda s: s.execute(
@@ -141,10 +145,13 @@ def claim(
     for pause in buffer.pauses():
         try:
             return db.run(txn)
-        except buffer.Raced:  # rolled back: the study reached its cap meanwhile
-            return None
+        except buffer.Raced:  # rolled back: the study changed under the pop; look again
+            continue
         except buffer.Busy:  # rolled back: another process is asking for the study
-            time.sleep(pause)
+            if stop is not None and stop.wait(pause):
+                return None
+            if stop is None:
+                time.sleep(pause)
     return None
 
 

@@ -96,17 +96,32 @@ def optuna_study(
         if len(_STUDIES) > 256:
             _STUDIES.clear()
         _STUDIES[key] = study
-    sampler_spec = spec.sampler
-    if sampler_spec.seed is not None:
-        spec = spec.model_copy(
-            update={
-                "sampler": sampler_spec.model_copy(
-                    update={"seed": (sampler_spec.seed + seed_offset) % 2**32}
-                )
-            }
-        )
-    study.sampler = make_sampler(spec)
+    study.sampler = make_sampler(_seeded(spec, seed_offset))
     return study
+
+
+def asking_study(
+    storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec, seed_offset: int
+) -> optuna.Study:
+    """An Optuna study object of its own (not ``optuna_study``'s cached one), with the spec's
+    sampler seeded for ``seed_offset``: for asks made beside the thread that uses the cached
+    object (a worker's suggestion refill), which would otherwise swap the sampler under them.
+    It shares the storage and its cache of the study's trials."""
+    return optuna.Study(
+        study_name=optuna_name,
+        storage=storage,
+        sampler=make_sampler(_seeded(spec, seed_offset)),
+        pruner=make_pruner(spec.pruner),
+    )
+
+
+def _seeded(spec: StudySpec, seed_offset: int) -> StudySpec:
+    """The spec with its sampler's seed moved by ``seed_offset`` (unseeded: unchanged)."""
+    sampler_spec = spec.sampler
+    if sampler_spec.seed is None:
+        return spec
+    seed = (sampler_spec.seed + seed_offset) % 2**32
+    return spec.model_copy(update={"sampler": sampler_spec.model_copy(update={"seed": seed})})
 
 
 def ask_marked(

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from seqtune.spec import StudySpec
 from seqtune.states import (
     ACTIVE_STATUSES,
+    StudyPhase,
     StudyStatus,
     TrialState,
     study_transition,
@@ -146,8 +147,15 @@ def _cancel_buffers(db: Database, storage: optuna.storages.BaseStorage, out: _Ta
     """Cancel the suggestions of studies that are no longer running or have lost the budget
     for them (a path that changed the study without cancelling them, or a queued trial that
     took their slot), each study in a transaction of its own, and fail them in Optuna."""
+    over = (
+        (Study.status != StudyStatus.RUNNING)
+        | (Study.phase != StudyPhase.SEARCH)
+        | (Study.n_claimed + Study.n_waiting + Study.n_buffered > Study.n_trials)
+    )
     ids = db.run(
-        lambda s: list(s.scalars(select(Study.id).where(Study.n_buffered > 0).order_by(Study.id)))
+        lambda s: list(
+            s.scalars(select(Study.id).where(Study.n_buffered > 0, over).order_by(Study.id))
+        )
     )
     for study_id in ids:
 
@@ -229,20 +237,28 @@ def _reap_orphans(
     queued seqtune trial among them: ``settle_outside``). All of Optuna's writes come before
     ours (SQLite's single writer)."""
     requeued: list[tuple[Trial, int]] = []
-    for study in s.scalars(select(Study).where(Study.status.in_(ACTIVE_STATUSES))):
+    # Studies that ended in the last day too: a suggestion cancelled with its study's end
+    # whose failing in Optuna did not happen (a crash between commit and tell) is found here.
+    recent = now - timedelta(days=1)
+    for study in s.scalars(
+        select(Study).where(Study.status.in_(ACTIVE_STATUSES) | (Study.updated_at > recent))
+    ):
         running = storage.get_all_trials(
             study.optuna_study_id, deepcopy=False, states=(OptunaState.RUNNING,)
         )
         if not running:
             continue
         grace = timedelta(seconds=study.lease_timeout_s)
-        known = set(
+        # Suggestions first: a claim that pops one between the two reads then shows up as a
+        # running trial (the other way round, it would be in neither and failed here).
+        buffered = buffer.buffered_ids(s, study.id)
+        known = buffered | set(
             s.scalars(
                 select(Trial.optuna_trial_id).where(
                     Trial.study_id == study.id, Trial.state == TrialState.RUNNING
                 )
             )
-        ) | buffer.buffered_ids(s, study.id)
+        )
         for ft in running:
             started = ft.datetime_start
             if ft._trial_id in known or started is None or ASKED_BY not in ft.system_attrs:

@@ -20,6 +20,7 @@ from seqtune.errors import Conflict, Invalid, NotFound
 from seqtune.spec import StudySpec
 from seqtune.states import ACTIVE_STATUSES, TrialState
 from seqtune.views import TRIAL_SORT_KEYS, Page, TrialView
+from service.store import buffer
 from service.store.db import Database
 from service.store.optuna import distributions
 from service.store.studies import best_trial, study_row, trial_view
@@ -171,10 +172,14 @@ def enqueue_trial(
     """Queue a trial with given hyperparameters (warm start); it runs before sampled ones.
 
     Parameters left out are sampled. Raises Invalid for parameters outside the space and
-    Conflict when the study is finished or has no budget left for it.
+    Conflict when the study is finished or has no budget left for it. When the last slots
+    are held by suggestions asked ahead (``service.store.buffer``), the newest one gives its
+    slot up: a queued trial comes before sampled ones.
     """
+    cancelled: list[int] = []
 
     def txn(s: Session) -> TrialView:
+        cancelled.clear()
         study = study_row(s, tenant, name, lock=True)
         if study.status not in ACTIVE_STATUSES:
             raise Conflict(f"study '{name}' is {study.status}; it takes no more trials")
@@ -185,6 +190,9 @@ def enqueue_trial(
                 f"the budget of {study.n_trials} trials is spent; raise it with "
                 'PATCH {"n_trials": ...} first'
             )
+        free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
+        if free <= 0:
+            cancelled.extend(buffer.cancel(s, study, keep=study.n_buffered + free - 1))
         # Optuna's own enqueue path: a WAITING trial whose fixed_params ask() will honour.
         template = optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, system_attrs={"fixed_params": params}
@@ -208,7 +216,9 @@ def enqueue_trial(
         s.flush()
         return trial_view(row)
 
-    return db.run(txn)
+    view = db.run(txn)
+    buffer.fail_cancelled(storage, cancelled)
+    return view
 
 
 # ---- helpers shared with service.store.leases, budget and recovery -------------------------------
