@@ -374,6 +374,7 @@ def measure(args: argparse.Namespace, route: Callable[[str], Route]) -> list[dic
                     "prefill": pre,
                     "workers": w,
                     "loop": kind,
+                    "epochs": args.epochs,
                     "n": len(t),
                     "p50": float(np.percentile(t, 50)),
                     "p99": float(np.percentile(t, 99)),
