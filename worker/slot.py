@@ -147,13 +147,7 @@ class Slot:
         try:
             while not self.signals.stop.is_set() and not self._orphaned():
                 self._maybe_reap()
-                c = leases.claim(
-                    self.db,
-                    self.storage,
-                    owner=self.worker_id,
-                    studies=names,
-                    stop=self.signals.stop,
-                )
+                c = leases.claim(self.db, self.storage, owner=self.worker_id, studies=names)
                 if c is not None and self._orphaned():
                     # The fleet died while this claim was under way: an orphan must not
                     # start a trial (the watch is about to stop it). Hand it back untouched.

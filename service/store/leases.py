@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,14 +109,11 @@ def claim(
     *,
     owner: str,
     studies: list[str] | None = None,
-    stop: threading.Event | None = None,
 ) -> Claim | None:
     """Take one trial to run, or None when no running study has work for this worker.
 
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
-    While another process asks for that study, it tries again moments later
-    (``buffer.pauses``), unless ``stop`` is set meanwhile.
     """
     hint = db.run(
         lambda s: s.execute(
@@ -142,16 +137,11 @@ def claim(
             or _claim_new(s, storage, owner, studies)
         )
 
-    for pause in buffer.pauses():
+    for _ in range(3):
         try:
             return db.run(txn)
         except buffer.Raced:  # rolled back: the study changed under the pop; look again
             continue
-        except buffer.Busy:  # rolled back: another process is asking for the study
-            if stop is not None and stop.wait(pause):
-                return None
-            if stop is None:
-                time.sleep(pause)
     return None
 
 
@@ -252,14 +242,12 @@ def _claim_new(
     if study_id is None:
         return None
     # Every ask for a study happens under its ask lock (``service.store.buffer``), taken
-    # before the study's row lock as a refill takes them. When it is taken, ``claim`` tries
-    # this study again moments later rather than skip it: the lock is held for one ask(), or
-    # one refill whose suggestions this claim then pops. (Skipping it, workers arriving
-    # during another's ask found nothing and idled a whole poll interval: measured, 7 of 56
-    # trials timed at 8 workers.) Studies still share the fleet: the least recently served
-    # one is picked first.
-    if not buffer.try_ask_lock(s, study_id):
-        raise buffer.Busy
+    # before the study's row lock as a refill takes them. Wait for it rather than skip the
+    # study: it is held for one ask(), or one refill's suggestion that this claim then pops.
+    # (Skipping it, workers arriving during another's ask found nothing and idled a whole
+    # poll interval: measured, 7 of 56 trials timed at 8 workers.) Studies still share the
+    # fleet: the least recently served one is picked first.
+    buffer.ask_lock(s, study_id, wait=True)
     study = s.scalar(select(Study).where(Study.id == study_id).with_for_update())
     if study is None:
         return None
