@@ -156,11 +156,14 @@ def refill(
     stored = 0
     while stop is None or not stop.is_set():
         try:
-            if not _store_one(db, storage, study_id, owner, wanted):
-                break
+            more = _store_one(db, storage, study_id, owner, wanted)
         except Busy:
             break
+        if more < 0:
+            break
         stored += 1
+        if more == 0:
+            break
     return stored
 
 
@@ -170,18 +173,20 @@ def _store_one(
     study_id: int,
     owner: str,
     wanted: Callable[[Session, Study | None], int],
-) -> bool:
-    """Ask one suggestion and store it, in one transaction under the ask lock. False when the
-    study wants none (any more). Raises ``Busy`` when the lock is taken. Whatever Optuna asked
+) -> int:
+    """Ask one suggestion and store it, in one transaction under the ask lock. Returns how
+    many more the study wants after it; -1 when it wanted none (nothing stored). Raises
+    ``Busy`` when the lock is taken. Whatever Optuna asked
     and did not end up stored (the study changed meanwhile, an error, or an attempt that
     ``Database.run`` retried after a lost connection) is failed in Optuna as cancelled."""
     asked: list[int] = []
 
-    def txn(s: Session) -> int | None:
+    def txn(s: Session) -> tuple[int, int] | None:
         if not ask_lock(s, study_id, wait=False):
             raise Busy
         study = s.get(Study, study_id)  # read after the lock: no ask can change it now
-        if study is None or wanted(s, study) <= 0:
+        k = wanted(s, study)
+        if study is None or k <= 0:
             return None
         spec = StudySpec.model_validate(study.spec)
         slot = study.n_claimed + study.n_buffered + 1
@@ -208,7 +213,7 @@ def _store_one(
         )
         if kept.rowcount != 1:  # type: ignore[attr-defined]
             raise _Abandoned  # paused, stopped, cut back or queued to while we asked
-        return trial._trial_id
+        return trial._trial_id, k - 1
 
     try:
         got = db.run(txn)
@@ -216,12 +221,13 @@ def _store_one(
         raise
     except _Abandoned:
         fail_cancelled(storage, asked)
-        return False
+        return -1
     except BaseException:
         fail_cancelled(storage, asked)
         raise
-    fail_cancelled(storage, [a for a in asked if a != got])  # a retried attempt's ask
-    return got is not None
+    stored = got[0] if got is not None else None
+    fail_cancelled(storage, [a for a in asked if a != stored])  # a retried attempt's ask
+    return -1 if got is None else got[1]
 
 
 def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, Any] | None:
