@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from seqtune.spec import StudySpec
 from service.store import buffer, leases, recovery, studies, trials
 from service.store.db import Database
-from service.store.optuna import ASKED_BY, make_storage, optuna_study
+from service.store.optuna import ASKED_BY, asking_study, make_storage, optuna_study
 from service.store.tables import Study, Suggestion, Trial, utcnow
 from tests.test_leases import make
 
@@ -266,3 +266,6 @@ def test_a_refill_leaves_the_cached_study_sampler_alone(db: Database, storage) -
     sampler = cached.sampler
     assert refill(db, storage) == 1
     assert cached.sampler is sampler
+    # ...but shares the cached object's cache of the study's trials (a Study made on the plain
+    # storage reads every trial again: a second per ask at 10^4 trials, measured).
+    assert asking_study(storage, "acme/L", spec, seed_offset=1)._storage is cached._storage

@@ -290,8 +290,11 @@ def settle_outside(
 ) -> int:
     """Settle one study's seqtune trials that an outside Optuna client took (see
     ``_settle_waiting``) and record those it ran that ended in Optuna. Returns how many trials
-    it moved. Locks the study row (SKIP LOCKED: a study whose claim is asking right now, and
-    so may be between its pop and its mark, waits for the next round)."""
+    it moved. Takes the study's ask lock, and then its row, only if they are free (a study
+    whose claim is asking right now, and so may be between its pop and its mark, waits for
+    the next round)."""
+    if not buffer.ask_lock(s, study_id, wait=False):
+        return 0
     study = s.scalar(select(Study).where(Study.id == study_id).with_for_update(skip_locked=True))
     if study is None:
         return 0
