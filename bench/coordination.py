@@ -342,8 +342,17 @@ def main() -> None:
         "| Postgres CPU ms per trial | PgBouncer CPU ms per trial |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = {(r["prefill"], r["workers"]): r["p50"] for r in rows if r["loop"] == "optuna"}
+    base = {
+        (r["prefill"], r["workers"]): r["p50"]
+        for r in rows
+        if r["loop"] == "optuna" and "error" not in r
+    }
     for r in rows:
+        if "error" in r:
+            print(
+                f"| {r['prefill']:,} | {r['workers']} | {LOOPS[r['loop']]} | failed: {r['error']} |"
+            )
+            continue
         b = base.get((r["prefill"], r["workers"]))
         ratio = f"{r['p50'] / b:.2f}x" if b else "-"
         extra = (
@@ -368,7 +377,15 @@ def measure(args: argparse.Namespace, route: Callable[[str], Route]) -> list[dic
         for w in [int(x) for x in args.workers.split(",")]:
             per = max(4, args.trials_per_worker if w > 1 else 3 * args.trials_per_worker)
             for kind in args.loops.split(","):
-                times, calls, peak = run_case(kind, w, pre, per, route, args.epochs)
+                try:
+                    times, calls, peak = run_case(kind, w, pre, per, route, args.epochs)
+                except RuntimeError as exc:  # a worker died: recorded, the run goes on
+                    rows.append({"prefill": pre, "workers": w, "loop": kind, "error": str(exc)})
+                    print(rows[-1], file=sys.stderr, flush=True)
+                    with contextlib.suppress(Exception):
+                        for child in mp.active_children():
+                            child.kill()
+                    continue
                 t = np.array(times) * 1e3
                 row: dict[str, Any] = {
                     "prefill": pre,
