@@ -330,7 +330,8 @@ def _claim_new(
 
 
 def _has_room(study: Study) -> bool:
-    """The study (row locked) may start a trial: running, budget left, under its cap."""
+    """The study (read under its ask lock) may start a trial: running, budget left, under
+    its cap."""
     return (
         study.status == StudyStatus.RUNNING
         and study.n_claimed < study.n_trials
