@@ -318,6 +318,12 @@ def test_migrations_are_exempt_from_statement_and_lock_timeouts(settings: Settin
         db.dispose()
 
 
+def _set_lease(db: Database, name: str, seconds: float) -> None:
+    db.run(
+        lambda s: s.execute(update(Study).where(Study.name == name).values(lease_timeout_s=seconds))
+    )
+
+
 def _idle_in_transaction(db: Database, at_least_s: float) -> int:
     return int(
         db.run(
@@ -342,7 +348,10 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
     SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S, the lease expires, and the other worker reaps
     and resumes the trial. Woken up, the frozen worker finds its session gone, retries,
     learns it was fenced off and goes on."""
-    create(db, settings, "frozen", epochs_of(6), n_trials=1, lease_timeout_s=LEASE_S)
+    # The lease starts long: on a loaded machine worker a's first epoch can take longer than
+    # LEASE_S, and b would reap the trial before a's report is ever held (seen in CI). It is
+    # shortened once a holds its report transaction; the reaper reads the study's lease.
+    create(db, settings, "frozen", epochs_of(6), n_trials=1, lease_timeout_s=120)
     timeouts = {"SEQTUNE_DB_IDLE_IN_TRANSACTION_TIMEOUT_S": str(IDLE_S)}
     a = procs.start(
         "a", "worker", "--gpus", "none", "--threads", "1", env={**timeouts, **_with_hook(procs.tmp)}
@@ -355,6 +364,7 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
     b = procs.start("b", "worker", "--gpus", "none", "--threads", "1", "--burst", env=timeouts)
     wait_for(lambda: "TEST-HOOK holding" in procs.log("a"), 120, "a's report transaction")
     os.killpg(a.pid, signal.SIGSTOP)  # the fleet parent and its slot
+    _set_lease(db, "frozen", LEASE_S)
     stopped_at = time.monotonic()
     assert _idle_in_transaction(db, 0.0) >= 1, "the frozen session is not in a transaction"
 
@@ -378,9 +388,7 @@ def test_a_sigstopped_worker_inside_a_transaction_loses_its_trial_within_the_lea
     # From here the test checks that both workers go on correctly. A 5 s lease is shorter
     # than the heartbeat period (Settings.heartbeat_s) and than a resume's start on a loaded
     # machine: the new attempt's lease could lapse for no fault of its own. Lengthen it.
-    db.run(
-        lambda s: s.execute(update(Study).where(Study.name == "frozen").values(lease_timeout_s=120))
-    )
+    _set_lease(db, "frozen", 120)
 
     os.killpg(a.pid, signal.SIGCONT)
     # Woken: its commit fails on the ended session, the retry finds the trial fenced off.
