@@ -69,6 +69,9 @@ class Hyper:
     head_dropout: float = real(0.0, 0.0, 0.95, help="dropout before the linear head")
     bidirectional: bool = boolean(False, help="bidirectional LSTM (classification)")
     init: str = choice("default", ("default", "xavier", "orthogonal"))
+    freeze_layers: int = integer(
+        0, 0, 16, help="lowest LSTM layers kept frozen at the init_from model's weights"
+    )
     # optimisation
     optimizer: str = choice("adam", ("adam", "adamw", "rmsprop", "sgd"))
     lr: float = real(1e-3, 1e-7, 10.0, help="learning rate")

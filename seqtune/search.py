@@ -67,7 +67,8 @@ class Sampler:
     ``build(spec, options)`` returns the Optuna sampler for a checked study; ``options`` are the
     study's non-null ``sampler.options`` (the seed is ``spec.sampler.seed``). ``grid``: it
     enumerates the search space, so every dimension must be discrete and the grid bounded.
-    ``single_objective``: it cannot drive a study with several objectives.
+    ``single_objective``: it cannot drive a study with several objectives. ``constraints``:
+    it takes ``constraints_func``, which ``build`` passes when the study has constraints.
     """
 
     name: str
@@ -75,6 +76,7 @@ class Sampler:
     build: Callable[[StudySpec, dict[str, Any]], BaseSampler]
     grid: bool = False
     single_objective: bool = False
+    constraints: bool = False  # takes Optuna's constraints_func (a study's ``constraints``)
 
 
 @dataclass(frozen=True)
@@ -102,22 +104,56 @@ def _sampler(cls: str, **fixed: Any) -> Callable[[StudySpec, dict[str, Any]], Ba
     def build(spec: StudySpec, options: dict[str, Any]) -> BaseSampler:
         import optuna
 
+        extra = {"constraints_func": constraints_func(spec)} if spec.constraints else {}
         made: BaseSampler = getattr(optuna.samplers, cls)(
-            seed=spec.sampler.seed, **fixed, **options
+            seed=spec.sampler.seed, **fixed, **extra, **options
         )
         return made
 
     return build
 
 
+# The user attribute a worker sets on a COMPLETE or PRUNED trial before telling Optuna: the
+# violation of each of the study's constraints (<= 0: satisfied), in the spec's order.
+CONSTRAINTS_ATTR = "seqtune_constraints"
+
+
+def constraints_func(spec: StudySpec) -> Callable[[Any], list[float]]:
+    """Optuna's ``constraints_func`` for the study: the violations the worker measured and
+    stored on the trial (``CONSTRAINTS_ATTR``). A trial without them (none measured) counts
+    as infeasible: a sampler must not learn from it as if it were allowed."""
+    n = len(spec.constraints)
+
+    def violations(trial: Any) -> list[float]:
+        got = trial.user_attrs.get(CONSTRAINTS_ATTR)
+        if isinstance(got, list) and len(got) == n:
+            return [float(v) if v is not None else 1.0 for v in got]
+        return [1.0] * n
+
+    return violations
+
+
 def _grid(spec: StudySpec, options: dict[str, Any]) -> BaseSampler:
     import optuna
 
     # check_spec has made every dimension discrete (no None in the grid) and bounded its size.
-    return optuna.samplers.GridSampler(
+    sampler = optuna.samplers.GridSampler(
         spec.grid_points(),  # type: ignore[arg-type]
         seed=spec.sampler.seed,
     )
+    if spec.conditions():
+        # A conditional grid: the points that differ only in inactive parameters are one
+        # configuration; keep one of each (inactive values are never suggested).
+        names = list(sampler._param_names)
+        seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        for point in sampler._all_grids:
+            values = dict(zip(names, point, strict=True))
+            on = spec.active(values)
+            key = tuple((n, values[n]) for n in names if on.get(n, True))
+            seen.setdefault(key, point)
+        sampler._all_grids = list(seen.values())
+        sampler._n_min_trials = len(sampler._all_grids)
+    return sampler
 
 
 def _pruner(cls: str) -> Callable[[dict[str, Any], BasePruner | None], BasePruner]:
@@ -162,6 +198,7 @@ _SAMPLERS: tuple[Sampler, ...] = (
             "prior_weight": real(0.0, 1e6),
         },
         _sampler("TPESampler"),
+        constraints=True,
     ),
     Sampler("random", {}, _sampler("RandomSampler")),
     Sampler("grid", {}, _grid, grid=True),
@@ -184,6 +221,7 @@ _SAMPLERS: tuple[Sampler, ...] = (
         "gp",
         {"n_startup_trials": integer(0, 100_000), "deterministic_objective": flag()},
         _sampler("GPSampler", **_NO_WARN),
+        constraints=True,
     ),
     Sampler(
         "qmc",
@@ -199,6 +237,7 @@ _SAMPLERS: tuple[Sampler, ...] = (
             "swapping_prob": real(0.0, 1.0),
         },
         _sampler("NSGAIISampler"),
+        constraints=True,
     ),
 )
 

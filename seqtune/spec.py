@@ -56,12 +56,24 @@ class _Strict(BaseModel):
 # ---- search space ---------------------------------------------------------------------------
 
 
+# A parameter's condition: parent name -> the parent's values under which it is active. Several
+# parents must all hold. ``check_spec`` checks that each parent is a searched categorical, that
+# the values are among its choices, and that conditions form no cycle.
+Condition = Annotated[
+    dict[str, Annotated[list[Scalar], Field(min_length=1, max_length=1000)]],
+    Field(min_length=1, max_length=8),
+]
+
+
 class IntRange(_Strict):
     type: Literal["int"]
     low: Int = Field(ge=-(10**9), le=10**9)
     high: Int = Field(ge=-(10**9), le=10**9)
     step: Int = Field(default=1, ge=1, le=10**9)
     log: bool = False
+    # Active only when each named categorical parent takes one of the listed values
+    # (``{optimizer: [sgd, rmsprop]}``); absent from a trial's params otherwise.
+    when: Condition | None = None
 
     @model_validator(mode="after")
     def _check(self) -> IntRange:
@@ -80,6 +92,9 @@ class FloatRange(_Strict):
     high: float = Field(ge=-1e12, le=1e12)
     step: float | None = Field(default=None, gt=0, le=1e12)
     log: bool = False
+    # Active only when each named categorical parent takes one of the listed values
+    # (``{optimizer: [sgd, rmsprop]}``); absent from a trial's params otherwise.
+    when: Condition | None = None
 
     @model_validator(mode="after")
     def _check(self) -> FloatRange:
@@ -95,6 +110,9 @@ class FloatRange(_Strict):
 class Categorical(_Strict):
     type: Literal["categorical"]
     choices: list[Scalar] = Field(min_length=1, max_length=1000)
+    # Active only when each named categorical parent takes one of the listed values
+    # (``{optimizer: [sgd, rmsprop]}``); absent from a trial's params otherwise.
+    when: Condition | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Categorical:
@@ -188,6 +206,69 @@ class EarlyStopping(_Strict):
     min_delta: float = Field(default=0.0, ge=0, le=1e9)
 
 
+class StopWhen(_Strict):
+    """Automatic stopping: end the study (``completed``, with its stop reason) once its
+    improvements have dried up, instead of spending the rest of ``n_trials``."""
+
+    # Stop after this many finished trials (complete or pruned) in a row that did not improve
+    # the best value by more than ``min_delta``.
+    no_improvement_trials: (
+        Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)] | None
+    ) = None
+    min_delta: float = Field(default=0.0, ge=0, le=1e300)
+    # Optuna's Terminator: stop once the GP regret bound falls below the best value's
+    # statistical error (the variance of the walk-forward folds, else the median-error rule).
+    regret_bound: bool = False
+    # Neither criterion stops a study before this many trials completed.
+    min_trials: Int = Field(default=10, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _some(self) -> StopWhen:
+        if self.no_improvement_trials is None and not self.regret_bound:
+            raise ValueError("set no_improvement_trials, regret_bound or both")
+        return self
+
+
+class Constraint(_Strict):
+    """A bound a trial must respect to count: ``param_count``, ``train_seconds`` or a
+    validation metric, at most ``max`` and/or at least ``min``. An infeasible trial is
+    recorded as such and is never the best nor on the Pareto front."""
+
+    metric: str = Field(max_length=64, json_schema_extra=_one_of(catalog.METRICS))
+    max: float | None = Field(default=None, ge=-1e300, le=1e300)
+    min: float | None = Field(default=None, ge=-1e300, le=1e300)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Constraint:
+        if self.max is None and self.min is None:
+            raise ValueError("give max, min or both")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: <= 0 when satisfied, else by how much it is violated."""
+        over = value - self.max if self.max is not None else -math.inf
+        under = self.min - value if self.min is not None else -math.inf
+        return float(max(over, under))
+
+
+class InitFrom(_Strict):
+    """Start each trial's LSTM from an earlier model: a trial of another study of the same
+    tenant (``study`` and ``trial``: a number or ``best``, resolved to a number at submit) or
+    an uploaded model (``model``: the id ``POST /v1/models`` returned)."""
+
+    study: str | None = Field(default=None, pattern=NAME_PATTERN)
+    trial: Annotated[int, Field(ge=0, le=10**9)] | Literal["best"] = "best"
+    model: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[0-9a-f]+$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitFrom:
+        if (self.study is None) == (self.model is None):
+            raise ValueError("name either a study (with its trial) or an uploaded model")
+        return self
+
+
 class Budget(_Strict):
     n_trials: Int = Field(default=50, ge=1, le=1_000_000)
     max_concurrent_trials: (
@@ -197,6 +278,7 @@ class Budget(_Strict):
     trial_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)
     max_retries: Int = Field(default=2, ge=0, le=100)
     lease_timeout_s: float = Field(default=300, ge=5, le=86400)
+    stop_when: StopWhen | None = None
 
 
 class Validation(_Strict):
@@ -246,6 +328,8 @@ class StudySpec(_Strict):
     )
     validation: Validation = Field(default_factory=Validation)
     final: Final | None = None
+    constraints: list[Constraint] = Field(default_factory=list, max_length=16)
+    init_from: InitFrom | None = None
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> StudySpec:
@@ -259,6 +343,59 @@ class StudySpec(_Strict):
             self.search_space = default_search_space(self)
             self._space_defaulted = True
         return self
+
+    @model_validator(mode="after")
+    def _resolve_conditional_tpe(self) -> StudySpec:
+        """A conditional space searched by TPE without ``multivariate``/``group`` set gets
+        both: grouped, multivariate TPE models each set of parameters that appear together,
+        where independent TPE would see the conditional ones on a fraction of the trials."""
+        if self.sampler.name == "tpe" and self.conditions():
+            for key in ("multivariate", "group"):
+                self.sampler.options.setdefault(key, True)
+        return self
+
+    def conditions(self) -> dict[str, dict[str, list[Scalar]]]:
+        """Each conditional parameter's condition (parent -> active values)."""
+        return {n: d.when for n, d in self.search_space.items() if d.when}
+
+    def active(self, params: Mapping[str, Any]) -> dict[str, bool]:
+        """Whether each searched parameter is active given (some of) a trial's values.
+        A parameter whose parent is inactive or absent is inactive."""
+        out: dict[str, bool] = {}
+
+        def on(name: str, seen: frozenset[str] = frozenset()) -> bool:
+            if name not in out:
+                dist = self.search_space[name]
+                ok = True
+                for parent, values in (dist.when or {}).items():
+                    if parent in seen or parent not in self.search_space:
+                        ok = False
+                        break
+                    if not on(parent, seen | {name}) or not _among(params.get(parent), values):
+                        ok = False
+                        break
+                out[name] = ok
+            return out[name]
+
+        for name in self.search_space:
+            on(name)
+        return out
+
+    def search_order(self) -> list[str]:
+        """The searched parameters, each after the parents its condition names (define-by-run
+        order); otherwise in the spec's order. ``check_spec`` has ruled out cycles."""
+        done: list[str] = []
+
+        def visit(name: str, path: tuple[str, ...] = ()) -> None:
+            if name in done or name in path or name not in self.search_space:
+                return
+            for parent in self.search_space[name].when or {}:
+                visit(parent, (*path, name))
+            done.append(name)
+
+        for name in self.search_space:
+            visit(name)
+        return done
 
     _space_defaulted: bool = PrivateAttr(default=False)
 
@@ -338,6 +475,11 @@ class StudySpec(_Strict):
             if name not in self.search_space:
                 out[name] = self.fixed.get(name, value)
         return out
+
+
+def _among(value: Any, values: list[Scalar]) -> bool:
+    """``value`` is one of ``values``, type for type (True is not 1)."""
+    return any(type(value) is type(v) and value == v for v in values)
 
 
 # ---- the default search space ---------------------------------------------------------------
@@ -576,8 +718,128 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
                 "reason": f"'{sampler.name}' handles one objective; use 'tpe' or 'nsga2'",
             }
         )
+    _check_conditions(spec, errors)
+    _check_constraints(spec, sampler, errors)
+    _check_stop(spec, errors)
+    _check_init(spec, errors)
     if errors:
         raise Invalid(f"the study definition has {len(errors)} problem(s)", details=errors)
+
+
+def _check_conditions(spec: StudySpec, errors: list[dict[str, str]]) -> None:
+    """Each parent a condition names is a searched categorical, each value one of its choices,
+    and no parameter depends on itself through its parents."""
+    for name, dist in spec.search_space.items():
+        for parent, values in (dist.when or {}).items():
+            field = f"search_space.{name}.when.{parent}"
+            pdist = spec.search_space.get(parent)
+            if parent == name:
+                errors.append({"field": field, "reason": "a parameter cannot depend on itself"})
+            elif pdist is None:
+                where = "is fixed" if parent in spec.fixed_config() else "is not searched"
+                errors.append(
+                    {
+                        "field": field,
+                        "reason": f"'{parent}' {where}; a condition's parent must be a searched "
+                        "categorical parameter",
+                    }
+                )
+            elif not isinstance(pdist, Categorical):
+                errors.append(
+                    {
+                        "field": field,
+                        "reason": f"'{parent}' is searched as a range; a condition's parent "
+                        "must be categorical",
+                    }
+                )
+            else:
+                for i, v in enumerate(values):
+                    if not _among(v, pdist.choices):
+                        errors.append(
+                            {
+                                "field": f"{field}[{i}]",
+                                "reason": f"{v!r} is not one of {parent}'s choices "
+                                f"{list(pdist.choices)}",
+                            }
+                        )
+    # cycles: follow the parents; a path that comes back to a name it holds is one
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2 or name not in spec.search_space:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name) :] + [name]
+            errors.append(
+                {
+                    "field": f"search_space.{name}.when",
+                    "reason": "conditions form a cycle: " + " -> ".join(cycle),
+                }
+            )
+            return
+        state[name] = 1
+        for parent in spec.search_space[name].when or {}:
+            if parent != name:
+                visit(parent, [*path, name])
+        state[name] = 2
+
+    for name in spec.search_space:
+        visit(name, [])
+
+
+def _check_constraints(
+    spec: StudySpec, sampler: search.Sampler, errors: list[dict[str, str]]
+) -> None:
+    for i, c in enumerate(spec.constraints):
+        meta = catalog.METRICS.get(c.metric)
+        if meta is None:
+            errors.append(
+                {
+                    "field": f"constraints[{i}].metric",
+                    "reason": f"unknown metric; known: {sorted(catalog.METRICS)}",
+                }
+            )
+        elif spec.task not in meta[1]:
+            errors.append(
+                {
+                    "field": f"constraints[{i}].metric",
+                    "reason": f"'{c.metric}' does not apply to task '{spec.task}'",
+                }
+            )
+    if spec.constraints and not sampler.constraints:
+        able = " or ".join(f"'{x.name}'" for x in search.SAMPLERS.values() if x.constraints)
+        errors.append(
+            {
+                "field": "sampler.name",
+                "reason": f"'{sampler.name}' cannot take constraints; use {able}",
+            }
+        )
+
+
+def _check_stop(spec: StudySpec, errors: list[dict[str, str]]) -> None:
+    if spec.budget.stop_when is not None and len(spec.objectives) > 1:
+        errors.append(
+            {
+                "field": "budget.stop_when",
+                "reason": "automatic stopping watches one best value; it needs a single objective",
+            }
+        )
+
+
+def _check_init(spec: StudySpec, errors: list[dict[str, str]]) -> None:
+    """What the spec alone tells about fine-tuning; the model's shapes are checked against
+    it by the service (``service.store.lineage``), which can read the model."""
+    frozen = spec.search_space.get("freeze_layers") or spec.fixed.get("freeze_layers")
+    if frozen and spec.init_from is None:
+        field = "search_space" if "freeze_layers" in spec.search_space else "fixed"
+        errors.append(
+            {
+                "field": f"{field}.freeze_layers",
+                "reason": "freezing layers needs a pretrained model: set init_from",
+            }
+        )
+    if spec.init_from is not None and spec.init_from.study == spec.name:
+        errors.append({"field": "init_from.study", "reason": "a study cannot start from itself"})
 
 
 def _unknown(name: str) -> str:

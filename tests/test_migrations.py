@@ -55,6 +55,7 @@ def test_migrations_match_models_beside_optuna(empty_url: str, optuna_first: boo
         "seqtune_checkpoints",
         "seqtune_workers",
         "seqtune_suggestions",
+        "seqtune_models",
         "seqtune_alembic_version",
     }
     assert {"studies", "trials", "alembic_version"} <= tables  # Optuna's, untouched

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus
 from service.store.db import Database
-from service.store.optuna import ask_marked, asking_study, distributions
+from service.store.optuna import ask_marked, asking_study
 from service.store.tables import Study, Suggestion, Trial
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def _store_one(
         spec = StudySpec.model_validate(study.spec)
         slot = study.n_claimed + study.n_buffered + 1
         ostudy = asking_study(storage, study.optuna_study_name, spec, seed_offset=slot)
-        trial = ask_marked(storage, ostudy, distributions(spec), owner)
+        trial = ask_marked(storage, ostudy, spec, owner)
         asked.append(trial._trial_id)
         s.add(
             Suggestion(

@@ -52,7 +52,7 @@ from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
 from service.store import buffer
 from service.store.budget import close_trial, enqueue_retrain, finite
 from service.store.db import Database
-from service.store.optuna import ask_marked, distributions, optuna_study
+from service.store.optuna import ask_marked, optuna_study
 from service.store.recovery import poppable, settle_outside
 from service.store.tables import Checkpoint, Study, Trial, utcnow
 from service.store.trials import count_move
@@ -278,7 +278,7 @@ def _claim_new(
     slot_no = study.n_claimed + study.n_buffered + 1
     ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=slot_no)
     final_of = enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL else None
-    trial = ask_marked(storage, ostudy, distributions(spec), owner)
+    trial = ask_marked(storage, ostudy, spec, owner)
     # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
     slot = s.execute(
         update(Study)

@@ -128,7 +128,9 @@ def asking_study(
 def _seeded(spec: StudySpec, seed_offset: int) -> StudySpec:
     """The spec with its sampler's seed moved by ``seed_offset`` (unseeded: unchanged)."""
     sampler_spec = spec.sampler
-    if sampler_spec.seed is None:
+    # A grid sampler's seed shuffles its grid, and a trial's grid_id indexes that order: every
+    # process must shuffle alike, or two slots suggest one point under different grid_ids.
+    if sampler_spec.seed is None or search.SAMPLERS[sampler_spec.name].grid:
         return spec
     seed = (sampler_spec.seed + seed_offset) % 2**32
     return spec.model_copy(update={"sampler": sampler_spec.model_copy(update={"seed": seed})})
@@ -137,16 +139,22 @@ def _seeded(spec: StudySpec, seed_offset: int) -> StudySpec:
 def ask_marked(
     storage: optuna.storages.BaseStorage,
     ostudy: optuna.Study,
-    dists: dict[str, BaseDistribution],
+    spec: StudySpec,
     owner: str,
 ) -> optuna.Trial:
-    """``ostudy.ask(dists)``, with the trial marked as seqtune's (``ASKED_BY``) right after
-    Optuna creates or pops it and before the sampler runs, so that the window in which a dying
-    claim leaves an unmarked trial is one write wide. The parameters are then suggested
-    exactly as ask() suggests fixed distributions (enqueued values honoured)."""
+    """``ostudy.ask()`` and the study's parameters suggested define-by-run, with the trial
+    marked as seqtune's (``ASKED_BY``) right after Optuna creates or pops it and before the
+    sampler runs, so that the window in which a dying claim leaves an unmarked trial is one
+    write wide. Parameters are suggested parents first (``StudySpec.search_order``); a
+    conditional one only when its condition holds on the values suggested so far, so an
+    inactive parameter is absent from the trial (enqueued values honoured, as by ask())."""
     trial = ostudy.ask()
     storage.set_trial_system_attr(trial._trial_id, ASKED_BY, owner)
-    for name, dist in dists.items():
+    dists = distributions(spec)
+    for name in spec.search_order():
+        if not spec.active(trial.params).get(name, True):
+            continue
+        dist = dists[name]
         if isinstance(dist, FloatDistribution):
             trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
         elif isinstance(dist, IntDistribution):

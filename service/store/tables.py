@@ -102,6 +102,24 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
+class Model(Base):
+    """An uploaded model checkpoint (a file GET .../model served), which a study may start its
+    trials from (``init_from: {model: ID}``). ``meta`` is what the checkpoint says of itself:
+    its model's shape, task, features and lineage."""
+
+    __tablename__ = "seqtune_models"
+    __table_args__ = (Index(None, "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    meta: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class Study(Base):
     __tablename__ = "seqtune_studies"
     __table_args__ = (
@@ -151,6 +169,11 @@ class Study(Base):
     baselines: Mapped[dict[str, Any] | None] = mapped_column(NullableJsonType, nullable=True)
     # 'search' while sampling; 'final' once the top configurations are re-trained with seeds.
     phase: Mapped[str] = mapped_column(String(16), default="search", server_default="search")
+    # Automatic stopping (spec budget.stop_when): the best value so far and the finished trials
+    # since it last improved by more than min_delta; why the study stopped early, if it did.
+    stop_best: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stop_stale: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stop_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
@@ -187,6 +210,9 @@ class Trial(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
     values: Mapped[list[float] | None] = mapped_column(JsonType, nullable=True)
     on_front: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Constraints (spec constraints): whether the trial met them; NULL when the study has none
+    # or the trial never got that far. An infeasible trial is never best nor on the front.
+    feasible: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     curve: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
     epochs: Mapped[int] = mapped_column(Integer, default=0)
