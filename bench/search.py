@@ -10,6 +10,7 @@ TPE + hyperband, and seqtune's defaults (a study that names no sampler and no pr
     python bench/search.py --problems sunspots --epochs 1500 --seeds 0 1 2
     python bench/search.py --problems mackey_glass --mg-points 20000 --epochs 200
     python bench/search.py --problems elnino --strategies defaults defaults-buffer0 --slots 4
+    python bench/search.py --problems sunspots --strategies conditional unconditioned --epochs 800
 
 Writes bench/results/search-<problem>.json, a markdown table on stdout and a PNG plot.
 """
@@ -35,6 +36,13 @@ sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
 from seqtune.client import ApiError, Client  # noqa: E402
 
+# Multivariate, grouped TPE (what a conditional space gets by default), with Optuna's pruning
+# off so that the two spaces differ in nothing else.
+_GROUPED_TPE: dict[str, Any] = {
+    "sampler": {"name": "tpe", "options": {"multivariate": True, "group": True}},
+    "pruner": {"name": "none"},
+}
+
 STRATEGIES: dict[str, dict[str, Any]] = {
     "random": {"sampler": {"name": "random"}, "pruner": {"name": "none"}},
     "tpe": {"sampler": {"name": "tpe"}, "pruner": {"name": "none"}},
@@ -56,6 +64,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "defaults": {},
     # seqtune's defaults without the suggestion buffer (every claim asks): what the buffer costs
     "defaults-buffer0": {"sampler": {"name": "tpe", "buffer": 0}},
+    # The optimizer's and scheduler's own knobs, searched only where they act (issue 16) ...
+    "conditional": {"space": "conditional", **_GROUPED_TPE},
+    # ... and the same space with every knob searched on every trial: the same sampler
+    "unconditioned": {"space": "unconditioned", **_GROUPED_TPE},
 }
 
 SPACE = {
@@ -68,6 +80,32 @@ SPACE = {
     "optimizer": {"type": "categorical", "choices": ["adam", "adamw", "rmsprop", "sgd"]},
     "scheduler": {"type": "categorical", "choices": ["none", "plateau", "cosine"]},
 }
+
+
+# SPACE with the knobs that act under one optimizer or scheduler only, each made conditional on
+# it ("conditional") or searched always ("unconditioned").
+_KNOBS: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
+    "momentum": ({"type": "float", "low": 0.5, "high": 0.99}, {"optimizer": ["sgd", "rmsprop"]}),
+    "nesterov": ({"type": "categorical", "choices": [False, True]}, {"optimizer": ["sgd"]}),
+    "scheduler_gamma": (
+        {"type": "float", "low": 0.8, "high": 0.999},
+        {"scheduler": ["exponential", "step"]},
+    ),
+    "scheduler_step_size": ({"type": "int", "low": 5, "high": 30}, {"scheduler": ["step"]}),
+    "scheduler_patience": ({"type": "int", "low": 2, "high": 10}, {"scheduler": ["plateau"]}),
+    "scheduler_factor": ({"type": "float", "low": 0.1, "high": 0.7}, {"scheduler": ["plateau"]}),
+}
+
+
+def space_of(kind: str) -> dict[str, Any]:
+    space = dict(
+        SPACE,
+        optimizer={"type": "categorical", "choices": ["adam", "rmsprop", "sgd"]},
+        scheduler={"type": "categorical", "choices": ["none", "plateau", "exponential", "step"]},
+    )
+    for name, (dist, when) in _KNOBS.items():
+        space[name] = dict(dist, when=when) if kind == "conditional" else dict(dist)
+    return space
 
 
 def problem(name: str, mg_points: int) -> dict[str, Any]:
@@ -224,8 +262,10 @@ def run_all(c: Client, args: argparse.Namespace, out: Path) -> None:
                     "early_stopping": {"patience": 10},
                     "budget": {"n_trials": 100000, "max_concurrent_trials": args.slots},
                     **problem(prob, args.mg_points),
-                    **STRATEGIES[strat],
+                    **{k: v for k, v in STRATEGIES[strat].items() if k != "space"},
                 }
+                if "space" in STRATEGIES[strat]:
+                    body["search_space"] = space_of(STRATEGIES[strat]["space"])
                 if "sampler" in body:
                     body["sampler"] = dict(body["sampler"], seed=seed)
                 else:

@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,13 +27,18 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
+from seqtune import __version__
 from seqtune.errors import ErrorCode, import_extra
 from seqtune.spec import load_yaml
 from seqtune.states import FINISHED_STATUSES, StudyStatus
-from seqtune.views import BestView, DatasetView, Page, StudyView, TrialView, WorkerView
+from seqtune.views import BestView, DatasetView, ModelView, Page, StudyView, TrialView, WorkerView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0
+# The User-Agent of requests the ``seqtune`` CLI makes: the service words its hints as
+# commands to type for it (`seqtune studies`) and as REST calls for anyone else
+# (service/hints.py recognises the prefix).
+CLI_AGENT = f"seqtune-cli/{__version__}"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -105,14 +110,18 @@ class Client:
         *,
         timeout_s: float | None = None,
         http: httpx.Client | None = None,
+        user_agent: str | None = None,
     ) -> None:
         """``timeout_s``: how long to wait for each answer (default ``SEQTUNE_TIMEOUT``, else
         60; ValueError when not a positive number). ``http``: an httpx.Client to send through
-        instead (FastAPI's TestClient, a proxy), with its own timeouts."""
+        instead (FastAPI's TestClient, a proxy), with its own timeouts. ``user_agent``: the
+        User-Agent to send (default httpx's); the CLI sends ``CLI_AGENT``."""
         self.url = (url or os.environ.get("SEQTUNE_URL") or DEFAULT_URL).rstrip("/")
         self.timeout_s = timeout_from_env(timeout_s)
         key = key if key is not None else os.environ.get("SEQTUNE_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if user_agent:
+            headers["User-Agent"] = user_agent
         if http is not None:
             http.headers.update(headers)
             self._http = http
@@ -283,13 +292,22 @@ class Client:
         )
         return dict(r.json())
 
-    def plot(self, name: str, kind: str, *, fmt: str = "png", objective: int = 0) -> bytes:
-        """A plot of the study as PNG bytes (``fmt='html'`` for an interactive page)."""
-        return self._call(
-            "GET",
-            f"/v1/studies/{self._q(name)}/plots/{kind}",
-            params={"format": fmt, "objective": objective},
-        ).content
+    def plot(
+        self,
+        name: str,
+        kind: str,
+        *,
+        fmt: str = "png",
+        objective: int = 0,
+        params: Sequence[str] | None = None,
+    ) -> bytes:
+        """A plot of the study as PNG bytes (``fmt='html'`` for an interactive page).
+        ``params``: the hyperparameters a contour or parallel plot draws (default: the most
+        important ones)."""
+        query: dict[str, Any] = {"format": fmt, "objective": objective}
+        if params:
+            query["params"] = ",".join(params)
+        return self._call("GET", f"/v1/studies/{self._q(name)}/plots/{kind}", params=query).content
 
     # -- models ---------------------------------------------------------------------------------
     def download_model(self, name: str, dest: str | Path, *, trial: int | None = None) -> Path:
@@ -302,6 +320,11 @@ class Client:
         dest = Path(dest)
         dest.write_bytes(self._call("GET", path).content)
         return dest
+
+    def best_model(self, name: str) -> tuple[int, bytes]:
+        """The best trial's trained model: ``(trial number, torch checkpoint bytes)``."""
+        r = self._call("GET", f"/v1/studies/{self._q(name)}/best/model")
+        return int(r.headers["X-Seqtune-Trial"]), r.content
 
     def predict(self, name: str, data: Any, *, trial: int | None = None) -> Any:
         """Download a study's model and predict on ``data`` (a DataFrame or a CSV path).
@@ -333,10 +356,40 @@ class Client:
         )
 
     def dataset(self, dataset_id: str) -> DatasetView:
+        """An uploaded dataset, by its id or its name."""
         return self._model(DatasetView, "GET", f"/v1/datasets/{self._q(dataset_id)}")
 
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._call("DELETE", f"/v1/datasets/{self._q(dataset_id)}")
+    def delete_dataset(self, dataset_id: str, *, force: bool = False) -> None:
+        """Delete an uploaded dataset, by its id or its name. ApiError (409) while a study
+        uses it, naming the studies; ``force`` deletes it all the same when none of them is
+        running or paused (they keep their spec and lose the link)."""
+        params = {"force": "true"} if force else None
+        self._call("DELETE", f"/v1/datasets/{self._q(dataset_id)}", params=params)
+
+    # -- uploaded models (init_from: {model: ID}) ------------------------------------------------
+    def upload_model(self, path: str | Path, *, name: str | None = None) -> ModelView:
+        """Upload a model file (a ``.pt`` that ``download_model`` saved) that studies may start
+        from with ``init_from: {model: ID}``; its view's ``id`` is that ID."""
+        path = Path(path)
+        with path.open("rb") as fh:
+            return self._model(
+                ModelView,
+                "POST",
+                "/v1/models",
+                files={"file": (path.name, fh, "application/octet-stream")},
+                data={"name": name} if name else None,
+            )
+
+    def models(self, *, limit: int = 50, offset: int = 0) -> Page[ModelView]:
+        return self._model(
+            Page[ModelView], "GET", "/v1/models", params={"limit": limit, "offset": offset}
+        )
+
+    def model(self, model_id: str) -> ModelView:
+        return self._model(ModelView, "GET", f"/v1/models/{self._q(model_id)}")
+
+    def delete_model(self, model_id: str) -> None:
+        self._call("DELETE", f"/v1/models/{self._q(model_id)}")
 
     # -- fleet ----------------------------------------------------------------------------------
     def workers(self, *, include_stopped: bool = False) -> list[WorkerView]:

@@ -8,7 +8,9 @@ line by ``seqtune.cli.main``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -16,8 +18,8 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel
 
-from seqtune.client import ApiError, Client
-from seqtune.errors import ErrorCode, Exit
+from seqtune.client import CLI_AGENT, ApiError, Client
+from seqtune.errors import CommandFailed, ErrorCode, Exit, import_extra
 from seqtune.states import FINISHED_STATUSES, SETTABLE_STATUSES, BaselinesStatus, StudyStatus
 from seqtune.views import PLOT_KINDS, BestView, StudyView, TrialView, baseline_label
 
@@ -25,7 +27,7 @@ from seqtune.views import PLOT_KINDS, BestView, StudyView, TrialView, baseline_l
 # its line fails at import; which error exits with which code is ErrorCode's table.
 _EXIT_HELP: dict[Exit, str] = {
     Exit.OK: "success (with --watch: the study completed its budget)",
-    Exit.UNFINISHED: "with --watch: the study ended stopped or timed out",
+    Exit.UNFINISHED: "with --watch: the study ended stopped or timed out; delete: you answered no",
     Exit.BAD_INPUT: "bad input: a wrong argument, file or study definition (the message names "
     "the field),\n     or a database URL naming a database that does not exist or a login "
     "Postgres refuses",
@@ -49,12 +51,14 @@ def exit_code_of(exc: ApiError) -> Exit:
 
 def client_of(args: argparse.Namespace) -> Client:
     """The Client for a command's ``--url``, ``--key`` and ``--timeout`` (each falling back to
-    its SEQTUNE_* variable). A bad SEQTUNE_TIMEOUT is bad input (exit 2)."""
+    its SEQTUNE_* variable). A bad SEQTUNE_TIMEOUT is bad input (exit 2). It sends the CLI's
+    User-Agent, so that the service's hints name commands (`seqtune studies`), not REST calls."""
     try:
         return Client(
             getattr(args, "url", None),
             getattr(args, "key", None),
             timeout_s=getattr(args, "timeout", None),
+            user_agent=CLI_AGENT,
         )
     except ValueError as exc:
         raise ApiError(0, ErrorCode.INVALID, str(exc)) from None
@@ -173,11 +177,12 @@ def status_line(
         best_s += f" vs {verdict['baseline']} {verdict['metric']}={verdict['baseline_val']:.6g}" + (
             "" if verdict["beats_baseline"] else " NOT BEATEN"
         )
-    return (
+    line = (
         f"{view.name} {view.status} [{bar}] {t.finished}/{t.budget} | complete {t.complete} "
         f"pruned {t.pruned} failed {t.failed} running {t.running} | {best_s} | "
         f"{_duration(elapsed)} elapsed, {left}"
     )
+    return line + (f" | stopped early: {view.stop_reason}" if view.stop_reason else "")
 
 
 def _best_of(c: Client, name: str) -> tuple[tuple[str, float, int] | None, dict[str, Any] | None]:
@@ -413,8 +418,10 @@ def _print_trial(t: TrialView, metrics: list[str], out: TextIO | None = None) ->
     out = out or sys.stdout
     values = t.values if t.values else [t.value]
     shown = ", ".join(f"{m}={_cell(v)}" for m, v in zip(metrics, values, strict=False))
-    print(f"trial {t.number}: {shown}  ({t.epochs} epochs, {t.reason or t.state})", file=out)
-    table([[k, v] for k, v in sorted(t.params.items())], ["param", "value"], out)
+    flags = "" if t.feasible is not False else ", INFEASIBLE"
+    print(f"trial {t.number}: {shown}  ({t.epochs} epochs, {t.reason or t.state}{flags})", file=out)
+    rows = [[k, v] for k, v in sorted(t.params.items())]
+    table(rows + [[k, "(inactive)"] for k in t.inactive], ["param", "value"], out)
     if t.test_metrics:
         tm = t.test_metrics
         flat = {k: v for k, v in tm.items() if not isinstance(v, dict)}
@@ -475,7 +482,10 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     out = args.output or f"{args.name}-{args.kind}.{args.format}"
     with client_of(args) as c:
-        data = c.plot(args.name, args.kind, fmt=args.format, objective=args.objective)
+        params = [p.strip() for p in (args.params or "").split(",") if p.strip()]
+        data = c.plot(
+            args.name, args.kind, fmt=args.format, objective=args.objective, params=params
+        )
     with open(out, "wb") as fh:
         fh.write(data)
     print(out)
@@ -592,19 +602,366 @@ def add_client_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("kind", choices=PLOT_KINDS)
     p.add_argument("--format", choices=("png", "html"), default="png")
-    p.add_argument("--objective", type=int, default=0)
-    p.add_argument("-o", "--output")
+    p.add_argument("--objective", type=int, default=0, help="which objective (0, 1 ...)")
+    p.add_argument(
+        "--params",
+        metavar="A,B,...",
+        help="contour and parallel: the hyperparameters to draw (default: the 2 most important "
+        "for contour, the 5 most important for parallel)",
+    )
+    p.add_argument("-o", "--output", help="file to write (default NAME-KIND.FORMAT)")
 
     d = sub.add_parser("datasets", help="uploaded CSV datasets").add_subparsers(
         dest="datasets_cmd", required=True
     )
     p = d.add_parser("upload", help="upload a CSV; prints its id", parents=[common])
     p.add_argument("file")
-    p.add_argument("--name")
+    p.add_argument(
+        "--name",
+        help="unique among your datasets (default: the file's name); a study names the data "
+        "by it: dataset: {kind: uploaded, name: NAME}",
+    )
     p.set_defaults(fn=cmd_datasets_upload)
     p = d.add_parser("list", help="your datasets", parents=[common])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=cmd_datasets_list)
+    p = d.add_parser(
+        "delete",
+        help="delete an uploaded dataset (refused while a study uses it)",
+        parents=[common],
+    )
+    p.add_argument("dataset", metavar="ID|NAME", help="the dataset's id or name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it although finished studies use it (running or paused ones still refuse)",
+    )
+    p.set_defaults(fn=cmd_datasets_delete)
 
     p = add("workers", cmd_workers, "the worker fleet: live, lost and (with --all) stopped")
     p.add_argument("--all", action="store_true")
+    _add_models_commands(sub, common)
+    _add_everyday_commands(sub, common)
+    _add_export_commands(sub, common)
+
+
+# -- uploaded models (init_from: {model: ID}) ------------------------------------------------------
+def cmd_models_upload(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        try:
+            m = c.upload_model(args.file, name=args.name)
+        except OSError as exc:
+            raise ApiError(0, ErrorCode.INVALID, f"cannot read {args.file}: {exc}") from None
+    if args.json:
+        print(_dump(m))
+    else:
+        shape = m.meta.get("model", {})
+        print(
+            f"uploaded '{m.name}': a {m.meta.get('task')} LSTM of {shape.get('num_layers')} "
+            f"layer(s) x {shape.get('hidden_size')} units on {shape.get('n_features')} input(s)",
+            file=sys.stderr,
+        )
+        print(m.id)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        page = c.models(limit=args.limit)
+    if args.json:
+        print(_dump(page))
+        return 0
+    rows = []
+    for m in page.items:
+        shape, origin = m.meta.get("model", {}), m.meta.get("lineage") or {}
+        rows.append(
+            [
+                m.id,
+                m.name,
+                m.meta.get("task"),
+                f"{shape.get('num_layers')}x{shape.get('hidden_size')}",
+                shape.get("n_features"),
+                f"{origin['study']}#{origin['trial']}" if "study" in origin else origin.get("name"),
+                m.size_bytes,
+                m.created_at,
+            ]
+        )
+    table(rows, ["id", "name", "task", "layers", "inputs", "fine-tuned from", "bytes", "created"])
+    return 0
+
+
+def _add_models_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``seqtune models upload FILE [--name N]`` and ``seqtune models list``."""
+    m = sub.add_parser("models", help="uploaded models that studies start from").add_subparsers(
+        dest="models_cmd", required=True
+    )
+    p = m.add_parser("upload", help="upload a model file (.pt); prints its id", parents=[common])
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.set_defaults(fn=cmd_models_upload)
+    p = m.add_parser("list", help="your uploaded models", parents=[common])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(fn=cmd_models_list)
+
+
+# -- everyday verbs: delete, datasets delete, trial -----------------------------------------------
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a study after a yes on the terminal, or at once with --force (which also deletes
+    it while trials run). Without a terminal and without --force: refused, exit 2."""
+    with client_of(args) as c:
+        view = c.study(args.name)  # not found: said before anything is asked
+        if not args.force:
+            if not sys.stdin.isatty():
+                raise CommandFailed(
+                    f"not deleting '{args.name}' without a terminal to confirm on; "
+                    "pass --force to delete it",
+                    Exit.BAD_INPUT,
+                )
+            t = view.trials
+            question = (
+                f"delete study '{view.name}' ({view.status}, {t.finished}/{t.budget} trials "
+                "finished), its trials and their models? [y/N] "
+            )
+            try:
+                answer = input(question)
+            except EOFError:
+                answer = ""
+            if answer.strip().lower() not in ("y", "yes"):
+                print(f"kept '{view.name}'", file=sys.stderr)
+                return Exit.UNFINISHED
+        c.delete(args.name, force=args.force)
+    if args.json:
+        print(json.dumps({"deleted": args.name}))
+    else:
+        print(f"deleted study '{args.name}'", file=sys.stderr)
+    return 0
+
+
+def cmd_datasets_delete(args: argparse.Namespace) -> int:
+    with client_of(args) as c:
+        c.delete_dataset(args.dataset, force=args.force)
+    if args.json:
+        print(json.dumps({"deleted": args.dataset}))
+    else:
+        print(f"deleted dataset '{args.dataset}'", file=sys.stderr)
+    return 0
+
+
+def _monitored(view: StudyView, curve: list[dict[str, Any]]) -> str:
+    """The validation metric of the learning curve: the study's first objective where the
+    curve has it, else val_loss."""
+    objectives = view.spec.get("objectives") or []
+    metric = objectives[0].get("metric") if objectives else None
+    if metric and any(metric in rec for rec in curve):
+        return str(metric)
+    return "val_loss"
+
+
+def _floats(curve: list[dict[str, Any]], key: str) -> list[float | None]:
+    return [v if isinstance(v, int | float) else None for v in (rec.get(key) for rec in curve)]
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    """One trial: state, reason, attempts, where it ran, its params and test metrics, and its
+    learning curve as a terminal chart (``--png FILE``: as an image, with matplotlib)."""
+    with client_of(args) as c:
+        view = c.study(args.name)
+        t = c.trial(args.name, args.number)
+    curve = t.curve or []
+    metric = _monitored(view, curve)
+    if args.png:
+        _curve_png(args.png, view, t, metric)
+    if args.json:
+        print(_dump(t))
+        return 0
+    print_trial_detail(view, t, metric)
+    if args.png:
+        print(args.png, file=sys.stderr)
+    return 0
+
+
+def print_trial_detail(
+    view: StudyView, t: TrialView, metric: str, out: TextIO | None = None
+) -> None:
+    """``seqtune trial`` for people (see cmd_trial)."""
+    out = out or sys.stdout
+    metrics = [o.get("metric", "value") for o in view.spec.get("objectives") or []] or ["value"]
+    values = t.values if t.values else [t.value]
+    shown = ", ".join(
+        f"{m}={_cell(v)}" for m, v in zip(metrics, values, strict=False) if v is not None
+    )
+    head = f"trial {t.number} of {view.name}: {t.state}"
+    if t.reason:
+        head += f" ({t.reason})"
+    print(head + (f"  {shown}" if shown else ""), file=out)
+    info = t.info or {}
+    facts = [f"{t.attempts} attempt(s)"]
+    if t.worker:
+        facts.append(f"on {t.worker}" + (f" ({info['device']})" if info.get("device") else ""))
+    epochs = f"{t.epochs} epoch(s)"
+    if info.get("best_epoch") is not None:
+        epochs += f", best {info['best_epoch']}"
+    facts.append(epochs)
+    if t.duration_s is not None:
+        facts.append(_duration(t.duration_s))
+    if info.get("param_count"):
+        facts.append(f"{info['param_count']:,} weights")
+    print("  " + ", ".join(facts), file=out)
+    if t.final_of is not None:
+        print(f"  a final-phase re-train of trial {t.final_of}'s params", file=out)
+    lineage = info.get("lineage")
+    if isinstance(lineage, dict) and lineage:
+        print("  started from: " + _cell(lineage), file=out)
+    if t.error:
+        print(f"  error: {t.error}", file=out)
+    table([[k, v] for k, v in sorted(t.params.items())], ["param", "value"], out)
+    inactive = getattr(t, "inactive", None)
+    if inactive:
+        print("inactive (condition not met): " + ", ".join(inactive), file=out)
+    if t.test_metrics:
+        flat = {k: v for k, v in t.test_metrics.items() if not isinstance(v, dict)}
+        print("test metrics: " + _cell(flat), file=out)
+    curve = t.curve or []
+    if not curve:
+        print("learning curve: no epoch recorded", file=out)
+        return
+    from seqtune.charts import line_chart  # here: only this command draws
+
+    best = info.get("best_epoch")
+    print(f"\nlearning curve ({len(curve)} epochs):", file=out)
+    for line in line_chart(
+        [("train_loss", _floats(curve, "train_loss")), (metric, _floats(curve, metric))],
+        mark=best if isinstance(best, int) else None,
+    ):
+        print(line, file=out)
+
+
+def _curve_png(path: str, view: StudyView, t: TrialView, metric: str) -> None:
+    """Save the trial's learning curve as a PNG: train_loss on the left axis, the validation
+    metric on the right. Needs matplotlib (the server extra): MissingExtra without it."""
+    figure = import_extra("matplotlib.figure", extra="server", what="seqtune trial --png")
+    curve = t.curve or []
+    epochs = [rec.get("epoch", i) for i, rec in enumerate(curve)]
+    fig = figure.Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(epochs, _floats(curve, "train_loss"), color="tab:blue", label="train_loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train_loss", color="tab:blue")
+    right = ax.twinx()
+    right.plot(epochs, _floats(curve, metric), color="tab:orange", label=metric)
+    right.set_ylabel(metric, color="tab:orange")
+    best = (t.info or {}).get("best_epoch")
+    if isinstance(best, int):
+        ax.axvline(best, color="grey", linestyle=":", label=f"best epoch {best}")
+    ax.set_title(f"{view.name}: trial {t.number}, {t.state} ({t.reason or '-'})")
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise ApiError(0, ErrorCode.INVALID, f"cannot write {path}: {exc}") from None
+
+
+def _add_everyday_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``seqtune delete STUDY [--force]`` and ``seqtune trial STUDY N [--png FILE]``
+    (``datasets delete`` sits with the other ``datasets`` verbs)."""
+    p = sub.add_parser(
+        "delete",
+        help="delete a study, its trials and models (asks first; --force does not)",
+        parents=[common],
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="do not ask (needed without a terminal); delete it even while trials run",
+    )
+    p.set_defaults(fn=cmd_delete)
+    p = sub.add_parser(
+        "trial",
+        help="one trial: params, state, reason, attempts and its learning curve",
+        parents=[common],
+    )
+    p.add_argument("name")
+    p.add_argument("number", type=int)
+    p.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also save the learning curve as a PNG (needs matplotlib: seqtune[server])",
+    )
+    p.set_defaults(fn=cmd_trial)
+
+
+# -- export --------------------------------------------------------------------------------------
+def _add_export_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``seqtune export mlflow STUDY --tracking-uri URI [--experiment NAME]``."""
+    e = sub.add_parser("export", help="copy a study into another tool").add_subparsers(
+        dest="export_cmd", required=True
+    )
+    p = e.add_parser(
+        "mlflow",
+        help="one MLflow run per finished trial (params, metrics, learning curve, tags) and "
+        "the best model as an artifact; needs seqtune[mlflow]",
+        parents=[common],
+    )
+    p.add_argument("name", metavar="STUDY", help="the study to export")
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the MLflow tracking store: sqlite:///mlflow.db, http://host:5000 ... "
+        "(default $MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument(
+        "--experiment", metavar="NAME", help="the MLflow experiment (default: the study's name)"
+    )
+    p.add_argument(
+        "--artifact-location",
+        metavar="PATH",
+        help="where a new experiment keeps its artifacts (default: beside an sqlite database, "
+        "else the tracking server's choice)",
+    )
+    p.set_defaults(fn=cmd_export)
+
+
+# MLflow's error codes for a request that cannot work as given (exit 2); any other is 6.
+_MLFLOW_BAD_INPUT = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a study to MLflow (``seqtune.export_mlflow``). MissingExtra (exit 2) without
+    mlflow; an MLflow store that refuses is one line: 2 for a bad argument, else 6."""
+    from seqtune import export_mlflow
+
+    export_mlflow.mlflow_module()  # before anything else: without it, say so and stop
+    if not args.tracking_uri:
+        raise ApiError(
+            0,
+            ErrorCode.INVALID,
+            "name the MLflow store with --tracking-uri (or MLFLOW_TRACKING_URI)",
+        )
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store's set-up chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        with client_of(args) as c:
+            report = export_mlflow.export_study(
+                c,
+                args.name,
+                tracking_uri=args.tracking_uri,
+                experiment=args.experiment,
+                artifact_location=args.artifact_location,
+            )
+    except MlflowException as exc:
+        bad = exc.error_code in _MLFLOW_BAD_INPUT
+        first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        raise CommandFailed(
+            f"MLflow at {export_mlflow.masked(args.tracking_uri)} refused the export: {first}",
+            Exit.BAD_INPUT if bad else Exit.UNAVAILABLE,
+        ) from None
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(report.summary())
+    return Exit.OK

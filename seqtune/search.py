@@ -136,24 +136,42 @@ def constraints_func(spec: StudySpec) -> Callable[[Any], list[float]]:
 def _grid(spec: StudySpec, options: dict[str, Any]) -> BaseSampler:
     import optuna
 
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid, less its ``after_trial``: that calls ``study.stop()`` once the grid
+        is exhausted, which raises outside ``optimize()`` (a worker's tell of the last
+        point). seqtune's budget ends the study."""
+
+        def after_trial(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
     # check_spec has made every dimension discrete (no None in the grid) and bounded its size.
-    sampler = optuna.samplers.GridSampler(
+    sampler = Grid(
         spec.grid_points(),  # type: ignore[arg-type]
         seed=spec.sampler.seed,
     )
     if spec.conditions():
         # A conditional grid: the points that differ only in inactive parameters are one
-        # configuration; keep one of each (inactive values are never suggested).
-        names = list(sampler._param_names)
-        seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        for point in sampler._all_grids:
-            values = dict(zip(names, point, strict=True))
-            on = spec.active(values)
-            key = tuple((n, values[n]) for n in names if on.get(n, True))
-            seen.setdefault(key, point)
-        sampler._all_grids = list(seen.values())
-        sampler._n_min_trials = len(sampler._all_grids)
+        # configuration; keep one of each (inactive values are never suggested). Samplers are
+        # made for every ask and tell: the de-duplicated grid is computed once per process.
+        key = (spec.sampler.seed, repr(sorted(spec.model_dump()["search_space"].items())))
+        points = _CONDITIONAL_GRIDS.get(key)
+        if points is None:
+            names = list(sampler._param_names)
+            seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+            for point in sampler._all_grids:
+                values = dict(zip(names, point, strict=True))
+                on = spec.active(values)
+                seen.setdefault(tuple((n, values[n]) for n in names if on.get(n, True)), point)
+            points = list(seen.values())
+            if len(_CONDITIONAL_GRIDS) > 32:
+                _CONDITIONAL_GRIDS.clear()
+            _CONDITIONAL_GRIDS[key] = points
+        sampler._all_grids = list(points)
+        sampler._n_min_trials = len(points)
     return sampler
+
+
+_CONDITIONAL_GRIDS: dict[tuple[Any, str], list[tuple[Any, ...]]] = {}
 
 
 def _pruner(cls: str) -> Callable[[dict[str, Any], BasePruner | None], BasePruner]:
@@ -310,8 +328,16 @@ def _given(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_sampler(spec: StudySpec) -> BaseSampler:
-    """The Optuna sampler of a checked study (``check_spec`` passed). Imports optuna."""
-    return SAMPLERS[spec.sampler.name].build(spec, _given(spec.sampler.options))
+    """The Optuna sampler of a checked study (``check_spec`` passed). Imports optuna.
+    Optuna's ExperimentalWarning (TPE's ``group``, ``constraints_func``) is silenced here: a
+    study names these on purpose, and a worker makes samplers for every ask."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return SAMPLERS[spec.sampler.name].build(spec, _given(spec.sampler.options))
 
 
 def make_pruner(pruner: PrunerSpec) -> BasePruner:

@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from seqtune import catalog, search
 from seqtune.errors import Invalid
@@ -146,9 +147,41 @@ class SyntheticData(_Strict):
     options: dict[str, float] = Field(default_factory=dict, max_length=16)
 
 
+def _dataset_id(v: Any) -> Any:
+    """An id is hex; any other word there is most likely the dataset's name."""
+    if isinstance(v, str) and not re.fullmatch(r"[0-9a-f]+", v):
+        raise PydanticCustomError(
+            "dataset_id",
+            "'{value}' is not a dataset id (up to 32 hex digits); to use a dataset by its "
+            "name, write `name: {value}` instead of `id:`",
+            {"value": v},
+        )
+    return v
+
+
 class UploadedData(_Strict):
+    """An uploaded CSV, by its ``name`` or its ``id``. The service resolves a name at submit
+    and records the id beside it, so that the stored study names the very data it ran on;
+    given both, they must name the same dataset."""
+
     kind: Literal["uploaded"]
-    id: str = Field(min_length=1, max_length=32, pattern=r"^[0-9a-f]+$")
+    id: (
+        Annotated[
+            str,
+            Field(min_length=1, max_length=32, pattern=r"^[0-9a-f]+$"),
+            BeforeValidator(_dataset_id),  # after Field: the schema keeps the pattern
+        ]
+        | None
+    ) = None
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> UploadedData:
+        if self.id is None and self.name is None:
+            raise PydanticCustomError(
+                "dataset_ref", "name the dataset: `name: NAME` (as uploaded) or `id: ID`"
+            )
+        return self
 
 
 DataRef = Annotated[BuiltinData | SyntheticData | UploadedData, Field(discriminator="kind")]
@@ -216,8 +249,8 @@ class StopWhen(_Strict):
         Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(integral)] | None
     ) = None
     min_delta: float = Field(default=0.0, ge=0, le=1e300)
-    # Optuna's Terminator: stop once the GP regret bound falls below the best value's
-    # statistical error (the variance of the walk-forward folds, else the median-error rule).
+    # Optuna's Terminator: stop once the GP regret bound (how much better the best value
+    # could still get) falls below the objective's error estimated by the median-error rule.
     regret_bound: bool = False
     # Neither criterion stops a study before this many trials completed.
     min_trials: Int = Field(default=10, ge=1, le=1_000_000)
@@ -290,6 +323,21 @@ class Validation(_Strict):
     gap: Int = Field(default=0, ge=0, le=100_000)  # points between training and each fold
 
 
+def _columns(field: str) -> Any:
+    """A before-validator for a list of column names: one bare name gets told to be a list."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, str):
+            raise PydanticCustomError(
+                "column_list",
+                f"{field} must be a list of column names: write `{field}: [{{value}}]`",
+                {"value": v},
+            )
+        return v
+
+    return check
+
+
 class Final(_Strict):
     """Robust final selection: after the search, re-train the top-k configurations with
     several seeds and pick the winner by its mean validation metric."""
@@ -304,8 +352,12 @@ class StudySpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '_', '.', '-'")
     task: Literal["forecast", "classify"] = "forecast"
     dataset: DataRef
-    target: list[str] | None = Field(default=None, max_length=256)
-    features: list[str] | None = Field(default=None, max_length=4096)
+    target: Annotated[list[str], BeforeValidator(_columns("target"))] | None = Field(
+        default=None, max_length=256
+    )
+    features: Annotated[list[str], BeforeValidator(_columns("features"))] | None = Field(
+        default=None, max_length=4096
+    )
     horizon: Int = Field(default=1, ge=1, le=10_000)
     splits: Splits = Field(default_factory=Splits)
     missing: Literal["interpolate", "drop"] = "interpolate"
@@ -349,9 +401,14 @@ class StudySpec(_Strict):
         """A conditional space searched by TPE without ``multivariate``/``group`` set gets
         both: grouped, multivariate TPE models each set of parameters that appear together,
         where independent TPE would see the conditional ones on a fraction of the trials."""
-        if self.sampler.name == "tpe" and self.conditions():
-            for key in ("multivariate", "group"):
-                self.sampler.options.setdefault(key, True)
+        options = self.sampler.options
+        if (
+            self.sampler.name == "tpe"
+            and self.conditions()
+            and options.get("multivariate") is None
+            and options.get("group") is None
+        ):
+            options.update(multivariate=True, group=True)
         return self
 
     def conditions(self) -> dict[str, dict[str, list[Scalar]]]:
@@ -379,6 +436,18 @@ class StudySpec(_Strict):
 
         for name in self.search_space:
             on(name)
+        return out
+
+    def ancestors(self, name: str) -> set[str]:
+        """The parameters ``name``'s condition depends on, directly or through its parents."""
+        out: set[str] = set()
+        todo = list((self.search_space[name].when or {}) if name in self.search_space else ())
+        while todo:
+            parent = todo.pop()
+            if parent not in out:
+                out.add(parent)
+                if parent in self.search_space:
+                    todo.extend(self.search_space[parent].when or {})
         return out
 
     def search_order(self) -> list[str]:
@@ -736,7 +805,13 @@ def _check_conditions(spec: StudySpec, errors: list[dict[str, str]]) -> None:
             if parent == name:
                 errors.append({"field": field, "reason": "a parameter cannot depend on itself"})
             elif pdist is None:
-                where = "is fixed" if parent in spec.fixed_config() else "is not searched"
+                where = (
+                    "is fixed"
+                    if parent in spec.fixed
+                    else "is not searched"
+                    if parent in HPARAMS
+                    else "is not a hyperparameter"
+                )
                 errors.append(
                     {
                         "field": field,
@@ -817,13 +892,31 @@ def _check_constraints(
 
 
 def _check_stop(spec: StudySpec, errors: list[dict[str, str]]) -> None:
-    if spec.budget.stop_when is not None and len(spec.objectives) > 1:
+    rule = spec.budget.stop_when
+    if rule is not None and len(spec.objectives) > 1:
         errors.append(
             {
                 "field": "budget.stop_when",
                 "reason": "automatic stopping watches one best value; it needs a single objective",
             }
         )
+    if rule is not None and rule.regret_bound and not spec.search_space:
+        errors.append(
+            {
+                "field": "budget.stop_when.regret_bound",
+                "reason": "the regret bound models the searched parameters; this study "
+                "searches none",
+            }
+        )
+    if spec.sampler.name == "tpe":
+        opts = spec.sampler.options
+        if opts.get("group") is True and opts.get("multivariate") is not True:
+            errors.append(
+                {
+                    "field": "sampler.options.group",
+                    "reason": "TPE's group needs multivariate: true",
+                }
+            )
 
 
 def _check_init(spec: StudySpec, errors: list[dict[str, str]]) -> None:

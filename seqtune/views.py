@@ -93,6 +93,8 @@ class StudyView(View):
     baselines: dict[str, Any] | None = None
     # 'final' while/after the top configs are re-trained
     phase: StudyPhaseName = StudyPhase.SEARCH.value
+    # Why the study stopped before its budget (automatic stopping, budget.stop_when), or None.
+    stop_reason: str | None = None
 
 
 class TrialView(View):
@@ -114,6 +116,12 @@ class TrialView(View):
     finished_at: AwareDatetime | None = None
     duration_s: float | None = None
     final_of: int | None = None  # a final-phase re-train of this search trial's params
+    # Constraints: whether the trial met them (None: the study has none, or it never got
+    # that far; the violations are in info.constraints). Infeasible trials are never best.
+    feasible: bool | None = None
+    # Conditional parameters of the search space that this trial left out (their condition
+    # did not hold): absent from ``params``.
+    inactive: list[str] = []
 
 
 class BestView(View):
@@ -148,6 +156,22 @@ class DatasetView(View):
     size_bytes: int
     n_rows: int
     columns: list[dict[str, Any]]
+    created_at: AwareDatetime
+
+
+class ModelView(View):
+    """An uploaded model checkpoint, which a study may start from (``init_from: {model: ID}``).
+
+    ``meta`` is what the file says of itself, read without running it: ``format``, ``model``
+    (n_features, hidden_size, num_layers, dropout, bidirectional, head_dropout, out_dim,
+    init), ``task``, ``features``, ``targets``, ``horizon``, ``seq_len`` and ``lineage`` (what
+    it was fine-tuned from, or null)."""
+
+    id: str
+    name: str
+    sha256: str
+    size_bytes: int
+    meta: dict[str, Any]
     created_at: AwareDatetime
 
 

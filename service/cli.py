@@ -29,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from seqtune.errors import CommandFailed, Exit, Invalid, MissingExtra
-from service.logs import setup_logging
+from service.logs import quiet_uvicorn_start, setup_logging
 from service.settings import Settings
 from service.store import keys, migrate
 from service.store.db import Database, role_limits
@@ -73,10 +73,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     its variable), with this process's logging set up from them."""
     url = getattr(args, "database_url", None)
     settings = Settings.load(**({"database_url": url} if url else {}))
-    setup_logging(settings)
-    # Alembic announces each of its plugins at INFO on every migration: noise around the one
-    # line a command prints.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    setup_logging(settings)  # alembic's chatter at INFO included: quiet (service.logs)
     return settings
 
 
@@ -168,29 +165,52 @@ def database_problem(exc: sa_exc.DBAPIError, url: str | None) -> tuple[str, Exit
 
 
 # -- seqtune serve -------------------------------------------------------------------------------
+def _listen_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        help="the address to listen on (default $SEQTUNE_HOST or 127.0.0.1: this machine only; "
+        "0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--port", type=int, help="the port to listen on (default $SEQTUNE_PORT or 8000)"
+    )
+    parser.add_argument(
+        "--access-log", action="store_true", help="log one line per request (API keys redacted)"
+    )
+
+
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    _listen_options(s)
     s.add_argument(
         "--no-auth",
         action="store_true",
         help="turn authentication off (local use only; logs a warning)",
     )
-    s.add_argument("--access-log", action="store_true")
-    s.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes (default 1), each serving the API; none trains trials",
+    )
     _database_url_option(s)
     s.set_defaults(fn=_reports_database_errors(cmd_serve))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the REST service until it is stopped; CommandFailed (6) when it cannot start."""
+    settings = _settings(args)
+    if args.no_auth:
+        settings = settings.model_copy(update={"auth_enabled": False})
+    return _serve(args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the service with ``settings`` on ``--host``/``--port`` (else the settings')."""
     # Here, not at the top: the app brings FastAPI, Optuna and the plots, which the db and
     # keys verbs never need.
     from service.api.app import create_app
 
-    settings = _settings(args)
-    if args.no_auth:
-        settings = settings.model_copy(update={"auth_enabled": False})
     host = args.host or settings.host
     port = args.port or settings.port
     check_port_free(host, port)
@@ -228,13 +248,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- seqtune up ----------------------------------------------------------------------------------
 def _up_arguments(u: argparse.ArgumentParser) -> None:
-    u.add_argument("--host")
-    u.add_argument("--port", type=int)
-    u.add_argument("--auth", action="store_true", help="keep API-key authentication on")
-    u.add_argument("--gpus", default="all")
-    u.add_argument("--slots-per-gpu", type=int, default=1)
-    u.add_argument("--access-log", action="store_true")
-    u.add_argument("--workers", type=int, default=1, help="server processes")
+    _listen_options(u)
+    u.add_argument(
+        "--auth",
+        action="store_true",
+        help="keep API-key authentication on (default: off, every caller is tenant 'default'; "
+        "for local use)",
+    )
+    u.add_argument(
+        "--gpus",
+        default="all",
+        help="which GPUs get worker slots: 'all' (default: every visible GPU, the CPU when "
+        "there is none), 'none' (CPU only) or indices like 0,2",
+    )
+    u.add_argument(
+        "--slots-per-gpu",
+        type=int,
+        default=1,
+        metavar="K",
+        help="trials trained at once per GPU, or on the CPU without one (default 1)",
+    )
+    u.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads per CPU slot (default: this machine's cores split among the "
+        "slots); lower it when other work shares the machine",
+    )
+    u.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes (default 1); the trials' workers are set by --gpus and "
+        "--slots-per-gpu",
+    )
     _database_url_option(u)
     u.set_defaults(fn=_reports_database_errors(cmd_up))
 
@@ -244,9 +292,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     MissingExtra without the worker's torch: `up` runs both halves."""
     if importlib.util.find_spec("torch") is None:  # looked up, not imported: service ↛ torch
         raise MissingExtra("seqtune up", "all")
+    if args.threads is not None and args.threads < 1:
+        raise Invalid("--threads must be 1 or more")
     settings = _settings(args)
+    host, port = args.host or settings.host, args.port or settings.port
     # Before migrating or starting the worker: a port in use is the common failure of `up`.
-    check_port_free(args.host or settings.host, args.port or settings.port)
+    check_port_free(host, port)
     db = Database(settings)
     # Before the worker starts, so neither races the other; with the session limits on the
     # role (SEQTUNE_DB_SESSION_LIMITS=role), before its first connection too.
@@ -255,6 +306,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # The worker runs with these settings (a --database-url included), rendered into its
     # environment. It stops its slots and exits once this process is gone (kill -9 included),
     # and each slot stops once the worker is gone: no trials trained by orphans.
+    threads = ["--threads", str(args.threads)] if args.threads else []
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -265,23 +317,63 @@ def cmd_up(args: argparse.Namespace) -> int:
             args.gpus,
             "--slots-per-gpu",
             str(args.slots_per_gpu),
+            *threads,
             "--exit-with-pid",
             str(os.getpid()),
         ],
         env=settings.child_env(),
     )
-    args.no_auth = not args.auth
+    # Migrated above; auth off unless --auth.
+    settings = settings.model_copy(
+        update={"migrate_on_start": False, "auth_enabled": args.auth and settings.auth_enabled}
+    )
+    _log_up(settings, args, host, port)
+    quiet_uvicorn_start()  # the lines above say what its start-up lines would
     # uvicorn shuts down on SIGTERM and then re-raises it; with the default action that would
     # kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        return cmd_serve(args)
+        return _serve(args, settings)
     finally:
         worker.terminate()  # the worker hands its trial back at the next epoch boundary
         try:
             worker.wait(timeout=120)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def _log_up(settings: Settings, args: argparse.Namespace, host: str, port: int) -> None:
+    """What `seqtune up` runs, in four lines: where it serves, on which database (password
+    masked), with which workers, and whether callers need a key."""
+    log = logging.getLogger("seqtune.up")
+    where = f"[{host}]" if ":" in host else host
+    log.info("serving http://%s:%d (API /v1, docs /docs, pages /ui/ and /dashboard/)", where, port)
+    if settings.is_sqlite:
+        log.info("database: SQLite %s", make_url(settings.url).database)
+    else:
+        log.info("database: %s", make_url(settings.url).render_as_string(hide_password=True))
+    log.info("workers: %s", workers_summary(args.gpus, args.slots_per_gpu, args.threads))
+    if settings.auth_enabled:
+        log.info("auth: on; callers need an API key (seqtune keys create --tenant NAME)")
+    else:
+        log.info("auth: off; every caller is tenant 'default' (--auth turns keys on)")
+
+
+def workers_summary(gpus: str, slots_per_gpu: int, threads: int | None) -> str:
+    """How many trial slots `seqtune worker --gpus GPUS --slots-per-gpu K --threads N` runs,
+    on what, with how many torch threads: exact for 'none' and a list of GPUs; for 'all',
+    which needs torch to count the GPUs (the service never imports it), both cases."""
+    per = "slot" if slots_per_gpu == 1 else "slots"
+    # worker.fleet's default: the machine's cores split among the CPU slots.
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, slots_per_gpu))
+    cpu = f"{slots_per_gpu} {per} on the CPU, {n} torch thread{'s' if n > 1 else ''} each"
+    if gpus == "none":
+        return cpu
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if gpus != "all" and ids:
+        total = slots_per_gpu * len(ids)
+        return f"{total} slot(s) on GPU {', '.join(ids)} ({slots_per_gpu} per GPU)"
+    return f"{slots_per_gpu} {per} per visible GPU, or {cpu} when there is none"
 
 
 # -- seqtune db, seqtune keys --------------------------------------------------------------------

@@ -145,4 +145,34 @@ def setup_logging(settings: Settings, prefix: str = "") -> None:
     root.addHandler(handler)
     root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    # Alembic announces its plugins, its dialect and every revision it applies at INFO, at each
+    # start: noise, ours (seqtune.db says when the schema changed) and Optuna's alike. Shown
+    # again at DEBUG.
+    logging.getLogger("alembic").setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
     redact_access_log()
+
+
+# uvicorn's start-up lines, which `seqtune up` replaces with its own summary (the URL first).
+_UVICORN_START = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Uvicorn running on",
+)
+
+
+class _DropUvicornStart(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.INFO
+            and isinstance(record.msg, str)
+            and record.msg.startswith(_UVICORN_START)
+        )
+
+
+def quiet_uvicorn_start() -> None:
+    """Drop uvicorn's INFO lines about starting (process, startup, "running on"); its
+    warnings, errors and shutdown lines stay. Safe to call more than once."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropUvicornStart) for f in logger.filters):
+        logger.addFilter(_DropUvicornStart())

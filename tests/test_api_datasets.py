@@ -91,7 +91,12 @@ def test_delete_is_409_while_a_running_study_uses_it(client: TestClient, auth: d
     )
     r = client.delete(f"/v1/datasets/{ds['id']}", headers=auth)
     assert r.status_code == 409 and "'u'" in r.json()["error"]["message"]
+    # force does not override a running study: its trials read the data
+    assert client.delete(f"/v1/datasets/{ds['id']}?force=true", headers=auth).status_code == 409
     client.patch("/v1/studies/u", json={"status": "stopped"}, headers=auth)
-    assert client.delete(f"/v1/datasets/{ds['id']}", headers=auth).status_code == 204
+    # a finished study still uses it: 409 naming it, unless force
+    r = client.delete(f"/v1/datasets/{ds['id']}", headers=auth)
+    assert r.status_code == 409 and "'u' (stopped)" in r.json()["error"]["message"]
+    assert client.delete(f"/v1/datasets/{ds['id']}?force=true", headers=auth).status_code == 204
     assert client.get(f"/v1/datasets/{ds['id']}", headers=auth).status_code == 404
     assert client.get("/v1/studies/u", headers=auth).status_code == 200

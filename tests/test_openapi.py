@@ -25,9 +25,11 @@ BODY_ROUTES = {
     ("patch", "/v1/studies/{name}"),
     ("post", "/v1/studies/{name}/trials"),
     ("post", "/v1/datasets"),
+    ("post", "/v1/models"),
 }
 CONFLICT_ROUTES = {
     ("post", "/v1/studies"),
+    ("post", "/v1/datasets"),  # a name already taken
     ("patch", "/v1/studies/{name}"),
     ("delete", "/v1/studies/{name}"),
     ("post", "/v1/studies/{name}/trials"),
@@ -37,6 +39,7 @@ CONFLICT_ROUTES = {
     ("get", "/v1/studies/{name}/best/model"),
     ("get", "/v1/studies/{name}/trials/{number}/model"),
     ("delete", "/v1/datasets/{dataset_id}"),
+    ("delete", "/v1/models/{model_id}"),
 }
 
 
@@ -62,7 +65,7 @@ def _param(op: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_every_route_lists_its_error_statuses_with_the_error_body(doc: dict) -> None:
     ops = _ops(doc)
-    assert len(ops) == 18
+    assert len(ops) == 22
     for method, path, op in ops:
         expected = {"401", "422", "503"}
         expected |= {"404"} if "{" in path else set()

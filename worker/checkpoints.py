@@ -7,7 +7,8 @@ Two kinds, both ``torch.save`` bytes in the trial's checkpoint rows:
   them, to resume an interrupted attempt after its last snapshot epoch.
 - ``best`` models: ``engine.make_checkpoint``'s plain data (tensors, dicts, lists), stored
   with the trial's result by ``leases.finish(model=...)`` and downloaded by users, who load
-  them with ``weights_only=True`` (``engine.Predictor.load``).
+  them with ``weights_only=True`` (``engine.Predictor.load``). A study with ``init_from``
+  starts its trials from one (``decode_model``: a trial's, or a model a user uploaded).
 
 Every write goes through the lease (``service.store.leases``): a stale attempt's snapshot is
 refused with ``Fenced``.
@@ -47,6 +48,13 @@ def decode_snapshot(data: bytes) -> dict[str, Any]:
     holds more than tensors (RNG states, numpy values), and only workers wrote it."""
     state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=False)
     return state
+
+
+def decode_model(data: bytes) -> dict[str, Any]:
+    """A ``best`` model's checkpoint from its bytes (a trial's, or an uploaded model's).
+    ``weights_only``: the bytes may come from a user's upload, so only plain data loads."""
+    ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return ckpt
 
 
 def save_snapshot(db: Database, c: leases.Claim, state: dict[str, Any]) -> None:

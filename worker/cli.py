@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from seqtune.client import ApiError
 from seqtune.commands import client_of
 from seqtune.errors import ErrorCode, Exit
 from worker.engine import Predictor
+from worker.predictions import COLUMNS_HELP, prediction_table, records
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -109,10 +109,21 @@ def worker_settings(loaded: Settings) -> Settings:
 
 # -- seqtune predict -----------------------------------------------------------------------------
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Forecast or classify every full window of a CSV with a trained model; prints CSV "
+        "(or JSON with --json)."
+    )
+    p.epilog = COLUMNS_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("model", nargs="?", help="a model file from `seqtune model`")
     p.add_argument("--study", help="download this study's model instead of a file")
     p.add_argument("--trial", type=int, help="with --study: this trial's model")
     p.add_argument("--csv", required=True, help="input rows with the model's feature columns")
+    p.add_argument(
+        "--time-column",
+        metavar="NAME",
+        help="the input's time column, carried to the forecasts' times (default: found)",
+    )
     p.add_argument("-o", "--output", help="write predictions here (CSV) instead of stdout")
     p.set_defaults(fn=cmd_predict)
 
@@ -155,29 +166,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ErrorCode.INVALID,
             f"{args.csv} lacks the model's input column(s) {', '.join(map(str, missing))}",
         )
+    time_column = getattr(args, "time_column", None)
+    if time_column is not None and time_column not in frame.columns:
+        raise ApiError(0, ErrorCode.INVALID, f"{args.csv} has no column '{time_column}'")
     try:
-        pred = predictor.predict(frame)
+        out = prediction_table(predictor, frame, time_column=time_column)
     except ValueError as exc:
         raise ApiError(0, ErrorCode.INVALID, str(exc)) from None
-    L = ck["seq_len"]
-    ends = list(range(L - 1, L - 1 + len(pred)))  # row index of each window's last input
-    if ck["task"] == "classify":
-        rows = [
-            {"row": e, "label": p.item() if isinstance(p, np.generic) else p}
-            for e, p in zip(ends, pred, strict=True)
-        ]
-    else:
-        rows = []
-        for e, p in zip(ends, pred, strict=True):
-            row: dict[str, Any] = {"row": e}
-            for h in range(ck["horizon"]):
-                for j, tgt in enumerate(ck["targets"]):
-                    row[f"{tgt}_t+{h + 1}"] = float(p[h, j])
-            rows.append(row)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(records(out)))
         return Exit.OK
-    out = pd.DataFrame(rows)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"{len(out)} prediction(s) written to {args.output}", file=sys.stderr)

@@ -69,4 +69,6 @@ def load(
         return generate(ref)
     if fetch is None or cache_dir is None:
         raise ValueError("uploaded datasets need a fetch function and a cache folder")
+    if ref.id is None:  # a stored study always has it: the service resolves a name at submit
+        raise ValueError(f"uploaded dataset '{ref.name}' has no id: submit the study first")
     return cached_upload(ref.id, cache_dir, fetch)

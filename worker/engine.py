@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from seqtune.hparams import Hyper
 from worker.metrics import forecast_errors, macro_f1
 from worker.model import LSTMModel, ModelArgs, param_count
-from worker.preprocessing import Prepared, Scaler, TargetTransform
+from worker.preprocessing import DataError, Prepared, Scaler, TargetTransform
 
 EVAL_BATCH = 4096
 DIVERGED_GRAD_NORM = 1e6
@@ -40,6 +41,23 @@ class TrainConfig:
     timeout_s: float | None = None
 
 
+@dataclass(frozen=True)
+class InitModel:
+    """A pretrained model a trial starts from (a study's ``init_from``): its checkpoint
+    (``make_checkpoint``'s plain data, read with ``weights_only=True``) and where it came
+    from (``{"study", "trial"}`` or ``{"model", "name"}``), which the new checkpoint's
+    lineage names."""
+
+    checkpoint: dict[str, Any] = field(repr=False)
+    source: dict[str, Any]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> InitModel:
+        """A model file (a downloaded ``.pt``), for notebooks: ``run_optuna(..., init=...)``."""
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        return cls(ckpt, {"file": Path(path).name})
+
+
 @dataclass
 class TrialResult:
     reason: str  # early_stopped | max_epochs | pruned | diverged | timeout | interrupted
@@ -56,6 +74,7 @@ class TrialResult:
     precision: str
     checkpoint: dict[str, Any] | None = field(default=None, repr=False)
     folds: list[dict[str, Any]] | None = None  # walk-forward: each fold's summary
+    lineage: dict[str, Any] | None = None  # fine-tuned: what it started from (``start_from``)
 
     def metric(self, name: str) -> float:
         """An objective's value: a validation metric, param_count or train_seconds."""
@@ -155,6 +174,79 @@ def curriculum_len(seq_len: int, epoch: int, max_epochs: int) -> int:
     return max(2, min(seq_len, int(round(seq_len * frac))))
 
 
+# ---- fine-tuning: start from an earlier model ----------------------------------------------
+
+_LSTM_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def load_init(model: LSTMModel, init: InitModel) -> str:
+    """Copy the pretrained model's LSTM weights into ``model``: all of them, strictly (a
+    missing or differently shaped one raises DataError naming it), and its linear head when
+    the head's shape matches (a different output size leaves the new head as initialised).
+    Returns what happened to the head: "loaded" or "new"."""
+    state = init.checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise DataError("the init_from model holds no weights (state_dict)")
+    own = model.lstm.state_dict()
+    theirs = {k.removeprefix("lstm."): v for k, v in state.items() if k.startswith("lstm.")}
+    problems = [f"no {k}" for k in own if k not in theirs]
+    problems += [f"an extra {k}" for k in theirs if k not in own]
+    problems += [
+        f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here"
+        for k, v in own.items()
+        if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        raise DataError(
+            "the init_from model's LSTM does not fit this trial's"
+            + _args_difference(init.checkpoint.get("model"), model.args)
+            + ": "
+            + "; ".join(problems[:4])
+        )
+    model.lstm.load_state_dict(theirs, strict=True)
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    mine = model.head.state_dict()
+    if set(head) == set(mine) and all(tuple(head[k].shape) == mine[k].shape for k in mine):
+        model.head.load_state_dict(head)
+        return "loaded"
+    return "new"
+
+
+def _args_difference(theirs: Any, mine: ModelArgs) -> str:
+    """' (hidden_size 32 there, 16 here; ...)' for the shape-setting arguments that differ."""
+    if not isinstance(theirs, dict):
+        return ""
+    keys = ("n_features", "hidden_size", "num_layers", "bidirectional")
+    diff = [
+        f"{k} {theirs.get(k)} there, {getattr(mine, k)} here"
+        for k in keys
+        if theirs.get(k) != getattr(mine, k)
+    ]
+    return f" ({'; '.join(diff)})" if diff else ""
+
+
+def freeze_layers(model: LSTMModel, k: int) -> None:
+    """Stop training the lowest ``k`` LSTM layers (both directions): their weights keep the
+    values they start with. The optimizer must then be built over the trainable parameters
+    only (``make_optimizer(hp, trainable(model))``). Raises DataError when the model has
+    fewer than ``k`` layers."""
+    if k > model.args.num_layers:
+        raise DataError(
+            f"freeze_layers={k} but the model has {model.args.num_layers} LSTM layer(s)"
+        )
+    for layer in range(k):
+        for suffix in ("", "_reverse"):
+            for name in _LSTM_PARAMS:
+                p = getattr(model.lstm, f"{name}_l{layer}{suffix}", None)
+                if p is not None:
+                    p.requires_grad_(False)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters training updates (frozen layers left out)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 # ---- evaluation -----------------------------------------------------------------------------
 
 
@@ -229,6 +321,7 @@ def train(
     on_step: Callable[[], None] | None = None,
     on_snapshot: Callable[[dict[str, Any]], None] | None = None,
     snapshot_every_s: float = 30.0,
+    init: InitModel | None = None,
 ) -> TrialResult:
     """Train one trial.
 
@@ -238,7 +331,10 @@ def train(
     epoch boundary at most every ``snapshot_every_s`` seconds, and always before an
     interruption; ``train(..., resume=state)`` continues from it. When ``should_stop()`` turns
     true the trial stops at the next epoch boundary with reason ``interrupted``.
-    Never raises for a diverging trial: it comes back with reason ``diverged``."""
+    With ``init`` the model starts from that pretrained model's weights (``load_init``) and
+    its lowest ``hp.freeze_layers`` layers stay frozen (also when resuming); the result and
+    its checkpoint record the lineage. Never raises for a diverging trial: it comes back
+    with reason ``diverged``; raises DataError when ``init`` does not fit the model."""
     t_start = time.perf_counter()
     hp = cfg.hp
     device = cfg.device
@@ -259,7 +355,18 @@ def train(
             init=hp.init,
         )
     ).to(device)
-    opt = make_optimizer(hp, model.parameters())
+    lineage = None
+    if init is not None:
+        lineage = {
+            **init.source,
+            "frozen_layers": hp.freeze_layers,
+            "head": load_init(model, init),
+            "parent": init.checkpoint.get("lineage"),
+        }
+    # Before the optimizer and any resume: a resumed attempt freezes the same layers, and its
+    # optimizer state is that of the same trainable parameters.
+    freeze_layers(model, hp.freeze_layers)
+    opt = make_optimizer(hp, trainable(model))
     x, y = data.train.x, data.train.y
     n = len(x)
     bs = min(hp.batch_size, n)
@@ -422,7 +529,7 @@ def train(
         val_best = {k: v for k, v in curve[best_epoch or 0].items() if k.startswith("val_")}
         if data.test is not None:
             test = evaluate(model, data, "test", loss_fn, amp, baseline=True)
-        checkpoint = make_checkpoint(model, data, hp)
+        checkpoint = make_checkpoint(model, data, hp, lineage=lineage)
     peak = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
     return TrialResult(
         reason=reason,
@@ -438,6 +545,7 @@ def train(
         peak_gpu_mem_bytes=peak,
         precision=str(amp).replace("torch.", "") if amp else "fp32",
         checkpoint=checkpoint,
+        lineage=lineage,
     )
 
 
@@ -448,8 +556,13 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- checkpoints and prediction -------------------------------------------------------------
 
 
-def make_checkpoint(model: LSTMModel, data: Prepared, hp: Hyper) -> dict[str, Any]:
-    """Everything needed to rebuild the model and predict on new data."""
+def make_checkpoint(
+    model: LSTMModel, data: Prepared, hp: Hyper, *, lineage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything needed to rebuild the model and predict on new data, and its ``lineage``:
+    None when trained from scratch, else what it was fine-tuned from (``{"study", "trial"}``
+    or ``{"model", "name"}``), ``frozen_layers``, ``head`` ("loaded" or "new") and
+    ``parent``, the starting model's own lineage."""
     return {
         "format": 2,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -464,6 +577,7 @@ def make_checkpoint(model: LSTMModel, data: Prepared, hp: Hyper) -> dict[str, An
         "classes": data.classes,
         "target_transform": data.transform.state(),
         "hparams": {f.name: getattr(hp, f.name) for f in fields(hp)},
+        "lineage": lineage,
     }
 
 
@@ -492,6 +606,29 @@ class Predictor:
         class of each window's last step.
         """
         c = self.ckpt
+        out, z, origins = self._outputs(frame)
+        if c["task"] == "classify":
+            return np.asarray(c["classes"])[out.argmax(axis=1)]
+        out = out.reshape(len(out), c["horizon"], len(c["targets"])).astype(np.float64)
+        anchor = z[origins - 1][:, c["target_idx"]]
+        return self.scaler.inverse(self.transform.invert(out, anchor), c["target_idx"])
+
+    def predict_proba(self, frame: Any) -> np.ndarray:
+        """Classify: each class's probability for every full window of ``frame``, an array
+        (n_windows, n_classes) in the order of ``ckpt["classes"]`` whose rows sum to 1 (the
+        softmax of the model's outputs, which training scored with cross-entropy). ValueError
+        for a forecasting model."""
+        if self.ckpt["task"] != "classify":
+            raise ValueError("class probabilities need a classification model")
+        logits = self._outputs(frame)[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+    def _outputs(self, frame: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's raw outputs for every full window of ``frame``, the scaled input
+        values, and each window's origin (the row after it). ValueError for fewer rows than
+        seq_len."""
+        c = self.ckpt
         n_in, L = len(c["features"]), c["seq_len"]
         cols = list(
             dict.fromkeys([*c["features"], *(c["targets"] if c["task"] == "forecast" else [])])
@@ -507,8 +644,4 @@ class Predictor:
             .cpu()
             .numpy()
         )
-        if c["task"] == "classify":
-            return np.asarray(c["classes"])[out.argmax(axis=1)]
-        out = out.reshape(len(out), c["horizon"], len(c["targets"])).astype(np.float64)
-        anchor = z[origins - 1][:, c["target_idx"]]
-        return self.scaler.inverse(self.transform.invert(out, anchor), c["target_idx"])
+        return out, z, origins

@@ -21,7 +21,7 @@ import pandas as pd
 
 from seqtune.spec import Categorical, IntRange, StudySpec
 from worker import baselines
-from worker.engine import Hyper, TrainConfig, TrialResult, train
+from worker.engine import Hyper, InitModel, TrainConfig, TrialResult, train
 from worker.preprocessing import Prepared, fill_missing, prepare, split_bounds
 
 OnEpoch = Callable[[int, dict[str, float]], bool]
@@ -74,8 +74,10 @@ def fit(
     on_step: Callable[[], None] | None = None,
     on_snapshot: Callable[[dict[str, Any]], None] | None = None,
     snapshot_every_s: float = 30.0,
+    init: InitModel | None = None,
 ) -> TrialResult:
-    """Train one trial under the study's validation scheme (arguments as ``engine.train``).
+    """Train one trial under the study's validation scheme (arguments as ``engine.train``;
+    with ``init``, every fold starts from that pretrained model).
 
     Walk-forward: fold k trains on everything before its validation block (less the gap) and
     validates on the block. ``on_epoch`` sees step ``k * max_epochs + epoch`` and records with
@@ -98,6 +100,7 @@ def fit(
             on_step=on_step,
             on_snapshot=on_snapshot,
             snapshot_every_s=snapshot_every_s,
+            init=init,
         )
 
     folds: list[dict[str, Any]] = list(resume["folds_done"]) if resume else []
@@ -134,6 +137,7 @@ def fit(
             on_step=on_step,
             on_snapshot=snapshot,
             snapshot_every_s=snapshot_every_s,
+            init=init,
         )
         inner = None
         results.append(r)

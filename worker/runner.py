@@ -32,7 +32,7 @@ from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import TrialState
 from worker.admission import TooBig, Withdrawn
-from worker.engine import Hyper, TrainConfig, TrialResult
+from worker.engine import Hyper, InitModel, TrainConfig, TrialResult
 from worker.objective import fit, monitor_of, objective_values, resolve
 from worker.preprocessing import DataError
 
@@ -66,6 +66,9 @@ class Outcome:
     values: tuple[float, ...] | None = None
     error: str | None = None
     result: TrialResult | None = field(default=None, repr=False)
+    # COMPLETE and PRUNED trials of a study with constraints: each constraint's violation
+    # (<= 0: met; ``constraint_violations``).
+    constraints: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,9 +114,11 @@ def run(
     device: str = "cpu",
     hooks: Hooks | None = None,
     resume: dict[str, Any] | None = None,
+    init: InitModel | None = None,
 ) -> Outcome:
     """Train the trial ``params`` (the sampled hyperparameters) of ``spec`` on ``frame``,
-    from the snapshot ``resume`` when given, and classify how it ended.
+    from the snapshot ``resume`` when given, starting from the pretrained model ``init``
+    (the study's ``init_from``, loaded by the caller) when given, and classify how it ended.
 
     Raises what training and the hooks raise (a data error, CUDA out of memory, ``Fenced``
     from a report): ``classify(spec, exc)`` is their outcome, decided by the caller, which
@@ -139,6 +144,7 @@ def run(
         on_step=h.on_step,
         on_snapshot=h.on_snapshot,
         snapshot_every_s=h.snapshot_every_s,
+        init=init,
     )
     return classify(spec, result)
 
@@ -151,12 +157,15 @@ def run_optuna(
     device: str = "cpu",
     seed: int | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    init: InitModel | None = None,
 ) -> TrialResult:
     """Train the trial's hyperparameters on ``frame`` through ``run``, as a worker slot does;
     report each step's monitored metric to Optuna (single objective) and stop when its pruner
     says so. ``on_epoch(step, record)`` sees every step. Returns the training's result
     (``classify`` tells what a slot would record); raises what the training raises. The seed
-    is the trial's number unless given. For tests and notebooks: no database involved."""
+    is the trial's number unless given. ``init``: the pretrained model to start from (a
+    study with ``init_from``; ``InitModel.from_file`` reads a downloaded model). For tests
+    and notebooks: no database involved."""
 
     def report(step: int, record: dict[str, float], value: float | None) -> None:
         if on_epoch is not None:
@@ -171,6 +180,7 @@ def run_optuna(
         seed=trial.number if seed is None else seed,
         device=device,
         hooks=Hooks(report=report, should_prune=trial.should_prune),
+        init=init,
     )
     assert outcome.result is not None  # a run that returns has trained to an end
     return outcome.result
@@ -189,8 +199,11 @@ def classify(spec: StudySpec, ended: TrialResult | Exception) -> Outcome:
     r = ended
     if r.reason == "interrupted":
         return Outcome(Action.HAND_BACK, reason=r.reason, result=r)
+    violations = constraint_violations(spec, r)
     if r.reason in PRUNED_REASONS:
-        return Outcome(Action.FINISH, TrialState.PRUNED, reason=r.reason, result=r)
+        return Outcome(
+            Action.FINISH, TrialState.PRUNED, reason=r.reason, result=r, constraints=violations
+        )
     values = objective_values(spec, r)
     if not all(math.isfinite(v) for v in values):
         return Outcome(
@@ -201,8 +214,29 @@ def classify(spec: StudySpec, ended: TrialResult | Exception) -> Outcome:
             error=f"objective values {values} are not finite",
         )
     return Outcome(
-        Action.FINISH, TrialState.COMPLETE, reason=r.reason, values=tuple(values), result=r
+        Action.FINISH,
+        TrialState.COMPLETE,
+        reason=r.reason,
+        values=tuple(values),
+        result=r,
+        constraints=violations,
     )
+
+
+def constraint_violations(spec: StudySpec, r: TrialResult) -> tuple[float, ...] | None:
+    """Each of the study's constraints' violation for result ``r`` (<= 0: met), None for a
+    study without constraints. A metric the trial never measured (a pruned trial's validation
+    metric before its first epoch) or a non-finite one counts as violated (1.0)."""
+    if not spec.constraints:
+        return None
+    out = []
+    for c in spec.constraints:
+        try:
+            value = r.metric(c.metric)
+        except KeyError:
+            value = math.nan
+        out.append(c.violation(value) if math.isfinite(value) else 1.0)
+    return tuple(out)
 
 
 def _failure(exc: Exception) -> Outcome:
@@ -241,6 +275,10 @@ def trial_info(
     }
     if r.folds is not None:
         info["folds"] = r.folds
+    if r.checkpoint is not None:  # the shape a later study's init_from is checked against
+        info["model"] = r.checkpoint["model"]
+    if r.lineage is not None:
+        info["lineage"] = r.lineage
     return info
 
 

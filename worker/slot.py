@@ -25,18 +25,20 @@ from typing import Any
 import optuna
 import torch
 
-from seqtune.errors import Fenced
-from seqtune.spec import StudySpec
+from seqtune.errors import Conflict, Fenced, NotFound
+from seqtune.spec import StopWhen, StudySpec
 from seqtune.states import TrialState
 from service.logs import log_context, setup_logging
 from service.settings import Settings
 from service.store import baselines as service_baselines
-from service.store import buffer, leases, recovery, workers
+from service.store import buffer, leases, lineage, recovery, workers
 from service.store import datasets as service_datasets
 from service.store.db import Database
 from service.store.optuna import make_storage, optuna_study
-from worker import admission, checkpoints, datasets, runner, tensorboard
+from worker import admission, checkpoints, datasets, runner, stopping, tensorboard
+from worker.engine import InitModel
 from worker.objective import prepare_for, resolve, study_baselines
+from worker.preprocessing import DataError
 from worker.signals import ParentWatch, Signals, arm_parent_death_signal
 
 log = logging.getLogger("seqtune.worker")
@@ -111,6 +113,7 @@ class Slot:
         self.storage = make_storage(self.settings)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-s{cfg.slot}"
         self.frames: dict[str, Any] = {}
+        self.inits: dict[str, InitModel] = {}  # the last init_from model, decoded once
         self.signals = Signals(cfg.parent_pid)
         self.hb = _Heartbeat(self.db, self.worker_id, self.settings.heartbeat_s)
         # Asks the next suggestions of a study while this slot trains (service.store.buffer).
@@ -209,6 +212,25 @@ class Slot:
             }
         return self.frames[key]
 
+    def _init(self, c: leases.Claim, spec: StudySpec) -> InitModel | None:
+        """The model the study starts its trials from (``init_from``), loaded and decoded once
+        per run of trials of one study. Raises DataError when it is gone or unreadable: the
+        trial fails with reason data_error."""
+        if spec.init_from is None:
+            return None
+        key = f"{c.tenant}:{spec.init_from.model_dump_json()}"
+        if key not in self.inits:
+            try:
+                src = lineage.load_source(self.db, tenant=c.tenant, init=spec.init_from)
+            except (NotFound, Conflict) as exc:
+                raise DataError(f"init_from: {exc.message}") from None
+            try:
+                ckpt = checkpoints.decode_model(src.data)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file fails the trial alike
+                raise DataError(f"init_from: the model cannot be loaded ({exc})") from None
+            self.inits = {key: InitModel(ckpt, src.ref)}
+        return self.inits[key]
+
     def run_trial(self, c: leases.Claim) -> None:
         """Train one claimed trial and record its end. Never raises for the trial's own
         failures: they end the trial (FAIL with a reason) and the slot goes on."""
@@ -246,6 +268,7 @@ class Slot:
         GPU, run the trial. Returns the outcome and the trial's GPU memory estimate."""
         hp = resolve(spec, c.params)
         frame = self._frame(c, spec)
+        init = self._init(c, spec)
         self._baselines(c, spec, frame)
         # The hold-out split sizes the memory estimate (walk-forward folds train on less).
         data = prepare_for(spec, hp, frame, self.cfg.device)
@@ -259,7 +282,7 @@ class Slot:
             should_stop=self.signals.stop.is_set,
             on_wait=self.hb.bump,
         ):  # waiting for room is progress
-            return self._train(c, spec, trial, frame), need
+            return self._train(c, spec, trial, frame, init), need
 
     def _baselines(self, c: leases.Claim, spec: StudySpec, frame: Any) -> None:
         """Compute the study's classical baselines once, before its first trial trains: the
@@ -284,9 +307,15 @@ class Slot:
         )
 
     def _train(
-        self, c: leases.Claim, spec: StudySpec, trial: optuna.Trial, frame: Any
+        self,
+        c: leases.Claim,
+        spec: StudySpec,
+        trial: optuna.Trial,
+        frame: Any,
+        init: InitModel | None = None,
     ) -> runner.Outcome:
-        """Run the trial from its last snapshot, if an earlier attempt left one."""
+        """Run the trial from its last snapshot, if an earlier attempt left one, starting
+        from the ``init_from`` model ``init``."""
         resume = None
         if c.resumed:
             snap = checkpoints.load_resume(self.db, trial_row_id=c.trial_row_id)
@@ -305,6 +334,7 @@ class Slot:
                 device=self.cfg.device,
                 hooks=self._hooks(c, trial, tb),
                 resume=resume,
+                init=init,
             )
         finally:
             if tb is not None:
@@ -355,6 +385,9 @@ class Slot:
             kw["info"] = runner.trial_info(
                 r, device=self.cfg.device, gpu_mem_estimate_bytes=estimate
             )
+        if outcome.constraints is not None:
+            kw["constraints"] = list(outcome.constraints)
+            kw.setdefault("info", {})["constraints"] = kw["constraints"]
         if outcome.state is TrialState.COMPLETE and r is not None:
             # The model goes in the transaction that records the value, under the same fence
             # check: a stale attempt can neither store a model beside another attempt's value
@@ -368,6 +401,28 @@ class Slot:
         self._finish(
             ostudy, c, state=outcome.state, reason=outcome.reason, error=outcome.error, **kw
         )
+        if outcome.state is TrialState.COMPLETE and c.final_of is None:
+            self._judge_regret(ostudy, c)
+
+    def _judge_regret(self, ostudy: optuna.Study, c: leases.Claim) -> None:
+        """``budget.stop_when.regret_bound``: ask Optuna's Terminator (``worker.stopping``)
+        after a search trial completed, and stop the study's search when it says so."""
+        rule = ((c.spec.get("budget") or {}).get("stop_when")) or {}
+        if not rule.get("regret_bound"):
+            return
+        try:
+            verdict = stopping.judge(ostudy, StopWhen.model_validate(rule))
+        except Exception as exc:  # a judgement is advice: it never takes the slot down
+            log.warning("study %s: the regret bound could not be judged: %s", c.study_name, exc)
+            return
+        log.info(
+            "study %s: regret bound %s (%.2fs)",
+            c.study_name,
+            "says stop" if verdict.stop else "goes on",
+            verdict.seconds,
+        )
+        if verdict.stop:
+            leases.stop_early(self.db, ostudy._storage, study_id=c.study_id, reason=verdict.reason)
 
     def _finish(self, ostudy: optuna.Study, c: leases.Claim, **kw: Any) -> None:
         try:

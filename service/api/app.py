@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from seqtune.errors import ErrorCode, Unauthorized, Unavailable
 from seqtune.views import Readiness
-from service.api import dashboard, routes_datasets, routes_studies, routes_workers
+from service.api import dashboard, routes_datasets, routes_models, routes_studies, routes_workers
 from service.api import errors as api_errors
 from service.api.deps import TENANT_SCOPE_KEY, AppState, request_key, resolve_tenant, state
 from service.logs import redact_access_log
@@ -36,8 +36,8 @@ def _header(scope: dict, name: bytes) -> bytes | None:
 
 class BodyLimit:
     """Caps request bodies before anything else reads them: ``json_cap`` bytes, or
-    ``upload_cap`` plus multipart framing under /v1/datasets. Over the cap: 413, code
-    'too_large'.
+    ``upload_cap`` plus multipart framing under /v1/datasets and /v1/models (uploads). Over
+    the cap: 413, code 'too_large'.
 
     A Content-Length over the cap is refused at once, unread. A body without one (chunked) is
     counted as the app pulls it from ``receive``: the message that crosses the cap raises
@@ -49,7 +49,8 @@ class BodyLimit:
         self.app, self.json_cap, self.upload_cap = app, json_cap, upload_cap
 
     def cap_for(self, path: str) -> int:
-        return self.upload_cap + 64 * 1024 if path.startswith("/v1/datasets") else self.json_cap
+        uploads = path.startswith(("/v1/datasets", "/v1/models"))
+        return self.upload_cap + 64 * 1024 if uploads else self.json_cap
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api_errors.install(app)
     app.include_router(routes_studies.router)
     app.include_router(routes_datasets.router)
+    app.include_router(routes_models.router)
     app.include_router(routes_workers.router)
     app.include_router(dashboard.router)
 

@@ -1,4 +1,5 @@
-"""Request dependencies: the app's shared state and the caller's tenant."""
+"""Request dependencies: the app's shared state, the caller's tenant, and the wording of the
+hints its errors carry (``service.hints``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from seqtune.errors import Unauthorized
+from service import hints
 from service.settings import Settings
 from service.store import keys
 from service.store.db import Database
@@ -78,8 +80,20 @@ async def resolve_tenant(st: AppState, key: str | None) -> str:
     return await run_in_threadpool(keys.authenticate, st.db, key=key, cache_ttl_s=ttl)
 
 
+async def caller(request: Request) -> hints.Caller:
+    """Who made the request, for the wording of hints: the ``seqtune`` CLI (by its User-Agent)
+    or any other client. Sets ``hints.CALLER`` for the rest of the request: an async
+    dependency runs in the request's own context, and the route (in the threadpool) runs in a
+    copy of it, so every hint the route's store calls raise is worded for this caller."""
+    who = hints.caller_of(request.headers.get("user-agent"))
+    hints.CALLER.set(who)
+    return who
+
+
 async def tenant(
-    request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    request: Request,
+    creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    _caller: hints.Caller = Depends(caller),  # every route names its tenant: hints ride along
 ) -> str:
     """The tenant of the bearer key (or, for GET and HEAD, the sign-in cookie). With auth off,
     everyone is the 'default' tenant. ``creds`` is declared for the OpenAPI security scheme;

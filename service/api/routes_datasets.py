@@ -13,7 +13,9 @@ from service.store import datasets
 
 # Every route: 401 without a valid key, 422 for a bad parameter, 503 without the database.
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422, 503))
-DatasetId = Annotated[str, Path(max_length=64)]
+DatasetId = Annotated[
+    str, Path(max_length=128, description="the dataset's id, or its name (unique per tenant)")
+]
 
 
 @router.post(
@@ -21,8 +23,10 @@ DatasetId = Annotated[str, Path(max_length=64)]
     status_code=201,
     response_model=DatasetView,
     responses=responses(
+        409,
         413,
         422,
+        s409="you already have a dataset of that name (names are unique per tenant)",
         s413="over the upload size cap (SEQTUNE_MAX_UPLOAD_BYTES)",
         s422="no file, or a bad CSV "
         "(empty, not UTF-8, no numeric column...); the message names "
@@ -35,7 +39,9 @@ def upload(
     st: AppState = Depends(state),
     who: str = Depends(tenant),
 ) -> DatasetView:
-    """Upload a CSV (multipart field 'file'). It is parsed and validated before it is stored."""
+    """Upload a CSV (multipart field 'file'). It is parsed and validated before it is stored.
+    Its name (``name``, else the file's name) is unique per tenant: a study may reference the
+    dataset by it (``dataset: {kind: uploaded, name: ...}``)."""
     # Read from the spooled upload a chunk at a time, never whole: see datasets.upload_dataset.
     return datasets.upload_dataset(
         st.db,
@@ -59,12 +65,13 @@ def list_datasets(
 @router.get(
     "/{dataset_id}",
     response_model=DatasetView,
-    responses=responses(404, s404="no dataset of that id for this tenant"),
+    responses=responses(404, s404="no dataset of that id or name for this tenant"),
 )
 def get_dataset(
     dataset_id: DatasetId, st: AppState = Depends(state), who: str = Depends(tenant)
 ) -> DatasetView:
-    return datasets.get_dataset(st.db, tenant=who, dataset_id=dataset_id)
+    """A dataset, by its id or its name."""
+    return datasets.get_dataset(st.db, tenant=who, dataset_id=dataset_id, name=dataset_id)
 
 
 @router.delete(
@@ -73,13 +80,23 @@ def get_dataset(
     responses=responses(
         404,
         409,
-        s404="no dataset of that id for this tenant",
-        s409="a running or paused study uses the dataset",
+        s404="no dataset of that id or name for this tenant",
+        s409="studies use the dataset (the message names them): a running or paused one "
+        "always, a finished one unless force=true",
     ),
 )
 def delete_dataset(
-    dataset_id: DatasetId, st: AppState = Depends(state), who: str = Depends(tenant)
+    dataset_id: DatasetId,
+    force: Annotated[
+        bool,
+        Query(
+            description="delete it although finished studies use it (they keep their spec "
+            "and lose the link); running or paused ones still refuse"
+        ),
+    ] = False,
+    st: AppState = Depends(state),
+    who: str = Depends(tenant),
 ) -> Response:
-    """Delete a dataset; 409 while a running or paused study uses it."""
-    datasets.delete_dataset(st.db, tenant=who, dataset_id=dataset_id)
+    """Delete a dataset, by its id or its name; 409, naming them, while studies use it."""
+    datasets.delete_dataset(st.db, tenant=who, dataset_id=dataset_id, force=force)
     return Response(status_code=204)

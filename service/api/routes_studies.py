@@ -39,7 +39,8 @@ from seqtune.views import (
 from service import plots
 from service.api.deps import AppState, state, tenant
 from service.api.errors import responses
-from service.store import datasets, studies, trials
+from service.hints import hint
+from service.store import datasets, lineage, studies, trials
 
 # Every route: 401 without a valid key, 422 for a bad parameter or body, 503 without the
 # database. Each route adds the statuses it answers on top (404, 409, 413).
@@ -112,21 +113,38 @@ class EnqueueBody(BaseModel):
 
 
 def _check_with_dataset(st: AppState, who: str, spec: StudySpec) -> None:
+    """Check the spec's meaning, with an uploaded dataset's columns. A dataset named by its
+    name is resolved here, and its id recorded in ``spec.dataset`` beside the name: the
+    stored study (and ``Study.dataset_id``) is pinned to the data it ran on, whatever is
+    uploaded under that name later. Raises Invalid for an unknown dataset, or an id and a
+    name that name two different ones."""
     cols = None
-    if isinstance(spec.dataset, UploadedData):
+    ref = spec.dataset
+    if isinstance(ref, UploadedData):
+        field = "dataset.id" if ref.id is not None else "dataset.name"
         try:
-            ds = datasets.get_dataset(st.db, tenant=who, dataset_id=spec.dataset.id)
+            if ref.id is not None:
+                ds = datasets.get_dataset(st.db, tenant=who, dataset_id=ref.id)
+            else:
+                ds = datasets.get_dataset(st.db, tenant=who, name=ref.name)
         except NotFound:
+            shown = ref.id if ref.id is not None else ref.name
             raise Invalid(
-                "the study names an unknown dataset",
+                f"the study names an unknown dataset '{shown}'",
+                details=[{"field": field, "reason": "no such dataset; " + hint("upload_dataset")}],
+            ) from None
+        if ref.name is not None and ds.name != ref.name:
+            raise Invalid(
+                "the study's dataset id and name disagree",
                 details=[
                     {
-                        "field": "dataset.id",
-                        "reason": "no such dataset; upload it with "
-                        "POST /v1/datasets and use the id it returns",
+                        "field": "dataset.name",
+                        "reason": f"dataset {ds.id} is named '{ds.name}', not '{ref.name}'; "
+                        "give one of them",
                     }
                 ],
-            ) from None
+            )
+        ref.id, ref.name = ds.id, ds.name  # pinned: create_study reads the id
         cols = [c["name"] for c in ds.columns]
         if spec.space_defaulted:  # size the default seq_len range from the upload's length
             spec.search_space = default_search_space(spec, ds.n_rows)
@@ -163,6 +181,7 @@ def create_study(
 ) -> StudyView:
     """Submit a study. Workers start pulling its trials at once."""
     _check_with_dataset(st, who, spec)
+    lineage.check_init(st.db, tenant=who, spec=spec)  # init_from: fits, and resolved in spec
     view = studies.create_study(st.db, st.storage, tenant=who, spec=spec)
     response.headers["Location"] = f"/v1/studies/{view.name}"
     return view
@@ -356,12 +375,25 @@ def plot(
     kind: Annotated[PlotKind, Path(description="which of Optuna's plots")],
     format: Annotated[Literal["png", "html"], Query()] = "png",  # noqa: A002
     objective: Objective = 0,
+    params: Annotated[
+        str | None,
+        Query(
+            max_length=2000,
+            description="contour and parallel: the hyperparameters to draw, comma-separated "
+            "(default: the 2 most important for contour, the 5 most important for parallel)",
+            examples=["lr,hidden_size"],
+        ),
+    ] = None,
     st: AppState = Depends(state),
     who: str = Depends(tenant),
 ) -> Response:
-    """A plot of the study, drawn by Optuna's visualisation: PNG, or interactive HTML."""
+    """A plot of the study, drawn by Optuna's visualisation: PNG, or interactive HTML, titled
+    with the study and the metric. Drawn once and served again until the study changes."""
     view = studies.get_study(st.db, tenant=who, name=name)
-    body, media = plots.render(st.storage, view, kind, db=st.db, fmt=format, objective=objective)
+    names = [p.strip() for p in (params or "").split(",") if p.strip()]
+    body, media = plots.render(
+        st.storage, view, kind, db=st.db, fmt=format, objective=objective, params=names
+    )
     return Response(body, media_type=media)
 
 

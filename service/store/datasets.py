@@ -15,10 +15,11 @@ from typing import Any, BinaryIO
 from sqlalchemy import literal_column, select, table, update
 from sqlalchemy.orm import Session
 
-from seqtune.errors import Conflict, Invalid, NotFound, TooLarge
+from seqtune.errors import AlreadyExists, Conflict, Invalid, NotFound, TooLarge
 from seqtune.states import ACTIVE_STATUSES
 from seqtune.views import DatasetView, Page
 from service.csvparse import CHUNK_BYTES, parse_csv
+from service.hints import hint
 from service.store.db import Database
 from service.store.tables import Dataset, Study
 
@@ -51,7 +52,9 @@ def upload_dataset(
     Two passes over the stream, one chunk in memory at a time: the first checks the size,
     parses, validates and hashes; the second stores it (on Postgres with psycopg2 by a binary
     ``COPY``, so even a file at the cap costs a few MB of memory). Raises ``TooLarge`` over the
-    cap (before parsing when the stream's size is known), ``Invalid`` for an empty or bad file.
+    cap (before parsing when the stream's size is known), ``Invalid`` for an empty or bad file,
+    ``AlreadyExists`` when the tenant has a dataset of that name (names are unique per tenant:
+    a study may name its data by it).
     """
     stream.seek(0, io.SEEK_END)
     size = stream.tell()
@@ -74,9 +77,10 @@ def upload_dataset(
 
     columns, n_rows = parse_csv(chunks())
     size = read  # what was parsed and hashed is what is stored
+    name = name[:128]
     row_values = {
         "tenant": tenant,
-        "name": name[:128],
+        "name": name,
         "sha256": digest.hexdigest(),
         "size_bytes": size,
         "n_rows": n_rows,
@@ -84,13 +88,31 @@ def upload_dataset(
     }
 
     def txn(s: Session) -> DatasetView:
+        # Checked here for a clear message; the unique index on (tenant, name) decides a race
+        # between two uploads of one name (the loser's flush raises AlreadyExists below).
+        _refuse_taken(s, tenant, name)
         row = Dataset(id=uuid.uuid4().hex, **row_values)
         row.content = _stored_content(s, stream, size)
         s.add(row)
         s.flush()
         return _view(row)
 
-    return db.run(txn)
+    try:
+        return db.run(txn)
+    except AlreadyExists:
+        raise _name_taken(name) from None
+
+
+def _name_taken(name: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"you already have a dataset named '{name}'; " + hint("dataset_name_taken", dataset=name),
+        details=[{"field": "name", "reason": "taken"}],
+    )
+
+
+def _refuse_taken(s: Session, tenant: str, name: str) -> None:
+    if s.scalar(select(Dataset.id).where(Dataset.tenant == tenant, Dataset.name == name)):
+        raise _name_taken(name)
 
 
 _UPLOAD_TABLE = "seqtune_upload_content"
@@ -190,15 +212,28 @@ def list_datasets(db: Database, *, tenant: str, limit: int, offset: int) -> Page
     return db.run(txn)
 
 
-def _get(s: Session, tenant: str, dataset_id: str) -> Dataset:
-    row = s.get(Dataset, dataset_id)
-    if row is None or row.tenant != tenant:
-        raise NotFound(f"no dataset '{dataset_id}'; list yours with GET /v1/datasets")
+def _get(
+    s: Session, tenant: str, *, dataset_id: str | None = None, name: str | None = None
+) -> Dataset:
+    """The tenant's dataset of id ``dataset_id``, or else of name ``name``. NotFound."""
+    row = s.get(Dataset, dataset_id) if dataset_id else None
+    if row is not None and row.tenant != tenant:
+        row = None
+    if row is None and name is not None:
+        row = s.scalar(select(Dataset).where(Dataset.tenant == tenant, Dataset.name == name))
+    if row is None:
+        shown = dataset_id if dataset_id is not None else name
+        raise NotFound(f"no dataset '{shown}'; {hint('list_datasets')}")
     return row
 
 
-def get_dataset(db: Database, *, tenant: str, dataset_id: str) -> DatasetView:
-    return db.run(lambda s: _view(_get(s, tenant, dataset_id)))
+def get_dataset(
+    db: Database, *, tenant: str, dataset_id: str | None = None, name: str | None = None
+) -> DatasetView:
+    """The tenant's dataset of id ``dataset_id``, or of name ``name`` (give one); with both,
+    the id is tried first, then the name (what a path segment "ID or NAME" means). Raises
+    NotFound."""
+    return db.run(lambda s: _view(_get(s, tenant, dataset_id=dataset_id, name=name)))
 
 
 def dataset_columns(db: Database, *, tenant: str, dataset_id: str) -> list[str]:
@@ -218,19 +253,26 @@ def dataset_content(db: Database, *, dataset_id: str) -> tuple[str, bytes]:
     return db.run(txn)
 
 
-def delete_dataset(db: Database, *, tenant: str, dataset_id: str) -> None:
-    """Delete a dataset. Raises Conflict while a running or paused study uses it; finished
-    studies keep their spec and lose the link."""
+def delete_dataset(db: Database, *, tenant: str, dataset_id: str, force: bool = False) -> None:
+    """Delete the tenant's dataset of id (else name) ``dataset_id``.
+
+    Raises NotFound; Conflict, naming them, while studies use it: a running or paused one
+    always (its trials read the data), a finished one unless ``force``. With ``force``, the
+    finished studies keep their spec (the dataset's id and name) and lose the link."""
 
     def txn(s: Session) -> None:
-        row = _get(s, tenant, dataset_id)
-        users = s.scalars(
-            select(Study.name).where(Study.dataset_id == row.id, Study.status.in_(ACTIVE_STATUSES))
+        row = _get(s, tenant, dataset_id=dataset_id, name=dataset_id)
+        users = s.execute(
+            select(Study.name, Study.status).where(Study.dataset_id == row.id).order_by(Study.name)
         ).all()
-        if users:
+        active = [f"'{n}' ({st})" for n, st in users if st in ACTIVE_STATUSES]
+        if active:
             raise Conflict(
-                f"dataset is used by active studies {sorted(users)}; stop or delete them first"
+                f"dataset '{row.name}' is used by {', '.join(active)}; " + hint("stop_studies")
             )
+        if users and not force:
+            names = ", ".join(f"'{n}' ({st})" for n, st in users)
+            raise Conflict(f"dataset '{row.name}' is used by {names}; " + hint("dataset_in_use"))
         s.execute(update(Study).where(Study.dataset_id == row.id).values(dataset_id=None))
         s.delete(row)
 

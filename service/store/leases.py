@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from seqtune.errors import Fenced
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
-from service.store import buffer
+from service.store import budget, buffer
 from service.store.budget import close_trial, enqueue_retrain, finite
 from service.store.db import Database
 from service.store.optuna import ask_marked, optuna_study
@@ -457,20 +457,25 @@ def finish(
     error: str | None = None,
     model: bytes | None = None,
     model_epoch: int | None = None,
+    constraints: list[float] | None = None,
 ) -> None:
     """Tell Optuna the trial's end and record it, if this attempt still holds the lease.
+    ``constraints``: the violations of the study's constraints (``budget.close_trial``).
     ``model`` (a torch checkpoint of the restored best weights, trained at ``model_epoch``)
     becomes the trial's 'best' checkpoint in the same transaction, under the same fence check:
     a trial's model and its value always come from the one attempt that finished it, and a
     refused finish stores nothing. Completes the study when its budget is spent and nothing
     runs. Raises Fenced."""
 
+    cancelled: list[int] = []
+
     def txn(s: Session) -> None:
+        cancelled.clear()
         t = _locked(s, claim)
         # Optuna's tell (inside close_trial) writes first, on its own connection: SQLite's
         # single writer would block it behind this transaction had the checkpoint been written
         # before.
-        close_trial(
+        gone = close_trial(
             s,
             ostudy,
             t,
@@ -481,11 +486,42 @@ def finish(
             test_metrics=test_metrics,
             info=info,
             error=error,
+            constraints=constraints,
         )
+        cancelled.extend(gone)
         if model is not None:
             _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
 
     db.run(txn)
+    if cancelled:  # an automatic stop gave the buffer's suggestions up
+        buffer.fail_cancelled(ostudy._storage, cancelled)
+
+
+def stop_early(
+    db: Database, storage: optuna.storages.BaseStorage, *, study_id: int, reason: str
+) -> bool:
+    """Stop a running study's search before its budget is spent (``budget.stop_early``), for
+    a criterion judged outside the store (the regret bound). Returns whether it stopped it
+    (False: it was no longer running or searching, or had already stopped early)."""
+    cancelled: list[int] = []
+
+    def txn(s: Session) -> bool:
+        cancelled.clear()
+        study = s.scalar(select(Study).where(Study.id == study_id).with_for_update())
+        if (
+            study is None
+            or study.status != StudyStatus.RUNNING
+            or study.stop_reason
+            or study.phase != StudyPhase.SEARCH
+        ):
+            return False
+        cancelled.extend(budget.stop_early(s, study, reason))
+        return True
+
+    stopped = db.run(txn)
+    if cancelled:
+        buffer.fail_cancelled(storage, cancelled)
+    return stopped
 
 
 def release(db: Database, *, claim: Claim) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy import Connection, Engine, text
 from service.settings import Settings
 from service.store.db import role_limits
 
+log = logging.getLogger("seqtune.db")
 VERSION_TABLE = "seqtune_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 # Any constant works; it only has to differ from other applications' advisory locks.
@@ -40,8 +42,12 @@ def head_revision() -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        return ctx.get_current_revision()
+        return _revision(conn)
+
+
+def _revision(conn: Connection) -> str | None:
+    ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head", *, settings: Settings | None = None) -> None:
@@ -58,7 +64,11 @@ def upgrade(engine: Engine, revision: str = "head", *, settings: Settings | None
             _unbounded(conn)
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
         cfg.attributes["connection"] = conn
+        before = _revision(conn)
         command.upgrade(cfg, revision)
+        after = _revision(conn)
+        if after != before:  # alembic's own lines are quiet at INFO (service.logs)
+            log.info("seqtune's database schema upgraded from %s to %s", before or "none", after)
         if settings is not None and conn.dialect.name == "postgresql":
             set_role_limits(conn, role_limits(settings))
 

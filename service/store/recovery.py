@@ -28,6 +28,7 @@ from optuna.trial import TrialState as OptunaState
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from seqtune.search import CONSTRAINTS_ATTR
 from seqtune.spec import StudySpec
 from seqtune.states import (
     ACTIVE_STATUSES,
@@ -81,6 +82,13 @@ class _Tally:
     timed_out: int = 0
     completed: int = 0
     cancelled: int = 0
+
+
+def _violations(frozen: optuna.trial.FrozenTrial) -> list[float] | None:
+    """The constraint violations a worker stored on the Optuna trial before its tell, if any
+    (``budget.close_trial``): a reconciled trial keeps its feasibility."""
+    got = frozen.user_attrs.get(CONSTRAINTS_ATTR)
+    return [float(v) for v in got] if isinstance(got, list) else None
 
 
 def reap(
@@ -202,6 +210,7 @@ def _reap_one(
             values=frozen.values,
             reason=t.reason or "recovered",
             tell=False,
+            constraints=_violations(frozen),
         )
         out.reconciled += 1
         return

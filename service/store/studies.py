@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import Connection, bindparam, case, select
+from sqlalchemy import Connection, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from seqtune.errors import AlreadyExists, Conflict, Invalid, NotFound
@@ -26,6 +26,7 @@ from seqtune.spec import StudySpec, UploadedData
 from seqtune.states import SETTABLE_STATUSES, StudyPhase, StudyStatus, study_transition
 from seqtune.states import TrialState as State
 from seqtune.views import BestView, ImportanceView, Page, StudyView, TrialCounts, TrialView
+from service.hints import hint
 from service.store import buffer
 from service.store.baselines import verdict
 from service.store.db import Database
@@ -59,6 +60,7 @@ def study_view(row: Any) -> StudyView:
         finished_at=row.finished_at,
         baselines=row.baselines,
         phase=row.phase or StudyPhase.SEARCH,
+        stop_reason=getattr(row, "stop_reason", None),
         trials=TrialCounts(
             waiting=row.n_waiting,
             running=row.n_running,
@@ -80,7 +82,7 @@ def study_row(s: Session, tenant: str, name: str, *, lock: bool = False) -> Stud
         q = q.with_for_update()
     row = s.scalar(q)
     if row is None:
-        raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+        raise NotFound(f"no study named '{name}'; {hint('list_studies')}")
     return row
 
 
@@ -100,7 +102,7 @@ def create_study(
         if s.scalar(select(Study.id).where(Study.tenant == tenant, Study.name == spec.name)):
             raise AlreadyExists(
                 f"a study named '{spec.name}' exists; choose another name or "
-                "DELETE /v1/studies/" + spec.name
+                + hint("delete_study", study=spec.name)
             )
         if not created:
             try:
@@ -195,7 +197,7 @@ def get_study(db: Database, *, tenant: str, name: str) -> StudyView:
     def read(conn: Connection) -> StudyView:
         row = conn.execute(_GET_STMT, {"tenant": tenant, "name": name}).one_or_none()
         if row is None:
-            raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+            raise NotFound(f"no study named '{name}'; {hint('list_studies')}")
         return study_view(SimpleNamespace(**row._mapping))
 
     return db.read(read)
@@ -232,6 +234,10 @@ def update_study(
                     f"{started} trials already started or queued; n_trials must be >= {started}"
                 )
             row.n_trials = n_trials
+            if n_trials > started and row.stop_reason is not None:
+                # More budget after an automatic stop: the search goes on, and the count of
+                # trials without improvement starts again.
+                row.stop_reason, row.stop_stale = None, 0
             if row.status == StudyStatus.COMPLETED and n_trials > started:
                 row.status = study_transition("extend", row.status, name=name)
                 row.finished_at = None
@@ -269,14 +275,29 @@ def delete_study(
     force: bool = False,
 ) -> None:
     """Delete a study, its trials and its Optuna study. Raises Conflict while trials run,
-    unless ``force``."""
+    or while a running or paused study of the tenant fine-tunes from one of its models
+    (``init_from.study``), unless ``force``."""
 
     def txn(s: Session) -> None:
         row = study_row(s, tenant, name, lock=True)
         if row.status == StudyStatus.RUNNING and row.n_running > 0 and not force:
             raise Conflict(
-                f"study '{name}' has {row.n_running} running trial(s); stop it "
-                "first (PATCH status=stopped) or pass ?force=true"
+                f"study '{name}' has {row.n_running} running trial(s); "
+                + hint("stop_or_force", study=name)
+            )
+        users = list(
+            s.scalars(
+                select(Study.name).where(
+                    Study.tenant == tenant,
+                    Study.status.in_((StudyStatus.RUNNING, StudyStatus.PAUSED)),
+                    Study.spec["init_from"]["study"].as_string() == name,
+                )
+            )
+        )
+        if users and not force:
+            raise Conflict(
+                f"studies {users} start their trials from a model of '{name}'; stop them "
+                "first (their later trials would fail without it), or force it"
             )
         # Optuna's side first: on SQLite it cannot write while this transaction holds the lock.
         with contextlib.suppress(KeyError):  # already gone from Optuna's side
@@ -286,8 +307,17 @@ def delete_study(
     db.run(txn)
 
 
-def trial_view(t: Any, *, with_curve: bool = False) -> TrialView:
-    """The view of a trial row (ORM object or Core row namespace)."""
+def inactive_params(space: dict[str, Any] | None, params: dict[str, Any]) -> list[str]:
+    """The conditional parameters of the stored search space ``space`` that a trial with
+    ``params`` left out: those whose condition did not hold."""
+    return [n for n, d in (space or {}).items() if d.get("when") and n not in params]
+
+
+def trial_view(
+    t: Any, *, with_curve: bool = False, space: dict[str, Any] | None = None
+) -> TrialView:
+    """The view of a trial row (ORM object or Core row namespace); ``space``, the study's
+    stored search space, tells which of its parameters were inactive in the trial."""
     duration = None
     if t.started_at is not None and t.finished_at is not None:
         duration = (t.finished_at - t.started_at).total_seconds()
@@ -310,6 +340,8 @@ def trial_view(t: Any, *, with_curve: bool = False) -> TrialView:
         finished_at=t.finished_at,
         duration_s=duration,
         final_of=t.final_of,
+        feasible=t.feasible,
+        inactive=inactive_params(space, t.params or {}) if t.state != State.WAITING else [],
     )
 
 
@@ -325,6 +357,7 @@ def _best_id(descending: bool) -> Any:
             bt.c.state == State.COMPLETE,
             bt.c.value.is_not(None),
             bt.c.final_of.is_(None),
+            bt.c.feasible.is_not(False),
         )
         .order_by(order, bt.c.number)
         .limit(1)
@@ -355,6 +388,7 @@ _BEST_STMT = (
         _STUDIES.c.id.label("study_pk"),
         _STUDIES.c.directions,
         _STUDIES.c.spec["objectives"].label("objectives"),
+        _STUDIES.c.spec["search_space"].label("search_space"),
         _STUDIES.c.task.label("study_task"),
         _STUDIES.c.phase.label("study_phase"),
         _STUDIES.c.baselines.label("study_baselines"),
@@ -442,7 +476,7 @@ def _best_row(conn: Connection, tenant: str, name: str) -> Any:
     """``_BEST_STMT``'s row (study columns plus its best search trial's). Raises NotFound."""
     row = conn.execute(_BEST_STMT, {"tenant": tenant, "name": name}).one_or_none()
     if row is None:
-        raise NotFound(f"no study named '{name}'; list yours with GET /v1/studies")
+        raise NotFound(f"no study named '{name}'; {hint('list_studies')}")
     return row._mapping
 
 
@@ -469,8 +503,8 @@ def _best_trial(conn: Connection, m: Any, final: dict[str, Any] | None, name: st
     winner when its re-trains chose one (and the search trial still exists), else the best
     COMPLETE search trial by the index. Raises Conflict when no search trial completed."""
     if m["id"] is None:
-        raise Conflict(f"study '{name}' has no completed trial yet")
-    best_t = trial_view(SimpleNamespace(**m, curve=None))
+        raise Conflict(_none_best(conn, m, name))
+    best_t = trial_view(SimpleNamespace(**m, curve=None), space=m["search_space"])
     if final is not None and final["winner"] is not None and final["winner"] != best_t.number:
         won = conn.execute(
             select(*_TRIAL_COLS).where(
@@ -478,8 +512,29 @@ def _best_trial(conn: Connection, m: Any, final: dict[str, Any] | None, name: st
             )
         ).one_or_none()
         if won is not None:  # else the search trial is gone: keep the index's best
-            best_t = trial_view(SimpleNamespace(**won._mapping, curve=None))
+            best_t = trial_view(
+                SimpleNamespace(**won._mapping, curve=None), space=m["search_space"]
+            )
     return best_t
+
+
+def _none_best(conn: Connection, m: Any, name: str) -> str:
+    """Why a study has no best trial: none completed, or none that met its constraints."""
+    infeasible = conn.scalar(
+        select(func.count())
+        .select_from(_TRIALS)
+        .where(
+            _TRIALS.c.study_id == m["study_pk"],
+            _TRIALS.c.state == State.COMPLETE,
+            _TRIALS.c.feasible.is_(False),
+        )
+    )
+    if infeasible:
+        return (
+            f"study '{name}' has no completed trial that meets its constraints yet "
+            f"({infeasible} completed trial(s) violate them)"
+        )
+    return f"study '{name}' has no completed trial yet"
 
 
 def best_trial(db: Database, *, tenant: str, name: str) -> TrialView:
@@ -492,9 +547,8 @@ def best_trial(db: Database, *, tenant: str, name: str) -> TrialView:
         m = _best_row(conn, tenant, name)
         if len(m["directions"]) > 1:
             raise Conflict(
-                f"study '{name}' has several objectives, so no single best "
-                "model: pick a trial of GET /v1/studies/{name}/best and download"
-                " /v1/studies/{name}/trials/{number}/model"
+                f"study '{name}' has several objectives, so no single best model: "
+                + hint("trial_model", study=name)
             )
         return _best_trial(conn, m, _final_of(conn, m), name)
 
@@ -542,12 +596,15 @@ def best(db: Database, *, tenant: str, name: str) -> BestView:
             .order_by(_TRIALS.c.number)
         ).all()
         if not front:
-            raise Conflict(f"study '{name}' has no completed trial yet")
+            raise Conflict(_none_best(conn, m, name))
         return BestView(
             study=name,
             directions=directions,
             metrics=metrics,
-            pareto_front=[trial_view(SimpleNamespace(**f._mapping, curve=None)) for f in front],
+            pareto_front=[
+                trial_view(SimpleNamespace(**f._mapping, curve=None), space=m["search_space"])
+                for f in front
+            ],
             baselines=baselines,
             final=final,
         )

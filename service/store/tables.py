@@ -89,7 +89,11 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "seqtune_datasets"
-    __table_args__ = (Index(None, "tenant", "created_at"),)
+    # Names are unique per tenant: a study may name its data by it (migration 0007).
+    __table_args__ = (
+        Index(None, "tenant", "created_at"),
+        Index(None, "tenant", "name", unique=True),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))

@@ -20,6 +20,7 @@ from seqtune.errors import Conflict, Invalid, NotFound
 from seqtune.spec import StudySpec
 from seqtune.states import ACTIVE_STATUSES, TrialState
 from seqtune.views import TRIAL_SORT_KEYS, Page, TrialView
+from service.hints import hint
 from service.store import buffer
 from service.store.db import Database
 from service.store.optuna import distributions
@@ -66,7 +67,7 @@ def list_trials(
         rows = s.scalars(q.order_by(order, Trial.number).limit(limit + 1).offset(offset)).all()
         more = len(rows) > limit
         return Page(
-            items=[trial_view(t) for t in rows[:limit]],
+            items=[trial_view(t, space=study.spec.get("search_space")) for t in rows[:limit]],
             next_offset=offset + limit if more else None,
         )
 
@@ -81,7 +82,7 @@ def get_trial(db: Database, *, tenant: str, name: str, number: int) -> TrialView
         t = s.scalar(select(Trial).where(Trial.study_id == study.id, Trial.number == number))
         if t is None:
             raise NotFound(f"study '{name}' has no trial {number}")
-        return trial_view(t, with_curve=True)
+        return trial_view(t, with_curve=True, space=study.spec.get("search_space"))
 
     return db.run(txn)
 
@@ -157,6 +158,15 @@ def _check_params(spec: StudySpec, params: dict[str, Any]) -> None:
             ok = False
         if not ok:
             errors.append({"field": f"params.{key}", "reason": f"{value!r} is outside {dist}"})
+    on = spec.active(params)
+    for key in params:
+        when = spec.search_space[key].when if key in spec.search_space else None
+        # Judged only when every ancestor is given: a parent left out is sampled later.
+        if when and not on.get(key, True) and spec.ancestors(key) <= set(params):
+            need = " and ".join(f"{p} in {list(v)}" for p, v in when.items())
+            errors.append(
+                {"field": f"params.{key}", "reason": f"'{key}' is inactive here; it needs {need}"}
+            )
     if errors:
         raise Invalid(f"{len(errors)} parameter(s) do not fit the search space", details=errors)
 
@@ -187,8 +197,7 @@ def enqueue_trial(
         _check_params(spec, params)
         if study.n_claimed + study.n_waiting >= study.n_trials:
             raise Conflict(
-                f"the budget of {study.n_trials} trials is spent; raise it with "
-                'PATCH {"n_trials": ...} first'
+                f"the budget of {study.n_trials} trials is spent; " + hint("raise_budget")
             )
         free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
         if free <= 0:
@@ -245,6 +254,9 @@ def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
 def update_front(s: Session, study: Study, new: Trial) -> None:
     """Keep the Pareto-front flags right after ``new`` completed (study row locked)."""
     assert new.values is not None
+    if new.feasible is False:  # an infeasible trial is never on the front
+        new.on_front = False
+        return
     front = s.scalars(
         select(Trial).where(Trial.study_id == study.id, Trial.on_front.is_(True))
     ).all()
