@@ -373,7 +373,7 @@ def workers_summary(gpus: str, slots_per_gpu: int, threads: int | None) -> str:
     if gpus != "all" and ids:
         total = slots_per_gpu * len(ids)
         return f"{total} slot(s) on GPU {', '.join(ids)} ({slots_per_gpu} per GPU)"
-    return f"{slots_per_gpu} {per} per visible GPU, or {cpu} when there is none"
+    return f"{slots_per_gpu} {per} per visible GPU (without one: {cpu})"
 
 
 # -- seqtune db, seqtune keys --------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_workers_summary() -> None:
         f"2 slots on the CPU, {n} torch thread{'s' if n > 1 else ''} each"
     )
     assert cli.workers_summary("all", 1, 4) == (
-        "1 slot per visible GPU, or 1 slot on the CPU, 4 torch threads each when there is none"
+        "1 slot per visible GPU (without one: 1 slot on the CPU, 4 torch threads each)"
     )
 
 
