@@ -706,15 +706,16 @@ def _add_models_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # -- everyday verbs: delete, datasets delete, trial -----------------------------------------------
 def cmd_delete(args: argparse.Namespace) -> int:
-    """Delete a study after a yes on the terminal, or at once with --force (which also deletes
-    it while trials run). Without a terminal and without --force: refused, exit 2."""
+    """Delete a study after a yes on the terminal, or at once with --yes. --force also
+    overrides the service's checks (trials still running, studies fine-tuning from this one)
+    and implies --yes. Without a terminal and without either: refused, exit 2."""
     with client_of(args) as c:
         view = c.study(args.name)  # not found: said before anything is asked
-        if not args.force:
+        if not (args.yes or args.force):
             if not sys.stdin.isatty():
                 raise CommandFailed(
                     f"not deleting '{args.name}' without a terminal to confirm on; "
-                    "pass --force to delete it",
+                    "pass --yes to delete it",
                     Exit.BAD_INPUT,
                 )
             t = view.trials
@@ -828,10 +829,15 @@ def print_trial_detail(
     from seqtune.charts import line_chart  # here: only this command draws
 
     best = info.get("best_epoch")
+    # The chart's x is the record's position; a walk-forward curve numbers its epochs
+    # fold * max_epochs + epoch, with gaps where a fold stopped early: mark by position.
+    mark = next((i for i, rec in enumerate(curve) if rec.get("epoch") == best), None)
+    folds = any("fold" in rec for rec in curve)
     print(f"\nlearning curve ({len(curve)} epochs):", file=out)
     for line in line_chart(
         [("train_loss", _floats(curve, "train_loss")), (metric, _floats(curve, metric))],
-        mark=best if isinstance(best, int) else None,
+        x_label="epoch (all folds)" if folds else "epoch",
+        mark=mark if isinstance(best, int) else None,
     ):
         print(line, file=out)
 
@@ -865,14 +871,17 @@ def _add_everyday_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     (``datasets delete`` sits with the other ``datasets`` verbs)."""
     p = sub.add_parser(
         "delete",
-        help="delete a study, its trials and models (asks first; --force does not)",
+        help="delete a study, its trials and models (asks first; --yes does not)",
         parents=[common],
     )
     p.add_argument("name")
     p.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask (needed without a terminal)"
+    )
+    p.add_argument(
         "--force",
         action="store_true",
-        help="do not ask (needed without a terminal); delete it even while trials run",
+        help="delete it even while trials run or other studies fine-tune from it (implies --yes)",
     )
     p.set_defaults(fn=cmd_delete)
     p = sub.add_parser(

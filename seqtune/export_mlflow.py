@@ -47,6 +47,16 @@ RUN_STATUS: dict[str, str] = {
 }
 # Tags (seqtune.*) that find a trial's run again.
 STUDY_TAG, TRIAL_TAG, BEST_TAG = "seqtune.study", "seqtune.trial", "seqtune.best"
+# What tells one study from another of the same name (re-created after a delete, another
+# tenant's, another service's): runs are found again by this, not by the name alone.
+UID_TAG = "seqtune.study_uid"
+
+
+def study_uid(view: StudyView) -> str:
+    """The study's identity across re-creations: tenant, name, Optuna id and creation time."""
+    return f"{view.tenant}/{view.name}#{view.optuna_study_id}@{view.created_at.isoformat()}"
+
+
 _CURVE_KEYS_SKIPPED = ("epoch", "fold", "fold_epoch")  # the step, and where it sits
 _MAX_TAG = 5000  # MLflow 2.x's limit on a tag's value (8000 in 3.x)
 _PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
@@ -134,7 +144,7 @@ def export_study(
     exp_id = _experiment(ml, exp_name, view, url, artifact_location, tracking_uri)
     report = ExportReport(view.name, masked(tracking_uri), exp_name, exp_id)
     best = _best_model(client, view, report)  # first: its trial is in the listing below
-    runs = _runs_of(ml, exp_id, view.name)
+    runs = _runs_of(ml, exp_id, study_uid(view))
     for listed in client.iter_trials(view.name):
         if listed.state not in RUN_STATUS:
             report.unfinished.append(listed.number)
@@ -180,14 +190,15 @@ def _experiment(
     )
 
 
-def _runs_of(ml: Any, exp_id: str, study: str) -> dict[int, Any]:
-    """The experiment's live runs of ``study``, by trial number."""
+def _runs_of(ml: Any, exp_id: str, uid: str) -> dict[int, Any]:
+    """The experiment's live runs of the study whose ``study_uid`` is ``uid``, by trial
+    number (a study of the same name exported before is another study)."""
     out: dict[int, Any] = {}
     token: str | None = None
     while True:
         page = ml.search_runs(
             [exp_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
+            filter_string=f"tags.`{UID_TAG}` = '{uid}'",
             max_results=1000,
             page_token=token,
         )
@@ -263,6 +274,7 @@ def trial_tags(view: StudyView, trial: TrialView, url: str) -> dict[str, str]:
     state, reason, attempts and worker, and where it came from."""
     tags = {
         STUDY_TAG: view.name,
+        UID_TAG: study_uid(view),
         TRIAL_TAG: str(trial.number),
         "seqtune.state": trial.state,
         "seqtune.reason": trial.reason or "",

@@ -168,10 +168,11 @@ class PlotCache:
                 self.misses += 1
             try:
                 body, media = draw()
+                # Stored before the lock goes: a request arriving in between finds it.
+                self._put(key, (state, body, media))
             finally:
                 with self._lock:
                     self._drawing.pop(key, None)
-            self._put(key, (state, body, media))
         return body, media
 
     def _put(self, key: Hashable, entry: tuple[Hashable, bytes, str]) -> None:

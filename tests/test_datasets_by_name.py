@@ -115,6 +115,9 @@ def test_get_and_delete_by_name(client: TestClient, auth: dict[str, str]) -> Non
     assert r.status_code == 404 and "GET /v1/datasets" in _error(r)["message"]
     r = client.get("/v1/datasets/weather", headers={**auth, **CLI})
     assert "`seqtune datasets list`" in _error(r)["message"]
+    # A name with '/' could never be reached in a URL: refused at upload.
+    r = _upload(client, auth, "team/weather")
+    assert r.status_code == 422 and "no '/'" in r.text
 
 
 @pytest.mark.parametrize(

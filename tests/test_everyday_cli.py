@@ -109,7 +109,7 @@ def test_delete_asks_on_a_terminal_and_refuses_without_one(
     client.post("/v1/studies", json=study_body("s"), headers=auth)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a pipe, not a terminal
     code, out, err = cli("delete", "s")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--force" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--yes" in err
     assert client.get("/v1/studies/s", headers=auth).status_code == 200
 
     monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
@@ -122,9 +122,24 @@ def test_delete_asks_on_a_terminal_and_refuses_without_one(
     assert code == 0 and "deleted study 's'" in err
     assert client.get("/v1/studies/s", headers=auth).status_code == 404
 
-    code, out, err = cli("delete", "s", "--force")
+    code, out, err = cli("delete", "s", "--yes")
     assert code == 3 and "no study named 's'" in err
     _no_rest(err)
+
+    # --yes only skips the question: the service's own checks still hold, --force overrides
+    # them. A study another one fine-tunes from is not deleted under it.
+    client.post("/v1/studies", json=study_body("src"), headers=auth)
+    tenant = client.get("/v1/studies/src", headers=auth).json()["tenant"]
+    from seqtune.spec import parse_spec
+    from service.store import studies
+
+    state = client.app.state.seqtune  # type: ignore[attr-defined]
+    spec = parse_spec(study_body("ft", init_from={"study": "src", "trial": 0}))
+    studies.create_study(state.db, state.storage, tenant=tenant, spec=spec)
+    code, out, err = cli("delete", "src", "--yes")
+    assert code == 5 and "['ft']" in err, err
+    code, out, err = cli("delete", "src", "--force")
+    assert code == 0, err
 
 
 def test_the_new_users_path_names_no_rest_call(

@@ -208,3 +208,34 @@ def test_metrics_of_a_two_objective_trial_and_a_resumed_curve() -> None:
     assert curve["train_loss"] == [(0, 3.0, 2_500), (1, 2.0, 4_500)]
     assert curve["val_rmse"] == [(0, 0.9, 2_500), (1, 0.5, 4_500)]
     assert set(curve) == {"train_loss", "val_rmse", "seconds"}
+
+
+def test_a_study_recreated_under_the_same_name_is_another_study(tmp_path: Path) -> None:
+    """Runs are found again by the study's identity (tenant, name, Optuna id, creation time),
+    not its name: a study deleted and submitted again under the same name gets runs of its
+    own, never the old study's (which would be skipped as already exported)."""
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    from seqtune.export_mlflow import TRIAL_TAG, UID_TAG, _runs_of, study_uid
+    from seqtune.views import StudyView, TrialCounts
+
+    def view(created: datetime, oid: int) -> StudyView:
+        counts = TrialCounts(
+            waiting=0, running=0, complete=0, pruned=0, failed=0, finished=0, budget=1, remaining=1
+        )
+        return StudyView(
+            name="foo", tenant="default", status="completed", task="forecast",
+            optuna_study_name="default/foo", optuna_study_id=oid, directions=["minimize"],
+            priority=0, trials=counts, spec={}, created_at=created, updated_at=created,
+        )  # fmt: skip
+
+    old = view(datetime(2026, 1, 1, tzinfo=UTC), 1)
+    new = view(datetime(2026, 1, 2, tzinfo=UTC), 2)
+    assert study_uid(old) != study_uid(new)
+    ml = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    exp = ml.create_experiment("foo", artifact_location=str(tmp_path / "art"))
+    ml.create_run(exp, tags={UID_TAG: study_uid(old), TRIAL_TAG: "0", "seqtune.study": "foo"})
+    assert set(_runs_of(ml, exp, study_uid(old))) == {0}
+    assert _runs_of(ml, exp, study_uid(new)) == {}

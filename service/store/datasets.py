@@ -56,6 +56,11 @@ def upload_dataset(
     ``AlreadyExists`` when the tenant has a dataset of that name (names are unique per tenant:
     a study may name its data by it).
     """
+    if "/" in name or not name.strip():
+        raise Invalid(
+            "a dataset's name is how studies and URLs name it",
+            details=[{"field": "name", "reason": "must be non-empty and hold no '/'"}],
+        )
     stream.seek(0, io.SEEK_END)
     size = stream.tell()
     if size > cap:

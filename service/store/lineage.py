@@ -31,6 +31,7 @@ from seqtune import catalog
 from seqtune.errors import Conflict, Invalid, NotFound
 from seqtune.hparams import HPARAMS
 from seqtune.spec import BuiltinData, Categorical, InitFrom, IntRange, StudySpec, SyntheticData
+from service.hints import hint
 from service.store import datasets, studies, trials
 from service.store.db import Database
 from service.store.tables import Checkpoint, Model, Study, Trial
@@ -481,8 +482,7 @@ def _source(
             errors.append(
                 {
                     "field": "init_from.model",
-                    "reason": f"no uploaded model '{init.model}'; upload one with "
-                    "POST /v1/models and use the id it returns",
+                    "reason": f"no uploaded model '{init.model}'; " + hint("upload_model"),
                 }
             )
             return None
@@ -494,7 +494,7 @@ def _source(
         errors.append(
             {
                 "field": "init_from.study",
-                "reason": f"no study named '{init.study}'; list yours with GET /v1/studies",
+                "reason": f"no study named '{init.study}'; " + hint("list_studies"),
             }
         )
         return None
