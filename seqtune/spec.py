@@ -714,21 +714,7 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
         errors.append({"field": "horizon", "reason": "classification needs horizon 1"})
 
     for i, obj in enumerate(spec.objectives):
-        meta = catalog.METRICS.get(obj.metric)
-        if meta is None:
-            errors.append(
-                {
-                    "field": f"objectives[{i}].metric",
-                    "reason": f"unknown metric; known: {sorted(catalog.METRICS)}",
-                }
-            )
-        elif spec.task not in meta[1]:
-            errors.append(
-                {
-                    "field": f"objectives[{i}].metric",
-                    "reason": f"'{obj.metric}' does not apply to task '{spec.task}'",
-                }
-            )
+        _check_metric(f"objectives[{i}].metric", obj.metric, spec.task, errors)
     if len({o.metric for o in spec.objectives}) != len(spec.objectives):
         errors.append({"field": "objectives", "reason": "each metric may appear once"})
 
@@ -793,6 +779,17 @@ def check_spec(spec: StudySpec, *, uploaded_columns: list[str] | None = None) ->
     _check_init(spec, errors)
     if errors:
         raise Invalid(f"the study definition has {len(errors)} problem(s)", details=errors)
+
+
+def _check_metric(field: str, metric: str, task: str, errors: list[dict[str, str]]) -> None:
+    """A metric (of an objective or a constraint) is known and applies to the task."""
+    meta = catalog.METRICS.get(metric)
+    if meta is None:
+        errors.append(
+            {"field": field, "reason": f"unknown metric; known: {sorted(catalog.METRICS)}"}
+        )
+    elif task not in meta[1]:
+        errors.append({"field": field, "reason": f"'{metric}' does not apply to task '{task}'"})
 
 
 def _check_conditions(spec: StudySpec, errors: list[dict[str, str]]) -> None:
@@ -866,21 +863,7 @@ def _check_constraints(
     spec: StudySpec, sampler: search.Sampler, errors: list[dict[str, str]]
 ) -> None:
     for i, c in enumerate(spec.constraints):
-        meta = catalog.METRICS.get(c.metric)
-        if meta is None:
-            errors.append(
-                {
-                    "field": f"constraints[{i}].metric",
-                    "reason": f"unknown metric; known: {sorted(catalog.METRICS)}",
-                }
-            )
-        elif spec.task not in meta[1]:
-            errors.append(
-                {
-                    "field": f"constraints[{i}].metric",
-                    "reason": f"'{c.metric}' does not apply to task '{spec.task}'",
-                }
-            )
+        _check_metric(f"constraints[{i}].metric", c.metric, spec.task, errors)
     if spec.constraints and not sampler.constraints:
         able = " or ".join(f"'{x.name}'" for x in search.SAMPLERS.values() if x.constraints)
         errors.append(

@@ -20,7 +20,7 @@ from seqtune.states import ACTIVE_STATUSES
 from seqtune.views import DatasetView, Page
 from service.csvparse import CHUNK_BYTES, parse_csv
 from service.hints import hint
-from service.store.db import Database
+from service.store.db import Database, page
 from service.store.tables import Dataset, Study
 
 
@@ -209,10 +209,7 @@ def list_datasets(db: Database, *, tenant: str, limit: int, offset: int) -> Page
             .limit(limit + 1)
             .offset(offset)
         ).all()
-        more = len(rows) > limit
-        return Page(
-            items=[_view(r) for r in rows[:limit]], next_offset=offset + limit if more else None
-        )
+        return page(rows, limit, offset, _view)
 
     return db.run(txn)
 

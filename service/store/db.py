@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,10 +18,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from seqtune.errors import AlreadyExists, Unavailable
+from seqtune.views import Page
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def page(rows: Sequence[R], limit: int, offset: int, view: Callable[[R], T]) -> Page[T]:
+    """One page of a listing read with ``limit + 1`` rows: the extra row only tells that
+    there is a next page."""
+    more = len(rows) > limit
+    return Page(items=[view(r) for r in rows[:limit]], next_offset=offset + limit if more else None)
 
 
 def engine_kwargs(settings: Settings) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from seqtune.errors import Conflict, Invalid, NotFound, TooLarge
 from seqtune.states import ACTIVE_STATUSES
 from seqtune.views import ModelView, Page
-from service.store.db import Database
+from service.store.db import Database, page
 from service.store.lineage import read_checkpoint
 from service.store.tables import Model, Study
 
@@ -84,10 +84,7 @@ def list_models(db: Database, *, tenant: str, limit: int, offset: int) -> Page[M
             .limit(limit + 1)
             .offset(offset)
         ).all()
-        more = len(rows) > limit
-        return Page(
-            items=[_view(r) for r in rows[:limit]], next_offset=offset + limit if more else None
-        )
+        return page(rows, limit, offset, _view)
 
     return db.run(txn)
 

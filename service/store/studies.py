@@ -29,7 +29,7 @@ from seqtune.views import BestView, ImportanceView, Page, StudyView, TrialCounts
 from service.hints import hint
 from service.store import buffer
 from service.store.baselines import verdict
-from service.store.db import Database
+from service.store.db import Database, page
 from service.store.tables import Study, Trial, utcnow
 
 _STUDIES = Study.__table__  # Core tables for the hot reads
@@ -177,11 +177,7 @@ def list_studies(
         if status is not None:
             q = q.where(Study.status == status)
         rows = s.scalars(q.order_by(Study.id.desc()).limit(limit + 1).offset(offset)).all()
-        more = len(rows) > limit
-        return Page(
-            items=[study_view(r) for r in rows[:limit]],
-            next_offset=offset + limit if more else None,
-        )
+        return page(rows, limit, offset, study_view)
 
     return db.run(txn)
 

@@ -22,7 +22,7 @@ from seqtune.states import ACTIVE_STATUSES, TrialState
 from seqtune.views import TRIAL_SORT_KEYS, Page, TrialView
 from service.hints import hint
 from service.store import buffer
-from service.store.db import Database
+from service.store.db import Database, page
 from service.store.optuna import distributions
 from service.store.studies import best_trial, study_row, trial_view
 from service.store.tables import Checkpoint, Study, Trial
@@ -65,11 +65,8 @@ def list_trials(
             q = q.where(Trial.state == state.upper())
         order = col.desc().nulls_last() if sort.startswith("-") else col.asc().nulls_last()
         rows = s.scalars(q.order_by(order, Trial.number).limit(limit + 1).offset(offset)).all()
-        more = len(rows) > limit
-        return Page(
-            items=[trial_view(t, space=study.spec.get("search_space")) for t in rows[:limit]],
-            next_offset=offset + limit if more else None,
-        )
+        space = study.spec.get("search_space")
+        return page(rows, limit, offset, lambda t: trial_view(t, space=space))
 
     return db.run(txn)
 
