@@ -56,7 +56,7 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
 
     from seqtune.spec import StudySpec
     from service.settings import Settings
-    from service.store import buffer, leases
+    from service.store import leases
     from service.store.db import Database
     from service.store.optuna import make_storage, optuna_study
 
@@ -69,7 +69,6 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
     )
     db, storage = Database(settings), make_storage(settings)
     owner = f"bench-{os.getpid()}"
-    refiller = buffer.Refiller(db, storage, owner=owner)
     times, last = [], time.perf_counter()
     calls: dict[str, list[float]] = {"claim": [], "report": [], "tell": []}
     while len(times) < n:
@@ -81,7 +80,6 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
             time.sleep(0.01)
             continue
         calls["claim"].append(time.perf_counter() - t0)
-        refiller.after_claim(c.study_id)
         ostudy = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
         trial = optuna.trial.Trial(ostudy, c.optuna_trial_id)
         for e in range(epochs):
@@ -104,7 +102,6 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
         calls["tell"].append(now - t0)
         times.append(now - last)
         last = now
-    refiller.close()
     out.put((times, calls))
 
 

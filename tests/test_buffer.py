@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState as OptunaState
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from seqtune.spec import StudySpec
 from service.store import buffer, leases, recovery, studies, trials
@@ -31,8 +32,26 @@ def study_row(db: Database, name: str = "L") -> Study:
     return db.run(lambda s: s.scalar(select(Study).where(Study.name == name)))
 
 
-def refill(db: Database, storage: Any, name: str = "L") -> int:
-    return buffer.refill(db, storage, study_id=study_row(db, name).id, owner="test-refill")
+def refill(db: Database, storage: Any, name: str = "L", owner: str = "test-refill") -> int:
+    """Top the study's buffer up to its target now, as a claim that finds it empty does
+    (under the ask lock, only if free); returns how many suggestions it stored."""
+    sid = study_row(db, name).id
+
+    def txn(s: Session) -> int:
+        if not buffer.ask_lock(s, sid, wait=False):
+            return 0
+        study = s.get(Study, sid)
+        assert study is not None
+        spec = StudySpec.model_validate(study.spec)
+        want = buffer.target(s, study, spec) - study.n_buffered
+        if want <= 0:
+            return 0
+        return buffer.store(s, study, buffer.sketch_many(storage, study, spec, owner, k=want))
+
+    try:
+        return db.run(txn)
+    except buffer.Raced:
+        return 0
 
 
 def suggestions(db: Database) -> list[Suggestion]:
@@ -81,16 +100,13 @@ def test_the_budget_stays_exact_with_refills_racing_claims(db: Database, storage
     barrier = threading.Barrier(6)
 
     def racer(i: int) -> None:
-        refiller = buffer.Refiller(db, storage, owner=f"refill-{i}")
         barrier.wait()
         while (c := leases.claim(db, storage, owner=f"w{i}")) is not None:
-            refiller.after_claim(c.study_id)
-            refill(db, storage)  # and one in this thread, racing the others' refills
+            refill(db, storage, owner=f"refill-{i}")  # racing the other threads' claims
             time.sleep(0.3)  # training: claims do not come back to back
             finish(db, storage, c)
             with lock:
                 done.append(c)
-        refiller.close()
 
     assert refill(db, storage) == 1  # at least the first claim pops, however the race goes
     threads = [threading.Thread(target=racer, args=(i,)) for i in range(6)]
@@ -133,7 +149,7 @@ def test_a_lower_budget_cancels_the_suggestions_beyond_it(db: Database, storage)
     # 30 claims just now: about 2 s of claims at 1/s is 2 suggestions; the cap is 4.
     claims = [leases.claim(db, storage, owner="w") for _ in range(30)]
     assert all(claims)
-    assert refill(db, storage) == 2
+    refill(db, storage)  # on top of what the claims that found the buffer empty stocked
     assert study_row(db).n_buffered == 2
     studies.update_study(db, tenant="acme", name="L", n_trials=31, storage=storage)
     row = study_row(db)
@@ -249,7 +265,9 @@ def test_a_pause_does_not_wait_for_a_pop_holding_a_suggestion(db: Database, stor
 def test_a_queued_trial_takes_the_last_slot_from_a_suggestion(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
     make(db, storage, budget={"n_trials": 2})
     first = leases.claim(db, storage, owner="w")
-    assert first is not None and refill(db, storage) == 1  # 1 started + 1 buffered: full
+    assert first is not None
+    refill(db, storage)
+    assert study_row(db).n_buffered == 1  # 1 started + 1 buffered: full
     [sug] = suggestions(db)
     trials.enqueue_trial(db, storage, tenant="acme", name="L", params={"hidden_size": 7})
     assert suggestions(db) == [] and study_row(db).n_buffered == 0

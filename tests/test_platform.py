@@ -38,11 +38,15 @@ def test_api_study_is_an_ordinary_optuna_study(
     for v in (3.0, 1.0, 2.0):
         run_trial(db, client.app.state.seqtune.storage, client, auth, "interop", v)  # type: ignore[attr-defined]
     study = optuna.load_study(study_name="acme/interop", storage=settings.url)
-    assert study.best_value == 1.0 and len(study.trials) == 3
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert study.best_value == 1.0 and len(done) == 3
+    # Besides them, the suggestions buffered for the next claims: RUNNING in Optuna.
+    buffered = client.get("/v1/studies/interop", headers=auth).json()["trials"]["buffered"]
+    assert buffered >= 1 and len(study.trials) == 3 + buffered
     assert study.metric_names == ["val_rmse"]
     assert study.user_attrs["seqtune_spec"]["name"] == "interop"
     df = study.trials_dataframe()
-    assert len(df) == 3 and "params_lr" in df.columns
+    assert (df["state"] == "COMPLETE").sum() == 3 and "params_lr" in df.columns
     # Optuna's own command line reads the same database.
     optuna_cli = Path(sys.executable).parent / "optuna"
     out = subprocess.run(

@@ -96,7 +96,7 @@ def worker_settings(loaded: Settings) -> Settings:
     environment's: more database retries than the service (workers ride out restarts), and
     the worker's small pools (``worker_pool_size`` / ``worker_max_overflow``) for both of a
     slot's engines, seqtune's and Optuna's, instead of the service's ``pool_size`` /
-    ``max_overflow``: a slot's threads (trial loop, heartbeat, refill) use at most one
+    ``max_overflow``: a slot's threads (trial loop, heartbeat) use at most one
     connection each, and hundreds of slots must fit a Postgres (or PgBouncer) pool."""
     return loaded.model_copy(
         update={

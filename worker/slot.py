@@ -31,8 +31,8 @@ from seqtune.states import TrialState
 from service.logs import log_context, setup_logging
 from service.settings import Settings
 from service.store import baselines as service_baselines
-from service.store import buffer, leases, lineage, recovery, workers
 from service.store import datasets as service_datasets
+from service.store import leases, lineage, recovery, workers
 from service.store.db import Database
 from service.store.optuna import make_storage, optuna_study
 from worker import admission, checkpoints, datasets, runner, stopping, tensorboard
@@ -116,8 +116,6 @@ class Slot:
         self.inits: dict[str, InitModel] = {}  # the last init_from model, decoded once
         self.signals = Signals(cfg.parent_pid)
         self.hb = _Heartbeat(self.db, self.worker_id, self.settings.heartbeat_s)
-        # Asks the next suggestions of a study while this slot trains (service.store.buffer).
-        self.refiller = buffer.Refiller(self.db, self.storage, owner=self.worker_id)
         self._last_reap = 0.0
         self.parent_death_signal = False  # slot_main sets it once the kernel's signal is armed
 
@@ -169,14 +167,12 @@ class Slot:
                     # Jittered: slots started together do not poll the database in step.
                     self.signals.stop.wait(self.settings.poll_s * (0.5 + random.random()))
                     continue
-                self.refiller.after_claim(c.study_id)
                 self.run_trial(c)
                 done += 1
                 idle_since = time.monotonic()
                 if self.cfg.max_trials is not None and done >= self.cfg.max_trials:
                     break
         finally:
-            self.refiller.close()
             self.hb.halt()
             workers.stopped(self.db, worker_id=self.worker_id)
             self.db.dispose()

@@ -1,24 +1,27 @@
-"""Suggestions asked ahead of claims: a small per-study buffer, so that a claim is one pop.
+"""Suggestions asked ahead of claims: a small per-study buffer, so that most claims are one pop.
 
-Without it every claim runs Optuna's ``ask()`` under the study's lock: asks on one study are
-serialised and grow with the study (TPE reads every trial), so with many workers and short
-trials the claim, not the GPU, sets the pace. With it (Postgres only; SQLite's single writer
-keeps the ask-per-claim path):
+Without it every claim samples a trial under the study's ask lock: asks on one study are
+serialised (grid points stay unique, TPE's constant liar sees every running trial), so with
+many workers and short trials the claim, not the GPU, sets the pace. With it (Postgres only;
+SQLite's single writer keeps the ask-per-claim path):
 
-- ``refill`` (a worker's background thread after each claim, see ``Refiller``) tops the buffer
-  up to ``target``: one ``Suggestion`` row per transaction, asked of Optuna under the study's
-  *ask lock*, a transaction-scoped advisory lock (safe behind PgBouncer in transaction mode),
-  so one process at a time. The
-  asked trials are RUNNING in Optuna, so TPE's constant liar treats them as running trials and
-  no sampler proposes them again.
+- A claim that finds the buffer empty takes the study's *ask lock* (a transaction-scoped
+  advisory lock, safe behind PgBouncer in transaction mode), samples its own trial and a
+  batch for the buffer (``sketch_many``: as many as the study's ``target``, or as many claims
+  as wait behind it, ``waiters``), and stores them all in its one transaction: Optuna's rows
+  first, then one guarded UPDATE of the study's counters (``leases._claim_new``). So one
+  process at a time refills, in batches, and the study's row is held for one statement.
+- Claims that arrive while someone asks do not queue to ask in turn: they wait for the asker
+  beside each other (``wait_for_asker``, the lock held shared) and then pop what it stored,
+  in parallel; one that finds nothing left looks again (``Again``).
 - ``pop`` (``service.store.leases.claim``) turns the oldest suggestion into a running,
   leased seqtune trial in one statement: ``FOR UPDATE SKIP LOCKED`` on the suggestion and a
-  guarded UPDATE of the study's counters, so while the buffer lasts, a claim waits for no
-  ``ask()`` (only for the study row, which each pop holds for its one statement).
-- Every ask for a study, buffered or not, happens under its ask lock, so asks never
-  interleave (grid points stay unique). A claim that finds the buffer empty waits for the
-  lock, then pops what a refill stored meanwhile or asks itself; a refill only tries it
-  (``ask_lock``).
+  guarded UPDATE of the study's counters.
+- Suggestions are *sketched* (``service.store.optuna.sketch``): Optuna's sampler runs as in
+  ``ask()`` and the trial is written, RUNNING in Optuna, in the transaction that gives it its
+  budget slot; a batch's sketches see each other as running trials. So TPE's constant liar
+  treats buffered trials as running ones, no sampler proposes them again, and a refill that
+  loses its slots or dies leaves nothing in Optuna.
 
 Invariants: each suggestion holds a budget slot (``n_claimed + n_waiting + n_buffered <=
 n_trials``), so exactly ``n_trials`` trials ever start; a pause, a stop or a lower budget cancels
@@ -28,18 +31,19 @@ attribute ``seqtune_cancelled``; a deleted study takes its suggestions along (ca
 
 The trade-off: a suggestion is made before the results of the trials running at the time, as if
 the study had up to ``buffer`` more workers. The target is about ``HORIZON_S`` of recent claims,
-at least one, at most the study's ``sampler.buffer`` (default 8; 0 turns the buffer off). The
-grid sampler gets no buffer: a cancelled grid point would count as visited in Optuna, and its
-asks cost nothing to hide. Nor do studies with queued trials (they are popped by ask first) or
-in their final phase.
+at least one, at most the study's ``sampler.buffer`` (default 8; 0 turns the buffer off); a
+claim stocks more only for claims already waiting, which take them at once. The grid sampler
+gets no buffer: a cancelled grid point would count as visited in Optuna, and its asks cost
+nothing to hide. Nor do studies with queued trials (they are popped by ask first) or in their
+final phase.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,7 +55,7 @@ from sqlalchemy.orm import Session
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus
 from service.store.db import Database
-from service.store.optuna import ask_marked, asking_study
+from service.store.optuna import Sketch, asking_study, sketch
 from service.store.tables import Study, Suggestion, Trial
 
 log = logging.getLogger(__name__)
@@ -73,8 +77,9 @@ def enabled(db: Database) -> bool:
 
 def ask_lock(s: Session, study_id: int, *, wait: bool) -> bool:
     """Take the study's ask lock for the rest of this transaction (Postgres; always on
-    SQLite, whose single writer serialises asks): waiting for it (a claim), or only if it is
-    free (a refill). Returns whether it was taken.
+    SQLite, whose single writer serialises asks): waiting for it (a claim of a study with no
+    buffer), or only if it is free (a claim that would restock, or the reaper's settling).
+    Returns whether it was taken.
 
     A claim that waits holds one of seqtune's connections meanwhile, and the holder's ask()
     needs one of Optuna's besides its own: behind PgBouncer, Optuna's storage gets a pool of
@@ -90,8 +95,39 @@ def ask_lock(s: Session, study_id: int, *, wait: bool) -> bool:
     return bool(s.scalar(text("SELECT pg_try_advisory_xact_lock(:ns, :id)"), params))
 
 
-class Busy(Exception):
-    """Another process holds the study's ask lock (a refill leaves the asking to it)."""
+def enabled_for(s: Session) -> bool:
+    """Whether the session's database buffers suggestions (``enabled``)."""
+    return s.get_bind().dialect.name == "postgresql"
+
+
+def wait_for_asker(s: Session, study_id: int) -> None:
+    """Wait until whoever holds the study's ask lock has committed, holding the lock shared
+    for the rest of this transaction: waiters do not exclude each other (they pop in
+    parallel). A claim that then finds nothing to pop queues for the lock itself
+    (``ask_lock(wait=True)``); Postgres queues later shared requests behind it, so it gets
+    the lock once the poppers ahead of it commit (Postgres; they pop in one statement)."""
+    s.execute(
+        text("SELECT pg_advisory_xact_lock_shared(:ns, :id)"), {"ns": ASK_LOCK, "id": study_id}
+    )
+
+
+def waiters(s: Session, study_id: int) -> int:
+    """How many transactions wait for the study's ask lock right now (claims, in
+    ``wait_for_asker``): the asker stocks at least that many suggestions."""
+    return int(
+        s.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid = :ns AND objid = :id AND objsubid = 2"
+            ),
+            {"ns": ASK_LOCK, "id": study_id},
+        )
+        or 0
+    )
+
+
+class Again(Exception):
+    """A claim waited for the study's asker and found nothing to pop: roll back, look again."""
 
 
 def wants_buffer(study: Study, spec: StudySpec) -> bool:
@@ -122,112 +158,83 @@ def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = Non
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
 
 
-class _Abandoned(Exception):
-    """The study changed under a refill: roll its transaction back, cancel what it asked."""
-
-
-def refill(
-    db: Database,
+def sketch_many(
     storage: optuna.storages.BaseStorage,
+    study: Study,
+    spec: StudySpec,
+    owner: str,
     *,
-    study_id: int,
-    owner: str,
-    now: datetime | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """Top the study's buffer up to its ``target``. Returns how many suggestions it stored.
-
-    One suggestion per transaction: take the ask lock, re-read the study, ask, store, commit;
-    so the lock is held (and the idle-in-transaction timeout spans) one ``ask()``. The lock is
-    only tried: when a claim or another refill holds it, that process is asking for the study
-    already, and this refill leaves it to them (the next claim starts another). When claims
-    come faster than asks, claims queue on the lock and ask for themselves, as with no
-    buffer. ``stop`` (a worker shutting down) ends it early."""
-    if not enabled(db):
-        return 0
-
-    def wanted(s: Session, study: Study | None) -> int:
-        if study is None:
-            return 0
-        spec = StudySpec.model_validate(study.spec)
-        free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
-        return min(target(s, study, spec, now) - study.n_buffered, free)
-
-    stored = 0
-    while stop is None or not stop.is_set():
-        try:
-            more = _store_one(db, storage, study_id, owner, wanted)
-        except Busy:
+    k: int,
+    seed_from: int | None = None,
+    siblings: list[Sketch] | None = None,
+    within_s: float | None = None,
+) -> list[Sketch]:
+    """Up to ``k`` suggestions sampled (``optuna.sketch``), nothing written: each sees the
+    ones before it as RUNNING, as it would had they been asked. Sampling takes no lock in
+    seqtune's tables (only the caller's ask lock), so finishes and pops of the study go on
+    meanwhile. ``siblings``: trials sketched before these in the same transaction.
+    ``within_s``: stop once sampling has taken this long (a slow sampler on a large study)."""
+    before = list(siblings or [])
+    done: list[Sketch] = []
+    until = None if within_s is None else time.monotonic() + within_s
+    base = seed_from if seed_from is not None else study.n_claimed + study.n_buffered + 1
+    while len(done) < k and (until is None or time.monotonic() < until):
+        ostudy = asking_study(storage, study.optuna_study_name, spec, seed_offset=base + len(done))
+        sk = sketch(storage, ostudy, spec, owner, siblings=before + done)
+        if sk is None:
             break
-        if more < 0:
-            break
-        stored += 1
-        if more == 0:
-            break
-    return stored
+        done.append(sk)
+    return done
 
 
-def _store_one(
-    db: Database,
-    storage: optuna.storages.BaseStorage,
-    study_id: int,
-    owner: str,
-    wanted: Callable[[Session, Study | None], int],
-) -> int:
-    """Ask one suggestion and store it, in one transaction under the ask lock. Returns how
-    many more the study wants after it; -1 when it wanted none (nothing stored). Raises
-    ``Busy`` when the lock is taken. Whatever Optuna asked
-    and did not end up stored (the study changed meanwhile, an error, or an attempt that
-    ``Database.run`` retried after a lost connection) is failed in Optuna as cancelled."""
-    asked: list[int] = []
+def room(study: Study, k: int, *, claiming: int = 0) -> int:
+    """How many of ``k`` suggestions the study (read under its ask lock) has slots for,
+    besides ``claiming`` slots a claim is taking in the same transaction."""
+    free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered - claiming
+    return max(0, min(k, free))
 
-    def txn(s: Session) -> tuple[int, int] | None:
-        if not ask_lock(s, study_id, wait=False):
-            raise Busy
-        study = s.get(Study, study_id)  # read after the lock: no ask can change it now
-        k = wanted(s, study)
-        if study is None or k <= 0:
-            return None
-        spec = StudySpec.model_validate(study.spec)
-        slot = study.n_claimed + study.n_buffered + 1
-        ostudy = asking_study(storage, study.optuna_study_name, spec, seed_offset=slot)
-        trial = ask_marked(storage, ostudy, spec, owner)
-        asked.append(trial._trial_id)
-        s.add(
+
+def write(s: Session, study_id: int, sketches: list[Sketch]) -> list[Suggestion]:
+    """Write ``sketches`` to Optuna and to the buffer (their slots are the caller's to take,
+    after: the study's row is locked last, so finishes and pops wait for one statement)."""
+    rows = []
+    for sk in sketches:
+        trial = sk.write(s)
+        rows.append(
             Suggestion(
                 study_id=study_id,
-                optuna_trial_id=trial._trial_id,
+                optuna_trial_id=trial.trial_id,
                 number=trial.number,
                 params=trial.params,
             )
         )
-        s.flush()
-        kept = s.execute(
-            update(Study)
-            .where(
-                Study.id == study_id,
-                Study.status == StudyStatus.RUNNING,
-                Study.n_claimed + Study.n_waiting + Study.n_buffered < Study.n_trials,
-            )
-            .values(n_buffered=Study.n_buffered + 1)
-        )
-        if kept.rowcount != 1:  # type: ignore[attr-defined]
-            raise _Abandoned  # paused, stopped, cut back or queued to while we asked
-        return trial._trial_id, k - 1
+    s.add_all(rows)
+    return rows
 
-    try:
-        got = db.run(txn)
-    except Busy:
-        raise
-    except _Abandoned:
-        fail_cancelled(storage, asked)
-        return -1
-    except BaseException:
-        fail_cancelled(storage, asked)
-        raise
-    stored = got[0] if got is not None else None
-    fail_cancelled(storage, [a for a in asked if a != stored])  # a retried attempt's ask
-    return -1 if got is None else got[1]
+
+def store(s: Session, study: Study, sketches: list[Sketch], *, claiming: int = 0) -> int:
+    """Store as many of ``sketches`` as the study (read under its ask lock) has slots for,
+    besides ``claiming`` slots a claim takes in the same transaction, each holding one:
+    Optuna's rows and the suggestions first, then one guarded UPDATE of the study's row
+    (finishes and pops wait for that row: it is taken last). Returns how many. Raises
+    ``Raced`` when the study lost the slots meanwhile (paused, cut back or queued to: the
+    caller's transaction must roll back)."""
+    g = room(study, len(sketches), claiming=claiming)
+    if g == 0:
+        return 0
+    write(s, study.id, sketches[:g])
+    kept = s.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.status == StudyStatus.RUNNING,
+            Study.n_claimed + Study.n_waiting + Study.n_buffered + g + claiming <= Study.n_trials,
+        )
+        .values(n_buffered=Study.n_buffered + g)
+    )
+    if kept.rowcount != 1:  # type: ignore[attr-defined]
+        raise Raced(f"study {study.id} lost its room while suggestions were stored")
+    return g
 
 
 def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, Any] | None:
@@ -349,39 +356,3 @@ def fail_cancelled(storage: optuna.storages.BaseStorage, optuna_ids: Iterable[in
 def buffered_ids(s: Session, study_id: int) -> set[int]:
     """The Optuna trial ids of the study's suggestions (RUNNING in Optuna, not orphans)."""
     return set(s.scalars(select(Suggestion.optuna_trial_id).where(Suggestion.study_id == study_id)))
-
-
-class Refiller:
-    """Refills a study's buffer in a background thread of this process after a claim, one
-    refill at a time, so the claim that triggers it does not wait for the asks."""
-
-    def __init__(self, db: Database, storage: optuna.storages.BaseStorage, owner: str) -> None:
-        self.db, self.storage, self.owner = db, storage, owner
-        self._busy = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def after_claim(self, study_id: int) -> None:
-        """Start a refill of ``study_id`` unless one is already running here."""
-        if self._stop.is_set() or not enabled(self.db) or not self._busy.acquire(blocking=False):
-            return
-        self._thread = threading.Thread(
-            target=self._run, args=(study_id,), name="seqtune-refill", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, study_id: int) -> None:
-        try:
-            refill(self.db, self.storage, study_id=study_id, owner=self.owner, stop=self._stop)
-        except Exception:  # noqa: BLE001 - a failed refill only means the next claim asks
-            log.exception("refilling study %s's suggestions failed", study_id)
-        finally:
-            self._busy.release()
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop refilling: a refill under way ends after the suggestion it is asking (stored,
-        not orphaned), waited for at most ``timeout`` seconds."""
-        self._stop.set()
-        t = self._thread
-        if t is not None and t.is_alive():
-            t.join(timeout)

@@ -7,15 +7,18 @@ The lifecycle (Postgres; SQLite gets the same guarantees from its single writer)
    ``n_claimed < n_trials``, so exactly ``n_trials`` trials ever start, whatever the number of
    workers. The slot's trial is a suggestion asked ahead, popped in one statement
    (``service.store.buffer``), or, when the buffer is empty (or off, or queued trials wait),
-   one the claim asks itself under the study's ask lock and row lock (``ask()`` pops enqueued
-   trials first). Asks on one study are serialised either way: no two workers get the same
-   grid point, and TPE's constant liar sees every running or buffered trial. Each trial
-   seqtune asks is marked with ``ASKED_BY`` (``service.store.optuna``) before it is sampled.
+   one the claim samples itself under the study's ask lock: on Postgres sketched and written
+   in the claim's transaction (``service.store.optuna.sketch``), with a batch for the buffer;
+   where Optuna holds an enqueued trial, and on SQLite, ``ask()``-ed (which pops it). Asks on
+   one study are serialised either way: no two workers get the same grid point, and TPE's
+   constant liar sees every running or buffered trial. Each trial seqtune asks is marked with
+   ``ASKED_BY`` (``service.store.optuna``).
 2. The claim holds a lease: ``lease_owner`` plus a ``fence`` number. Every epoch's report and
    every heartbeat that follows progress renews it (``lease_renewed_at``).
 3. Every write of an attempt (``report``, ``save_checkpoint``, ``finish`` with the trial's
    model, ``release``) locks the trial row, checks owner and fence, and only then writes, to
    Optuna too, inside the same transaction: a fenced-off attempt is refused and changes nothing.
+   An epoch's report is all of that in one statement on Postgres (``_REPORT_FUSED``).
    ``finish`` stores the model in the transaction that records the value, so a trial's model
    and its value always come from the same attempt; how the trial's end moves its study is
    ``service.store.budget``.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +41,12 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
-    cast,
     delete,
     func,
     select,
+    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from seqtune.errors import Fenced
@@ -52,7 +55,7 @@ from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
 from service.store import budget, buffer
 from service.store.budget import close_trial, enqueue_retrain, finite
 from service.store.db import Database
-from service.store.optuna import ask_marked, optuna_study
+from service.store.optuna import ask_marked, optuna_study, sketch
 from service.store.recovery import poppable, settle_outside
 from service.store.tables import Checkpoint, Study, Trial, utcnow
 from service.store.trials import count_move
@@ -130,11 +133,13 @@ def claim(
             # (SQLite's single writer), and settling counts them as started.
             db.run(lambda s: settle_outside(s, storage, study_id=hint[2], now=utcnow()))
 
+    patient = False
+
     def txn(s: Session) -> Claim | None:
         return (
             _claim_resume(s, owner, studies)
             or _claim_buffered(s, owner, studies)
-            or _claim_new(s, storage, owner, studies)
+            or _claim_new(s, storage, owner, studies, patient=patient)
         )
 
     for _ in range(3):
@@ -142,7 +147,17 @@ def claim(
             return db.run(txn)
         except buffer.Raced:  # rolled back: the study changed under the pop; look again
             continue
+        except buffer.Again:  # rolled back: others popped what the asker stored; this
+            patient = True  # claim now queues for the lock itself, and asks
+            continue
     return None
+
+
+# The most suggestions a claim stocks for the claims waiting behind it...
+MAX_STOCK = 64
+# ...sampled within about this many seconds (the ask lock and the claim's transaction stay
+# open meanwhile; the idle-in-transaction timeout must not end it).
+STOCK_S = 2.0
 
 
 def _pick(names: list[str] | None) -> Any:
@@ -236,22 +251,41 @@ def _popped(s: Session, study: Study, owner: str) -> Claim | None:
 
 
 def _claim_new(
-    s: Session, storage: optuna.storages.BaseStorage, owner: str, names: list[str] | None
+    s: Session,
+    storage: optuna.storages.BaseStorage,
+    owner: str,
+    names: list[str] | None,
+    *,
+    patient: bool = False,
 ) -> Claim | None:
     study_id = s.scalar(_pick(names))
     if study_id is None:
         return None
-    # Every ask for a study happens under its ask lock (``service.store.buffer``), taken
-    # before the study's row lock as a refill takes them. Wait for it rather than skip the
-    # study: it is held for one ask(), or one refill's suggestion that this claim then pops.
-    # (Skipping it, workers arriving during another's ask found nothing and idled a whole
-    # poll interval: measured, 7 of 56 trials timed at 8 workers.) Studies still share the
-    # fleet: the least recently served one is picked first.
-    # The study's row is not locked for the ask: finishes and pops of the study update it,
-    # and would wait for this ask (measured: tell 100-120 ms at 8 workers). The guarded UPDATE
-    # below keeps the budget exact; the ask lock keeps other asks out meanwhile.
+    # Every ask for a study happens under its ask lock (``service.store.buffer``). A claim
+    # of a study that buffers takes it only if free: else another claim is asking, and
+    # stocks the buffer for the claims waiting behind it, so this one waits beside them and
+    # pops (``_after_ask``). Without a buffer (grid, ``buffer: 0``, SQLite) claims wait for
+    # it in turn. (Skipping a busy study instead, workers arriving during another's ask found
+    # nothing and idled a whole poll interval: measured, 7 of 56 trials timed at 8 workers.)
+    # Studies still share the fleet: the least recently served one is picked first.
+    # The study's row is locked last, by the guarded UPDATE below, for one statement:
+    # finishes and pops of the study update it (measured with the row held for the ask: tell
+    # 100-120 ms at 8 workers). The UPDATE keeps the budget exact.
+    seen = s.get(Study, study_id)
+    if (
+        not patient  # a claim that found nothing after waiting queues for the lock itself
+        and seen is not None
+        and buffer.enabled_for(s)
+        and buffer.wants_buffer(seen, StudySpec.model_validate(seen.spec))
+        and not buffer.ask_lock(s, study_id, wait=False)
+    ):
+        # Waiting in turn for the lock, even to pop, claims queued at 32 workers and the
+        # queue never drained (claim p50 1.4-1.7 s against 0.65 s side by side, measured).
+        return _after_ask(s, study_id, owner)
     buffer.ask_lock(s, study_id, wait=True)
-    study = s.scalar(select(Study).where(Study.id == study_id))
+    study = s.scalar(
+        select(Study).where(Study.id == study_id).execution_options(populate_existing=True)
+    )
     if study is None:
         return None
     # Read after the lock, so current for everything asks change: re-check it before asking,
@@ -259,7 +293,7 @@ def _claim_new(
     if not _has_room(study):
         return None
     if study.n_buffered > 0 and study.n_waiting == 0:
-        popped = _popped(s, study, owner)  # a refill stored them while we waited
+        popped = _popped(s, study, owner)  # an asker stored them while we waited
         if popped is not None:
             return popped
     free = study.n_trials - study.n_claimed - study.n_waiting - study.n_buffered
@@ -272,32 +306,67 @@ def _claim_new(
         study.last_served_at = utcnow()
         return None
     spec = StudySpec.model_validate(study.spec)
-    # Optuna's write comes before ours: on SQLite (one writer for the whole file) Optuna's own
-    # connection could not write while this transaction held the write lock. On Postgres the
-    # ask lock taken above keeps asks on one study from interleaving (refills' included).
+    # SQLite: Optuna's write (an ask) comes before ours, as Optuna's own connection could not
+    # write while this transaction held the file's write lock.
     slot_no = study.n_claimed + study.n_buffered + 1
     ostudy = optuna_study(storage, study.optuna_study_name, spec, seed_offset=slot_no)
     final_of = enqueue_retrain(s, ostudy, study, spec) if study.phase == StudyPhase.FINAL else None
-    trial = ask_marked(storage, ostudy, spec, owner)
-    # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget.
+    # Postgres: the new trial is sketched (``service.store.optuna.sketch``) and written in
+    # this transaction, with a batch for the buffer; a WAITING trial is asked (popped).
+    sk, extra = None, []
+    if final_of is None and s.get_bind().dialect.name == "postgresql":
+        sk = sketch(storage, ostudy, spec, owner)
+        if sk is not None and buffer.wants_buffer(study, spec):
+            # The buffer is empty (or this claim would have popped): stock it, with at least
+            # one suggestion for each claim waiting behind this one.
+            want = max(
+                buffer.target(s, study, spec) - study.n_buffered, buffer.waiters(s, study.id)
+            )
+            extra = buffer.sketch_many(
+                storage,
+                study,
+                spec,
+                owner,
+                k=buffer.room(study, min(MAX_STOCK, want), claiming=1),
+                seed_from=slot_no + 1,
+                siblings=[sk],
+                within_s=STOCK_S,
+            )
+    asked = ask_marked(storage, ostudy, spec, owner) if sk is None else None
+    now = utcnow()
+    trial = asked
+    if sk is not None:
+        # Optuna's rows first, the study's row last (finishes and pops wait for it): the
+        # slots were counted under the ask lock, so only a pause, a cut or a queued trial
+        # meanwhile can take them, and then the claim rolls back and looks again (Raced).
+        trial = sk.write(s)
+        buffer.store(s, study, extra, claiming=1)
+    assert trial is not None
+    # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget. A
+    # new (sketched) trial takes a slot no queued trial or suggestion holds; an asked one may
+    # be a queued trial, whose slot it takes.
+    guard = (
+        Study.n_claimed + Study.n_waiting + Study.n_buffered < Study.n_trials
+        if sk is not None
+        else Study.n_claimed < Study.n_trials
+    )
     slot = s.execute(
         update(Study)
-        .where(
-            Study.id == study.id,
-            Study.status == StudyStatus.RUNNING,
-            Study.n_claimed < Study.n_trials,
-        )
-        .values(
-            n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1, last_served_at=utcnow()
-        )
+        .where(Study.id == study.id, Study.status == StudyStatus.RUNNING, guard)
+        .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1, last_served_at=now)
         .returning(Study.n_claimed)
     ).scalar()
-    if slot is None:  # lost a race (possible where FOR UPDATE is a no-op): give it back
-        ostudy.tell(trial, state=OptunaState.FAIL)
+    if slot is None:  # lost a race (paused meanwhile; or SQLite)
+        if sk is not None:
+            raise buffer.Raced(f"study {study.id} lost its room while a claim asked")
+        ostudy.tell(trial.number, state=OptunaState.FAIL)  # give the asked one back
         return None
-    now = utcnow()
-    t = s.scalar(
-        select(Trial).where(Trial.study_id == study.id, Trial.optuna_trial_id == trial._trial_id)
+    t = (
+        None
+        if sk is not None
+        else s.scalar(
+            select(Trial).where(Trial.study_id == study.id, Trial.optuna_trial_id == trial.trial_id)
+        )
     )
     if t is not None:  # an enqueued trial that ask() popped
         count_move(s, study.id, TrialState.WAITING, None)
@@ -309,7 +378,7 @@ def _claim_new(
         t = Trial(
             study_id=study.id,
             number=trial.number,
-            optuna_trial_id=trial._trial_id,
+            optuna_trial_id=trial.trial_id,
             state=TrialState.RUNNING,
             params=trial.params,
             curve=[],
@@ -327,6 +396,22 @@ def _claim_new(
         s.add(t)
     s.flush()
     return _claim_view(t, study)
+
+
+def _after_ask(s: Session, study_id: int, owner: str) -> Claim | None:
+    """Wait for the study's asker (``buffer.wait_for_asker``) and pop what it stored. Raises
+    ``buffer.Again`` when there is nothing to pop by then (the claim looks again)."""
+    buffer.wait_for_asker(s, study_id)
+    study = s.scalar(
+        select(Study).where(Study.id == study_id).execution_options(populate_existing=True)
+    )
+    if study is None or not _has_room(study):
+        return None
+    if study.n_buffered > 0 and study.n_waiting == 0:
+        popped = _popped(s, study, owner)
+        if popped is not None:
+            return popped
+    raise buffer.Again(f"study {study_id}'s buffer was empty after its ask")
 
 
 def _has_room(study: Study) -> bool:
@@ -381,50 +466,121 @@ def report(
     (single-objective studies) as the intermediate value of step ``epoch``, replacing the
     value an earlier attempt reported for that step (see ``report_value``). Raises Fenced.
 
-    The fence is checked and the row locked (by the append itself, on Postgres) before
-    Optuna's write, and held until the append commits, so a reaper fencing this attempt off
-    waits for it, and a fenced attempt never reaches Optuna (strictly on Postgres; SQLite has
-    no row locks)."""
+    On Postgres all of it is one statement (``_REPORT_FUSED``): a reaper fencing this attempt
+    off waits for it or wins, and a fenced attempt never reaches Optuna. On SQLite the fence
+    is checked before Optuna's write and re-checked by the append (no row locks there).
+    Raises ``optuna.exceptions.UpdateFinishedTrialError`` when Optuna's trial has ended
+    (nothing is written)."""
     stamped = json.dumps({k: finite(v) for k, v in {**record, "attempt": claim.attempt}.items()})
 
+    fenced = Fenced(
+        f"trial {claim.number} of '{claim.study_name}' is no longer held by this attempt"
+    )
+    if db.settings.is_sqlite:
+        db.write(lambda conn: _report_sqlite(conn, claim, trial, epoch, stamped, value, fenced))
+        return
+    to_optuna = trial is not None and value is not None
+    if to_optuna and epoch < 0:
+        raise ValueError(f"step must be non-negative, got {epoch}")
+    params = {
+        "rec": stamped,
+        "id": claim.trial_row_id,
+        "owner": claim.owner,
+        "fence": claim.fence,
+        "running": str(TrialState.RUNNING),
+        "now": utcnow(),
+    }
+    if to_optuna:
+        stored, kind = _stored_value(float(value))  # type: ignore[arg-type]
+        params |= {"otid": claim.optuna_trial_id, "step": int(epoch), "v": stored, "kind": kind}
+
     def txn(conn: Connection) -> None:
-        text_rec = bindparam("rec", stamped, type_=String)
-        curve: Any
-        if conn.dialect.name == "postgresql":
-            curve = _T.c.curve.op("||")(cast(text_rec, JSONB))
-        else:
-            curve = func.json_insert(_T.c.curve, "$[#]", func.json(text_rec))
-        held = (
-            _T.c.id == claim.trial_row_id,
-            _T.c.lease_owner == claim.owner,
-            _T.c.fence == claim.fence,
-            _T.c.state == TrialState.RUNNING,
-        )
-        write = (
-            update(_T)
-            .where(*held)
-            .values(curve=curve, epochs=_T.c.epochs + 1, lease_renewed_at=utcnow())
-        )
-        fenced = Fenced(
-            f"trial {claim.number} of '{claim.study_name}' is no longer held by this attempt"
-        )
-        if conn.dialect.name == "postgresql":
-            # Check, lock and write in one statement; Optuna's write follows while the row
-            # stays locked until our commit (a fenced attempt never reaches Optuna).
-            if conn.execute(write.returning(_T.c.id)).first() is None:
-                raise fenced
-            if trial is not None and value is not None:
-                report_value(trial, epoch, value)
-            return
-        # SQLite: check first, then Optuna, then our write: Optuna writes on its own
-        # connection, which SQLite's single writer would refuse while we held the lock.
-        if conn.execute(select(_T.c.id).where(*held)).first() is None:
+        row = conn.execute(text(_REPORT_FUSED if to_optuna else _REPORT), params).first()
+        if row is None or not row[0]:
             raise fenced
-        if trial is not None and value is not None:
-            report_value(trial, epoch, value)
-        conn.execute(write)
+        if to_optuna and not row[1]:  # held by us, but Optuna's trial ended (an outside
+            # client told it): roll the append back too, as Optuna's own check would refuse
+            raise optuna.exceptions.UpdateFinishedTrialError(
+                f"Optuna's trial {claim.optuna_trial_id} has already finished"
+            )
 
     db.write(txn)
+    if to_optuna:
+        trial._cached_frozen_trial.intermediate_values[int(epoch)] = float(value)  # type: ignore[union-attr,arg-type]
+
+
+# Postgres: the fence check, the curve's append, the lease's renewal and Optuna's intermediate
+# value, in one statement (one round trip, one transaction): a fenced-off attempt writes
+# nothing anywhere, and Optuna's value of a step is replaced (an attempt resumed after a lost
+# lease redoes the steps after its checkpoint; see ``report_value``). The write is the row
+# Optuna's ``RDBStorage.set_trial_intermediate_value`` makes (``trial_intermediate_values``,
+# unique on trial and step), only while Optuna's trial is RUNNING, as Optuna checks; Optuna's
+# storage is seqtune's database by design (``Settings.optuna_database_url``). Optuna reads a
+# running trial from the database every time (its cache keeps finished trials only), so
+# pruners and plots see the value at once.
+_REPORT = """
+UPDATE seqtune_trials
+SET curve = curve || CAST(:rec AS jsonb), epochs = epochs + 1, lease_renewed_at = :now
+WHERE id = :id AND lease_owner = :owner AND fence = :fence AND state = :running
+RETURNING 1
+"""
+_REPORT_FUSED = """
+WITH held AS (
+    UPDATE seqtune_trials
+    SET curve = curve || CAST(:rec AS jsonb), epochs = epochs + 1, lease_renewed_at = :now
+    WHERE id = :id AND lease_owner = :owner AND fence = :fence AND state = :running
+    RETURNING id
+), iv AS (
+    INSERT INTO trial_intermediate_values
+        (trial_id, step, intermediate_value, intermediate_value_type)
+    SELECT trial_id, :step, :v, CAST(:kind AS trialintermediatevaluetype)
+    FROM trials WHERE trial_id = :otid AND state = 'RUNNING' AND EXISTS (SELECT 1 FROM held)
+    ON CONFLICT (trial_id, step) DO UPDATE
+    SET intermediate_value = EXCLUDED.intermediate_value,
+        intermediate_value_type = EXCLUDED.intermediate_value_type
+    RETURNING trial_id
+)
+SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM iv)
+"""
+
+
+def _stored_value(value: float) -> tuple[float | None, str]:
+    """Optuna's stored form of an intermediate value: (value, type); non-finite ones are
+    NULL with their type (``TrialIntermediateValueModel.intermediate_value_to_stored_repr``)."""
+    if math.isnan(value):
+        return None, "NAN"
+    if math.isinf(value):
+        return None, "INF_POS" if value > 0 else "INF_NEG"
+    return value, "FINITE"
+
+
+def _report_sqlite(
+    conn: Connection,
+    claim: Claim,
+    trial: optuna.Trial | None,
+    epoch: int,
+    stamped: str,
+    value: float | None,
+    fenced: Fenced,
+) -> None:
+    """SQLite: check first, then Optuna, then our write: Optuna writes on its own connection,
+    which SQLite's single writer would refuse while we held the lock."""
+    held = (
+        _T.c.id == claim.trial_row_id,
+        _T.c.lease_owner == claim.owner,
+        _T.c.fence == claim.fence,
+        _T.c.state == TrialState.RUNNING,
+    )
+    if conn.execute(select(_T.c.id).where(*held)).first() is None:
+        raise fenced
+    if trial is not None and value is not None:
+        report_value(trial, epoch, value)
+    curve = func.json_insert(_T.c.curve, "$[#]", func.json(bindparam("rec", stamped, type_=String)))
+    conn.execute(
+        update(_T)
+        .where(*held)
+        .values(curve=curve, epochs=_T.c.epochs + 1, lease_renewed_at=utcnow())
+    )
 
 
 def report_value(trial: optuna.Trial, step: int, value: float) -> None:

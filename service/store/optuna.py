@@ -7,6 +7,11 @@ wherever it is driven from.
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -17,7 +22,10 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from seqtune import search
 from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec
@@ -114,15 +122,14 @@ def asking_study(
 ) -> optuna.Study:
     """An Optuna study object of its own (not ``optuna_study``'s cached one), with the spec's
     sampler seeded for ``seed_offset``: for asks made beside the thread that uses the cached
-    object (a worker's suggestion refill), which would otherwise swap the sampler under them.
-    It shares the cached object's storage, and so its cache of the study's trials (a Study
-    made on the plain storage would read all of them again: a second per ask at 10^4)."""
-    return optuna.Study(
-        study_name=optuna_name,
-        storage=_cached_study(storage, optuna_name, spec)._storage,
-        sampler=make_sampler(_seeded(spec, seed_offset)),
-        pruner=make_pruner(spec.pruner),
-    )
+    object, which would otherwise swap the sampler under them, and for each suggestion of a
+    batch. A copy of the cached object: it shares its storage, and so its cache of the
+    study's trials (a Study made on the plain storage would read all of them again: a second
+    per ask at 10^4), and costs no query (``optuna.Study()`` looks the study up)."""
+    study = copy.copy(_cached_study(storage, optuna_name, spec))
+    study.sampler = make_sampler(_seeded(spec, seed_offset))
+    study.pruner = make_pruner(spec.pruner)
+    return study
 
 
 def _seeded(spec: StudySpec, seed_offset: int) -> StudySpec:
@@ -136,20 +143,107 @@ def _seeded(spec: StudySpec, seed_offset: int) -> StudySpec:
     return spec.model_copy(update={"sampler": sampler_spec.model_copy(update={"seed": seed})})
 
 
+@dataclass(frozen=True)
+class Asked:
+    """A trial seqtune asked of Optuna: its Optuna id, number and (external) parameters."""
+
+    trial_id: int
+    number: int
+    params: dict[str, Any]
+
+
 def ask_marked(
     storage: optuna.storages.BaseStorage,
     ostudy: optuna.Study,
     spec: StudySpec,
     owner: str,
-) -> optuna.Trial:
+) -> Asked:
     """``ostudy.ask()`` and the study's parameters suggested define-by-run, with the trial
     marked as seqtune's (``ASKED_BY``) right after Optuna creates or pops it and before the
     sampler runs, so that the window in which a dying claim leaves an unmarked trial is one
     write wide. Parameters are suggested parents first (``StudySpec.search_order``); a
     conditional one only when its condition holds on the values suggested so far, so an
-    inactive parameter is absent from the trial (enqueued values honoured, as by ask())."""
+    inactive parameter is absent from the trial (enqueued values honoured, as by ask()).
+    On Postgres, a trial with no WAITING trial to pop is sketched instead (``sketch``)."""
     trial = ostudy.ask()
     storage.set_trial_system_attr(trial._trial_id, ASKED_BY, owner)
+    _suggest_all(trial, spec)
+    return Asked(trial._trial_id, trial.number, dict(trial.params))
+
+
+def sketch(
+    storage: optuna.storages.BaseStorage,
+    ostudy: optuna.Study,
+    spec: StudySpec,
+    owner: str,
+    siblings: Sequence[Sketch] = (),
+) -> Sketch | None:
+    """A new trial of ``ostudy`` sampled as ``ask_marked`` samples it, but not yet written:
+    Optuna's own ``Trial`` and the study's sampler run against a storage (``Sketch``) that
+    reads the study from ``storage`` and keeps the new trial in memory. The caller writes it
+    (``Sketch.write``) in its own transaction, once it holds the budget slot, so a claim or a
+    refill that loses its slot, or dies, leaves nothing in Optuna. None when Optuna holds a
+    WAITING trial (enqueued: a queued trial, a final-phase retrain, an outside client's),
+    which ``ask_marked`` pops, as ``ask()`` would. ``siblings``: trials sketched before it
+    in the same transaction (not yet visible to Optuna's connection), which the sampler sees
+    as RUNNING trials too, as it would see them asked.
+
+    Why: ``ask()`` writes a trial in five of Optuna's transactions and about 23 statements
+    (create, re-read, mark, one per parameter), all under the study's ask lock; on a loaded
+    database that was what limited claims (bench/coordination.py). A sketch is written in two
+    statements inside the caller's transaction."""
+    # Read through the study's own storage: Optuna's cache of its finished trials (a plain
+    # RDBStorage would read every trial of the study, per ask).
+    # Siblings share the first one's read of the study (one read per batch: the batch is
+    # sampled under the ask lock, so no other ask adds a trial meanwhile).
+    reads = ostudy._storage
+    if siblings:
+        known = siblings[0].known
+    else:
+        known = reads.get_all_trials(ostudy._study_id, deepcopy=False)
+        if any(t.state == OptunaState.WAITING for t in known):
+            return None
+    sk = Sketch(
+        reads,
+        ostudy._study_id,
+        number=len(known) + len(siblings),
+        owner=owner,
+        known=known,
+        siblings=[x.trial for x in siblings],
+    )
+    sketched = copy.copy(ostudy)  # the same sampler and pruner, reading through the sketch
+    sketched._storage = sk
+    _suggest_all(optuna.Trial(sketched, Sketch.ID), spec)
+    return sk
+
+
+_LOCK_OPTUNA_STUDY = text("SELECT study_id FROM studies WHERE study_id = :sid FOR UPDATE")
+_WRITE_TRIAL = text("""
+WITH tr AS (
+    INSERT INTO trials (number, study_id, state, datetime_start)
+    VALUES ((SELECT count(*) FROM trials WHERE study_id = :sid), :sid,
+            CAST('RUNNING' AS trialstate), :start)
+    RETURNING trial_id, number
+), params AS (
+    INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
+    SELECT tr.trial_id, p.name, p.value, p.dist
+    FROM tr, jsonb_to_recordset(CAST(:params AS jsonb)) AS p(name text, value float8, dist text)
+), sys AS (
+    INSERT INTO trial_system_attributes (trial_id, key, value_json)
+    SELECT tr.trial_id, a.key, a.value
+    FROM tr, jsonb_to_recordset(CAST(:attrs AS jsonb)) AS a(key text, value text, "user" bool)
+    WHERE NOT a."user"
+), usr AS (
+    INSERT INTO trial_user_attributes (trial_id, key, value_json)
+    SELECT tr.trial_id, a.key, a.value
+    FROM tr, jsonb_to_recordset(CAST(:attrs AS jsonb)) AS a(key text, value text, "user" bool)
+    WHERE a."user"
+)
+SELECT trial_id, number FROM tr
+""")
+
+
+def _suggest_all(trial: optuna.Trial, spec: StudySpec) -> None:
     dists = distributions(spec)
     for name in spec.search_order():
         if not spec.active(trial.params).get(name, True):
@@ -162,4 +256,170 @@ def ask_marked(
         else:
             assert isinstance(dist, CategoricalDistribution)
             trial.suggest_categorical(name, dist.choices)
-    return trial
+
+
+class Sketch(optuna.storages.BaseStorage):
+    """Optuna's storage as one ask sees it: the study's trials as read once (``known``) with
+    the batch's earlier sketches (``siblings``); every other read and every study-level
+    write goes to ``real``; the new trial (id ``ID``) lives in memory, RUNNING, until
+    ``write``. It is
+    listed among the study's trials, as an asked trial would be, so samplers (TPE's constant
+    liar, NSGA-II's generations) see it as they see an asked one; what a sampler stores on
+    the trial (its system attributes) is written with it."""
+
+    ID = -1
+
+    def __init__(
+        self,
+        real: optuna.storages.BaseStorage,
+        study_id: int,
+        *,
+        number: int,
+        owner: str,
+        known: list[FrozenTrial],
+        siblings: Sequence[FrozenTrial] = (),
+    ) -> None:
+        self.real, self.study_id, self.siblings = real, study_id, list(siblings)
+        self.known = known  # the study's trials as read when the batch began
+        self.trial = FrozenTrial(
+            number=number,
+            state=OptunaState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={ASKED_BY: owner},
+            intermediate_values={},
+            trial_id=self.ID,
+        )
+
+    def write(self, s: Session) -> Asked:
+        """Write the sketched trial into Optuna's tables in ``s``'s transaction (Postgres;
+        Optuna's storage is seqtune's database by design, ``Settings.optuna_database_url``):
+        the rows ``RDBStorage.create_new_trial`` writes for a template trial, numbered as it
+        numbers them, under the same lock (the study's row in ``studies``), which is taken
+        first, in a statement of its own, so that the count sees every trial committed
+        before it."""
+        t = self.trial
+        s.execute(_LOCK_OPTUNA_STUDY, {"sid": self.study_id})
+        params = [
+            {
+                "name": name,
+                "value": dist.to_internal_repr(t.params[name]),
+                "dist": optuna.distributions.distribution_to_json(dist),
+            }
+            for name, dist in t.distributions.items()
+        ]
+        attrs = [
+            {"key": k, "value": json.dumps(v), "user": False} for k, v in t.system_attrs.items()
+        ] + [{"key": k, "value": json.dumps(v), "user": True} for k, v in t.user_attrs.items()]
+        row = s.execute(
+            _WRITE_TRIAL,
+            {
+                "sid": self.study_id,
+                # Optuna stores naive UTC (its DateTime columns convert local to UTC).
+                "start": (t.datetime_start or datetime.now()).astimezone(UTC).replace(tzinfo=None),
+                "params": json.dumps(params),
+                "attrs": json.dumps(attrs),
+            },
+        ).one()
+        return Asked(row.trial_id, row.number, dict(t.params))
+
+    # The sketched trial.
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if trial_id == self.ID:
+            return copy.deepcopy(self.trial)
+        return self.real.get_trial(trial_id)
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Container[OptunaState] | None = None
+    ) -> list[FrozenTrial]:
+        if study_id != self.study_id:
+            return self.real.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        trials = [
+            t
+            for t in [*self.known, *self.siblings, self.trial]
+            if states is None or t.state in states
+        ]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
+    ) -> None:
+        if trial_id != self.ID:
+            return self.real.set_trial_param(
+                trial_id, param_name, param_value_internal, distribution
+            )
+        self.trial.params[param_name] = distribution.to_external_repr(param_value_internal)
+        self.trial.distributions[param_name] = distribution
+        return None
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id != self.ID:
+            return self.real.set_trial_system_attr(trial_id, key, value)
+        self.trial.system_attrs[key] = value
+        return None
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id != self.ID:
+            return self.real.set_trial_user_attr(trial_id, key, value)
+        self.trial.user_attrs[key] = value
+        return None
+
+    def get_trial_number_from_id(self, trial_id: int) -> int:
+        if trial_id == self.ID:
+            return self.trial.number
+        return self.real.get_trial_number_from_id(trial_id)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        if study_id == self.study_id and trial_number == self.trial.number:
+            return self.ID
+        return self.real.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        if trial_id == self.ID:
+            raise RuntimeError("a sketched trial cannot be told while it is being asked")
+        return self.real.set_trial_state_values(trial_id, state, values)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        if trial_id == self.ID:
+            raise RuntimeError("a sketched trial cannot report while it is being asked")
+        self.real.set_trial_intermediate_value(trial_id, step, intermediate_value)
+
+    # Everything else is the study's, read from and written to Optuna's storage.
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self.real.create_new_trial(study_id, template_trial)
+
+    def create_new_study(self, directions: Any, study_name: str | None = None) -> int:
+        return self.real.create_new_study(directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self.real.delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self.real.set_study_user_attr(study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self.real.set_study_system_attr(study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self.real.get_study_id_from_name(study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self.real.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[Any]:
+        return self.real.get_study_directions(study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self.real.get_study_user_attrs(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self.real.get_study_system_attrs(study_id)
+
+    def get_all_studies(self) -> list[Any]:
+        return self.real.get_all_studies()

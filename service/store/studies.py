@@ -86,6 +86,24 @@ def study_row(s: Session, tenant: str, name: str, *, lock: bool = False) -> Stud
     return row
 
 
+def study_row_for_optuna(s: Session, tenant: str, name: str) -> Study:
+    """The study's row, locked, for a transaction that then writes to the study in Optuna
+    (creates or deletes trials there): the study's ask lock is taken first. A claim holds
+    that lock while it writes its trials to Optuna and then updates the study's row; taking
+    the row first and Optuna's lock second here would close a cycle Postgres cannot see (one
+    side waits on Optuna's own connection), stalling both until a timeout."""
+    buffer.ask_lock(s, study_row(s, tenant, name).id, wait=True)
+    row = s.scalar(
+        select(Study)
+        .where(Study.tenant == tenant, Study.name == name)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if row is None:
+        raise NotFound(f"no study named '{name}'; {hint('list_studies')}")
+    return row
+
+
 def create_study(
     db: Database, storage: optuna.storages.BaseStorage, *, tenant: str, spec: StudySpec
 ) -> StudyView:
@@ -275,7 +293,7 @@ def delete_study(
     (``init_from.study``), unless ``force``."""
 
     def txn(s: Session) -> None:
-        row = study_row(s, tenant, name, lock=True)
+        row = study_row_for_optuna(s, tenant, name)
         if row.status == StudyStatus.RUNNING and row.n_running > 0 and not force:
             raise Conflict(
                 f"study '{name}' has {row.n_running} running trial(s); "

@@ -24,7 +24,7 @@ from service.hints import hint
 from service.store import buffer
 from service.store.db import Database, page
 from service.store.optuna import distributions
-from service.store.studies import best_trial, study_row, trial_view
+from service.store.studies import best_trial, study_row, study_row_for_optuna, trial_view
 from service.store.tables import Checkpoint, Study, Trial
 
 # The study row's counter of trials in each state.
@@ -187,7 +187,7 @@ def enqueue_trial(
 
     def txn(s: Session) -> TrialView:
         cancelled.clear()
-        study = study_row(s, tenant, name, lock=True)
+        study = study_row_for_optuna(s, tenant, name)
         if study.status not in ACTIVE_STATUSES:
             raise Conflict(f"study '{name}' is {study.status}; it takes no more trials")
         spec = StudySpec.model_validate(study.spec)
