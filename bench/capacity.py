@@ -7,9 +7,10 @@
         --trials-per-worker 40 --json bench/results/coordination-cost-0.json [--pgbouncer]
     python bench/capacity.py bench/results/coordination-cost-{20,0}.json [PGBOUNCER 20 0]
 
-From one worker alone (no contention), the server CPU each trial cost with 20 epoch reports
-and with none gives the cost of one report and of the rest (claim, tell, refill). A fleet of
-N slots, each running trials of E epochs of T seconds, then asks Postgres for
+From one worker alone (no contention), the server CPU each trial cost with 20 epoch reports and
+with none gives the cost of one report and of the rest (claim with its share of the buffer's
+asks, tell). A fleet of N slots, each running trials of E epochs of T seconds, then asks
+Postgres for
 
     N / (E * T) * (trial_rest + E * report)      CPU seconds per second (cores),
 
@@ -61,7 +62,7 @@ def main() -> None:
     for c in filter(None, (direct, bouncer)):
         print(
             f"{c['via']}: Postgres CPU {c['report_ms']:.2f} ms per report, "
-            f"{c['rest_ms']:.2f} ms per trial besides (claim, tell, refill); PgBouncer "
+            f"{c['rest_ms']:.2f} ms per trial besides (claim, asks, tell); PgBouncer "
             f"{c['bouncer_report_ms']:.2f} / {c['bouncer_rest_ms']:.2f} ms; "
             f"peak {c['connections_per_slot']} Postgres connections for one slot"
         )

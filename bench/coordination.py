@@ -10,8 +10,8 @@ No training: the objective only reports. Both sides use RandomSampler and NopPru
 is measured is coordination, not the sampler (TPE's cost is Optuna's and the same for both).
 Each worker is its own process; a trial's time is the interval between its worker's
 consecutive trial ends. seqtune's workers also time each call (claim, report, tell), which the
-capacity estimate in BENCHMARKS.md is computed from, and refill the buffer in a background
-thread after each claim as a worker slot does. The study is prefilled with finished trials by
+capacity estimate in BENCHMARKS.md is computed from; a claim that finds the buffer empty
+stocks it, as a worker slot's does. The study is prefilled with finished trials by
 SQL first. While the workers run, the main process samples the Postgres connections of the
 benchmark database (``pg_stat_activity``; behind PgBouncer, its server connections) and reports
 the peak per worker. ``--pgbouncer`` runs every loop through a PgBouncer in transaction mode

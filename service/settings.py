@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     max_overflow: int = Field(
         default=10, ge=0, le=500, description="Connections opened past pool_size at peaks."
     )
-    # A worker slot holds two engines (seqtune's and Optuna's) used by at most three threads
-    # at once (the trial loop, the heartbeat, the suggestion refill): 2 + 1 per engine covers
-    # them. `seqtune worker` gives its slots these instead of pool_size / max_overflow.
+    # A worker slot holds two engines (seqtune's and Optuna's) used by at most two threads at
+    # once (the trial loop, the heartbeat): 2 + 1 per engine covers them, with one to spare.
+    # `seqtune worker` gives its slots these instead of pool_size / max_overflow.
     worker_pool_size: int = Field(
         default=2, ge=1, le=50, description="pool_size of each of a worker slot's two engines."
     )
@@ -80,8 +80,9 @@ class Settings(BaseSettings):
         description="Postgres ends a session idle inside a transaction this long, releasing its "
         "locks; a frozen worker's trial is then recovered after max(lease_timeout_s, this) plus "
         "the reap interval. It must exceed the longest pause seqtune makes inside a "
-        "transaction: one sampler ask() under the study's lock (raise it for GP samplers on "
-        "large studies).",
+        "transaction: a claim's sampling under the study's ask lock (its own trial and at most "
+        "about 2 s more of suggestions for the buffer; raise it for GP samplers on large "
+        "studies).",
     )
     db_statement_timeout_s: float = Field(
         default=600.0,

@@ -20,7 +20,7 @@ SQLite's single writer keeps the ask-per-claim path):
 - Suggestions are *sketched* (``service.store.optuna.sketch``): Optuna's sampler runs as in
   ``ask()`` and the trial is written, RUNNING in Optuna, in the transaction that gives it its
   budget slot; a batch's sketches see each other as running trials. So TPE's constant liar
-  treats buffered trials as running ones, no sampler proposes them again, and a refill that
+  treats buffered trials as running ones, no sampler proposes them again, and a claim that
   loses its slots or dies leaves nothing in Optuna.
 
 Invariants: each suggestion holds a budget slot (``n_claimed + n_waiting + n_buffered <=

@@ -181,8 +181,8 @@ def sketch(
     """A new trial of ``ostudy`` sampled as ``ask_marked`` samples it, but not yet written:
     Optuna's own ``Trial`` and the study's sampler run against a storage (``Sketch``) that
     reads the study from ``storage`` and keeps the new trial in memory. The caller writes it
-    (``Sketch.write``) in its own transaction, once it holds the budget slot, so a claim or a
-    refill that loses its slot, or dies, leaves nothing in Optuna. None when Optuna holds a
+    (``Sketch.write``) in the transaction that takes its budget slot, so a claim that loses
+    its slot, or dies, leaves nothing in Optuna. None when Optuna holds a
     WAITING trial (enqueued: a queued trial, a final-phase retrain, an outside client's),
     which ``ask_marked`` pops, as ``ask()`` would. ``siblings``: trials sketched before it
     in the same transaction (not yet visible to Optuna's connection), which the sampler sees
