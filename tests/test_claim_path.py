@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from seqtune.spec import StudySpec
-from service.store import buffer, leases, trials
+from service.store import buffer, leases, studies, trials
 from service.store.db import Database
 from service.store.optuna import ASKED_BY, asking_study, optuna_study, sketch
 from service.store.tables import Study, Suggestion, Trial
@@ -258,3 +258,44 @@ def test_an_enqueue_waits_for_the_asker_instead_of_deadlocking(db: Database, sto
         asker.execute(update(Study).where(Study.id == row.id).values(n_buffered=0))
     t.join(30)
     assert done and done[0].state == "WAITING"
+
+
+def stock(db: Database, storage: Any, k: int) -> None:
+    """Store ``k`` suggestions now, as an asker does."""
+
+    def txn(s: Session) -> int:
+        assert buffer.ask_lock(s, study_row(db).id, wait=False)
+        study = s.get(Study, study_row(db).id)
+        assert study is not None
+        spec = StudySpec.model_validate(study.spec)
+        return buffer.store(s, study, buffer.sketch_many(storage, study, spec, "asker", k=k))
+
+    assert db.run(txn) == k
+
+
+def test_pops_go_on_where_a_race_left_more_suggestions_than_slots(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 8}, budget={"n_trials": 10})
+    stock(db, storage, 5)
+    # A race (a cut or an enqueue beside a pop in flight) left 6 claimed + 5 buffered of 10.
+    db.run(lambda s: s.execute(update(Study).values(n_claimed=6)))
+    assert leases.claim(db, storage, owner="w") is not None  # a pop keeps the sum: allowed
+    assert study_row(db).n_claimed == 7
+
+
+def test_a_budget_cut_beside_a_pop_in_flight_cancels_enough(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 8}, budget={"n_trials": 10})
+    assert leases.claim(db, storage, owner="w") is not None
+    row = study_row(db)
+    extra = 5 - row.n_buffered
+    if extra:
+        stock(db, storage, extra)
+    assert study_row(db).n_buffered == 5
+    with Session(db.engine) as popper, popper.begin():  # holds the oldest, as a pop does
+        oldest = popper.scalar(
+            select(Suggestion).order_by(Suggestion.id).limit(1).with_for_update()
+        )
+        assert oldest is not None
+        studies.update_study(db, tenant="acme", name="L", n_trials=4, storage=storage)
+    row = study_row(db)
+    assert row.n_claimed + row.n_waiting + row.n_buffered <= 4  # 1 + 3: two newest went
+    assert row.n_buffered == 3

@@ -241,7 +241,9 @@ def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, An
     """Take the study's oldest suggestion as a new RUNNING trial leased to ``owner``, in one
     statement: the suggestion row is skipped if another claim (or a cancel) holds it, and the
     study's counters move only while the study runs, has no queued trial (those go first, and
-    a suggestion never takes their slot), has budget and is under its concurrency cap.
+    a suggestion never takes their slot), has budget and is under its concurrency cap. (Not
+    "while every suggestion has a slot": a pop keeps that sum, so where a race left more
+    suggestions than slots, every pop would fail until the reaper cancelled the excess.)
 
     Returns the new trial's ``id``, ``number``, ``optuna_trial_id`` and ``params``; None when
     there was nothing to pop. Raises ``Raced`` when a suggestion was taken but the study no
@@ -279,7 +281,7 @@ WITH sug AS (
     SET n_claimed = n_claimed + 1, n_running = n_running + 1, n_buffered = n_buffered - 1,
         last_served_at = :now
     WHERE id = :sid AND status = :running AND n_waiting = 0
-      AND n_claimed + n_waiting + n_buffered <= n_trials AND n_claimed < n_trials
+      AND n_claimed < n_trials
       AND (max_concurrent IS NULL OR n_running < max_concurrent)
       AND EXISTS (SELECT 1 FROM sug)
     RETURNING id
@@ -299,8 +301,8 @@ FROM sug LEFT JOIN ins ON ins.optuna_trial_id = sug.optuna_trial_id
 
 
 def cancel(s: Session, study: Study, *, keep: int = 0) -> list[int]:
-    """Delete the study's suggestions beyond its ``keep`` oldest (the study row is locked by
-    the caller) and return their Optuna trial ids: the caller fails them in Optuna
+    """Delete the study's newest suggestions, all but its ``keep`` oldest (the study row is
+    locked by the caller), and return their Optuna trial ids: the caller fails them in Optuna
     (``fail_cancelled``) once its transaction has committed.
 
     A suggestion a claim is popping right now is skipped, not waited for (the pop waits for
@@ -309,15 +311,17 @@ def cancel(s: Session, study: Study, *, keep: int = 0) -> list[int]:
     by the next reap (``service.store.recovery``)."""
     if study.n_buffered <= keep and keep > 0:
         return []
-    ids = list(
-        s.scalars(
-            select(Suggestion.id)
-            .where(Suggestion.study_id == study.id)
-            .order_by(Suggestion.id)
-            .offset(keep)
-            .with_for_update(skip_locked=True)
-        )
+    # The newest first, and counted, not offset: rows a pop holds (skipped) would not count
+    # towards an OFFSET, and too few would go. keep=0 takes every row, whatever the counter.
+    q = (
+        select(Suggestion.id)
+        .where(Suggestion.study_id == study.id)
+        .order_by(Suggestion.id.desc())
+        .with_for_update(skip_locked=True)
     )
+    if keep > 0:
+        q = q.limit(max(0, study.n_buffered - keep))
+    ids = list(s.scalars(q))
     if not ids:
         return []
     gone = list(

@@ -342,25 +342,6 @@ def _claim_new(
         trial = sk.write(s)
         buffer.store(s, study, extra, claiming=1)
     assert trial is not None
-    # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget. A
-    # new (sketched) trial takes a slot no queued trial or suggestion holds; an asked one may
-    # be a queued trial, whose slot it takes.
-    guard = (
-        Study.n_claimed + Study.n_waiting + Study.n_buffered < Study.n_trials
-        if sk is not None
-        else Study.n_claimed < Study.n_trials
-    )
-    slot = s.execute(
-        update(Study)
-        .where(Study.id == study.id, Study.status == StudyStatus.RUNNING, guard)
-        .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1, last_served_at=now)
-        .returning(Study.n_claimed)
-    ).scalar()
-    if slot is None:  # lost a race (paused meanwhile; or SQLite)
-        if sk is not None:
-            raise buffer.Raced(f"study {study.id} lost its room while a claim asked")
-        ostudy.tell(trial.number, state=OptunaState.FAIL)  # give the asked one back
-        return None
     t = (
         None
         if sk is not None
@@ -368,6 +349,30 @@ def _claim_new(
             select(Trial).where(Trial.study_id == study.id, Trial.optuna_trial_id == trial.trial_id)
         )
     )
+    # Exactly n_trials claims, whatever the concurrency: the UPDATE re-checks the budget. A
+    # new trial takes a slot no queued trial or suggestion holds; a queued trial that ask()
+    # popped takes its own. Pops do not take the ask lock: the cap is checked again too.
+    guard = (
+        Study.n_claimed + Study.n_waiting + Study.n_buffered < Study.n_trials
+        if t is None
+        else Study.n_claimed < Study.n_trials
+    )
+    slot = s.execute(
+        update(Study)
+        .where(
+            Study.id == study.id,
+            Study.status == StudyStatus.RUNNING,
+            guard,
+            Study.max_concurrent.is_(None) | (Study.n_running < Study.max_concurrent),
+        )
+        .values(n_claimed=Study.n_claimed + 1, n_running=Study.n_running + 1, last_served_at=now)
+        .returning(Study.n_claimed)
+    ).scalar()
+    if slot is None:  # lost a race (paused, cut or at its cap meanwhile; or SQLite)
+        if sk is not None:
+            raise buffer.Raced(f"study {study.id} lost its room while a claim asked")
+        ostudy.tell(trial.number, state=OptunaState.FAIL)  # give the asked one back
+        return None
     if t is not None:  # an enqueued trial that ask() popped
         count_move(s, study.id, TrialState.WAITING, None)
         t.state = trial_transition("claim", t.state, TrialState.RUNNING, number=t.number)
