@@ -146,11 +146,11 @@ def test_a_pause_cancels_the_buffer_and_a_resume_refills_it(db: Database, storag
 
 def test_a_lower_budget_cancels_the_suggestions_beyond_it(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
     make(db, storage, sampler={"name": "random", "buffer": 4}, budget={"n_trials": 40})
-    # 30 claims just now: about 2 s of claims at 1/s is 2 suggestions; the cap is 4.
+    # 30 claims just now, at many a second: the target is the cap, 4.
     claims = [leases.claim(db, storage, owner="w") for _ in range(30)]
     assert all(claims)
     refill(db, storage)  # on top of what the claims that found the buffer empty stocked
-    assert study_row(db).n_buffered == 2
+    assert study_row(db).n_buffered == 4
     studies.update_study(db, tenant="acme", name="L", n_trials=31, storage=storage)
     row = study_row(db)
     assert row.n_buffered == 1 and len(suggestions(db)) == 1  # the oldest is kept
@@ -170,12 +170,27 @@ def test_target_follows_the_claim_rate_within_the_cap(db: Database, storage) -> 
             )
         )
 
+    def spread(seconds: float) -> None:  # the claims so far, started over the last seconds
+        db.run(
+            lambda s: s.execute(
+                update(Trial).values(
+                    started_at=now - timedelta(seconds=seconds) * (Trial.id % 30) / 29
+                )
+            )
+        )
+
     assert target() == 1
     for _ in range(16):
         assert leases.claim(db, storage, owner="w") is not None
+    spread(30)
     assert target() == 2  # 16 claims in 30 s, times 2 s: 1.07, rounded up
+    spread(4)
+    # The same 16 in the last 4 s: a study that began claiming moments ago is measured
+    # over what its claims span, not the whole window (16 / 30 s would want 2).
+    assert target() == 3  # 16 in 4 s would want 8: the study's cap is 3
     for _ in range(44):
         assert leases.claim(db, storage, owner="w") is not None
+    spread(30)
     assert target() == 3  # 60 in 30 s would want 4: the study's cap is 3
     # Claims older than the window no longer count.
     db.run(lambda s: s.execute(update(Trial).values(started_at=now - timedelta(minutes=5))))

@@ -164,11 +164,14 @@ def test_a_claim_that_finds_the_buffer_empty_stocks_it_for_the_waiters(
     c = leases.claim(db, storage, owner="w")
     assert c is not None
     row = study_row(db)
-    assert (row.n_claimed, row.n_buffered) == (1, 5)
+    # One per waiter besides the study's target (1: no claims yet), so that the claims
+    # after the waiters still find one to pop.
+    assert (row.n_claimed, row.n_buffered) == (1, 6)
     sugs = db.run(lambda s: list(s.scalars(select(Suggestion).order_by(Suggestion.id))))
-    assert len(sugs) == 5 and len({x.number for x in sugs} | {c.number}) == 6
+    assert len(sugs) == 6 and len({x.number for x in sugs} | {c.number}) == 7
+    assert [x.number for x in sugs] == sorted(x.number for x in sugs)  # popped in order
     states = {t.number: t.state for t in loaded(storage).trials}
-    assert states == dict.fromkeys(range(6), OptunaState.RUNNING)
+    assert states == dict.fromkeys(range(7), OptunaState.RUNNING)
 
 
 def test_waiters_counts_the_claims_waiting_for_the_asker(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
@@ -299,3 +302,103 @@ def test_a_budget_cut_beside_a_pop_in_flight_cancels_enough(db: Database, storag
     row = study_row(db)
     assert row.n_claimed + row.n_waiting + row.n_buffered <= 4  # 1 + 3: two newest went
     assert row.n_buffered == 3
+
+
+def test_a_claim_of_a_stocked_study_is_one_statement_committing_itself(db, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 8}, budget={"n_trials": 10})
+    stock(db, storage, 3)
+    oldest = suggestions_of(db)[0]
+    with statements(db.engine) as ours, statements(optuna_engine(storage)) as theirs:
+        c = leases.claim(db, storage, owner="w")
+    assert c is not None and c.number == oldest.number and c.params == oldest.params
+    assert len(ours) == 1 and theirs == []  # no BEGIN/COMMIT round trips: autocommit
+    row = study_row(db)
+    assert (row.n_claimed, row.n_running, row.n_buffered) == (1, 1, 2)
+    t = db.run(lambda s: s.scalar(select(Trial).where(Trial.number == c.number)))
+    assert (t.state, t.lease_owner, t.fence, t.optuna_trial_id) == (
+        "RUNNING",
+        "w",
+        1,
+        oldest.optuna_trial_id,
+    )
+    assert oldest.id not in {x.id for x in suggestions_of(db)}
+
+
+def test_the_one_statement_claim_resumes_first_and_leaves_what_it_cannot_take(db, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 8}, budget={"n_trials": 10})
+    first = leases.claim(db, storage, owner="w1")
+    assert first is not None
+    stock(db, storage, 2)
+    before = [x.id for x in suggestions_of(db)]
+    counters = study_row(db).n_buffered
+    # A trial that lost its owner waits to be resumed: the pop leaves the buffer alone.
+    db.run(
+        lambda s: s.execute(
+            update(Trial).where(Trial.id == first.trial_row_id).values(lease_owner=None)
+        )
+    )
+    assert leases._claim_popped(db, "w2", None) is None
+    resumed = leases.claim(db, storage, owner="w2")
+    assert resumed is not None and resumed.number == first.number and resumed.attempt == 2
+    # A queued trial goes first, and the study at its concurrency cap starts nothing: the
+    # statement that finds the study's row unable to move changes nothing.
+    db.run(lambda s: s.execute(update(Study).values(n_waiting=1)))
+    assert leases._claim_popped(db, "w3", None) is None
+    db.run(lambda s: s.execute(update(Study).values(n_waiting=0, max_concurrent=1)))
+    assert leases._claim_popped(db, "w3", None) is None
+    assert [x.id for x in suggestions_of(db)] == before
+    row = study_row(db)
+    assert (row.n_claimed, row.n_running, row.n_buffered) == (1, 1, counters)
+
+
+def test_a_batch_is_written_to_optuna_in_a_fixed_number_of_statements(db, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 16}, budget={"n_trials": 20})
+    counts = []
+    for k in (1, 6):
+        with statements(db.engine) as ours:
+            stock(db, storage, k)
+        counts.append(len([x for x in ours if "trials" in x or "seqtune_" in x]))
+    assert counts[0] == counts[1]  # not one more per suggestion
+    trials_ = loaded(storage).trials
+    assert [t.number for t in trials_] == list(range(7))
+    assert {t.state for t in trials_} == {OptunaState.RUNNING}
+    by_number = {x.number: x for x in suggestions_of(db)}
+    for t in trials_:
+        assert t.params == by_number[t.number].params
+        assert t.system_attrs[ASKED_BY] == "asker"
+        assert t.distributions["hidden_size"] == optuna.distributions.IntDistribution(4, 64)
+
+
+def test_a_sketch_under_hyperband_does_not_look_its_study_up_by_name(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    spec = make(db, storage, pruner={"name": "hyperband"}, budget={"n_trials": 20})
+    st = study_row(db)
+    ost = asking_study(storage, st.optuna_study_name, spec, 1)
+    first = sketch(storage, ost, spec, "w")
+    assert first is not None
+    with statements(optuna_engine(storage)) as theirs:
+        for _ in range(3):
+            assert sketch(storage, ost, spec, "w", siblings=[first]) is not None
+    # Hyperband's brackets each made a Study object, which looked the study up by name in
+    # Optuna's `studies` table: four queries per sketch.
+    assert [x for x in theirs if "study_name" in x] == []
+
+
+def test_a_finish_locks_the_study_row_for_its_last_statement_only(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    make(db, storage, sampler={"name": "random", "buffer": 0}, budget={"n_trials": 2})
+    a, b = (leases.claim(db, storage, owner=w) for w in ("w1", "w2"))
+    assert a is not None and b is not None
+    for c in (a, b):
+        ost = optuna_study(storage, c.optuna_study_name, StudySpec.model_validate(c.spec))
+        with statements(db.engine) as ours:
+            leases.finish(db, ostudy=ost, claim=c, state="COMPLETE", values=[0.5], model=b"m")
+        on_study = [i for i, x in enumerate(ours) if "seqtune_studies" in x]
+        assert ours[on_study[0]].startswith("UPDATE seqtune_studies")
+        if c is a:  # the counters are the transaction's last statement: the commit follows
+            assert on_study == [len(ours) - 1]
+    row = study_row(db)
+    assert (row.n_complete, row.n_running, row.status) == (2, 0, "completed")
+    assert leases.load_checkpoint(db, trial_row_id=a.trial_row_id, kind="best") == (0, b"m")
+
+
+def suggestions_of(db: Database) -> list[Suggestion]:
+    return db.run(lambda s: list(s.scalars(select(Suggestion).order_by(Suggestion.id))))

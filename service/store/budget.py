@@ -25,7 +25,7 @@ from seqtune.spec import StopWhen, StudySpec
 from seqtune.states import StudyPhase, StudyStatus, TrialState, study_transition, trial_transition
 from service.store import buffer
 from service.store.tables import Study, Trial, Worker, utcnow
-from service.store.trials import count_move, update_front
+from service.store.trials import count_deltas, count_move, update_front
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def close_trial(
     error: str | None = None,
     tell: bool = True,
     constraints: list[float] | None = None,
+    last: bool = False,
 ) -> list[int]:
     """Record the end of trial ``t`` (the caller holds its row lock) as ``state`` through the
     transition ``action``, telling Optuna first when ``tell`` (and ``ostudy`` is given); free
@@ -87,6 +88,30 @@ def close_trial(
     t.finished_at = utcnow()
     s.execute(update(Worker).where(Worker.trial_id == t.id).values(trial_id=None))
     s.flush()
+    if last:
+        # The caller commits right after (Postgres, a study with one objective and no
+        # automatic stopping): the study's row, which every claim and finish of the study
+        # updates, is locked by this one statement until that commit, not for the reads
+        # and writes the full path makes under it (measured at 32 workers: tell p50 0.45 s
+        # with the row held across them).
+        left = s.execute(
+            update(Study)
+            .where(Study.id == t.study_id)
+            .values(**count_deltas(old_state, state))
+            .returning(Study.status, Study.n_claimed, Study.n_trials, Study.n_running)
+        ).one()
+        if not (
+            left.status == StudyStatus.RUNNING
+            and left.n_claimed >= left.n_trials
+            and left.n_running == 0
+        ):
+            return []
+        study = s.scalar(
+            select(Study).where(Study.id == t.study_id).execution_options(populate_existing=True)
+        )
+        assert study is not None
+        end_of_budget(s, study)
+        return []
     study = s.scalar(select(Study).where(Study.id == t.study_id).with_for_update())
     assert study is not None
     count_move(s, study.id, old_state, state)

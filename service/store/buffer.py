@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus
 from service.store.db import Database
-from service.store.optuna import Sketch, asking_study, sketch
+from service.store.optuna import Sketch, asking_study, sketch, write_sketches
 from service.store.tables import Study, Suggestion, Trial
 
 log = logging.getLogger(__name__)
@@ -142,19 +142,24 @@ def wants_buffer(study: Study, spec: StudySpec) -> bool:
 
 
 def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = None) -> int:
-    """How many suggestions the study should hold: about ``HORIZON_S`` of its claims over the
-    last ``RATE_WINDOW_S`` (up to ``now``; by default the database's clock, which stamped
-    them), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
+    """How many suggestions the study should hold: about ``HORIZON_S`` of its claims, at
+    the rate of those of the last ``RATE_WINDOW_S`` (up to ``now``; by default the database's
+    clock, which stamped them) over the part of the window they span (a study that began
+    claiming 5 s ago at 10 a second claims 10 a second, not 50 / 30), at least 1, at most
+    ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0
-    window = timedelta(seconds=RATE_WINDOW_S)
-    since = (now - window) if now is not None else func.now() - window
-    recent = s.scalar(
-        select(func.count())
-        .select_from(Trial)
-        .where(Trial.study_id == study.id, Trial.started_at >= since)
-    )
-    rate = (recent or 0) / RATE_WINDOW_S
+    clock = now if now is not None else func.now()
+    since = clock - timedelta(seconds=RATE_WINDOW_S)
+    recent, first, clock_now = s.execute(
+        select(func.count(), func.min(Trial.started_at), func.now()).where(
+            Trial.study_id == study.id, Trial.started_at >= since
+        )
+    ).one()
+    if not recent or first is None:
+        return 1
+    span = ((now or clock_now) - first).total_seconds()
+    rate = recent / min(RATE_WINDOW_S, max(1.0, span))
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
 
 
@@ -197,17 +202,17 @@ def room(study: Study, k: int, *, claiming: int = 0) -> int:
 def write(s: Session, study_id: int, sketches: list[Sketch]) -> list[Suggestion]:
     """Write ``sketches`` to Optuna and to the buffer (their slots are the caller's to take,
     after: the study's row is locked last, so finishes and pops wait for one statement)."""
-    rows = []
-    for sk in sketches:
-        trial = sk.write(s)
-        rows.append(
-            Suggestion(
-                study_id=study_id,
-                optuna_trial_id=trial.trial_id,
-                number=trial.number,
-                params=trial.params,
-            )
+    if not sketches:
+        return []
+    rows = [
+        Suggestion(
+            study_id=study_id,
+            optuna_trial_id=trial.trial_id,
+            number=trial.number,
+            params=trial.params,
         )
+        for trial in write_sketches(s, sketches[0].study_id, sketches)
+    ]
     s.add_all(rows)
     return rows
 

@@ -255,6 +255,16 @@ class Database:
         with self.engine.begin() as conn:
             return fn(conn)
 
+    def autocommit(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)`` with no transaction around it: each statement commits by
+        itself, with no round trip for BEGIN or COMMIT and no lock held between statements
+        (for one statement that does all its work). Retried and translated like ``run``."""
+        return self._retrying(lambda: self._autocommit_once(fn), retry=True)
+
+    def _autocommit_once(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            return fn(conn.execution_options(isolation_level="AUTOCOMMIT"))
+
     def run(self, fn: Callable[[Session], T], *, retry: bool = True) -> T:
         """Run ``fn(session)`` in one transaction and return its result.
 

@@ -118,6 +118,10 @@ def claim(
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
+    if not db.settings.is_sqlite:
+        popped = _claim_popped(db, owner, studies)
+        if popped is not None:
+            return popped
     hint = db.run(
         lambda s: s.execute(
             _pick(studies).with_only_columns(
@@ -174,6 +178,93 @@ def _pick(names: list[str] | None) -> Any:
         .limit(1)
     )
     return pick.where(Study.name.in_(names)) if names else pick
+
+
+def _claim_popped(db: Database, owner: str, names: list[str] | None) -> Claim | None:
+    """The claim's fast path (Postgres): a suggestion of the study the next slot comes from,
+    popped in one statement that commits by itself (``_CLAIM_POP``), so the study's row is
+    locked for that statement's execution only. None, having changed nothing, when a trial
+    waits to be resumed, the study has queued trials or no suggestion to pop, or another claim
+    holds its last one: the full claim (``claim``) decides then."""
+    params = {
+        "names": list(names) if names else None,
+        "owner": owner,
+        "now": utcnow(),
+        "running": str(StudyStatus.RUNNING),
+        "trunning": str(TrialState.RUNNING),
+    }
+
+    def pop(conn: Connection) -> Any:
+        return conn.execute(text(_CLAIM_POP), params).mappings().first()
+
+    row = db.autocommit(pop)
+    if row is None:
+        return None
+    return Claim(
+        owner=owner,
+        fence=1,
+        trial_row_id=row["id"],
+        number=row["number"],
+        optuna_trial_id=row["optuna_trial_id"],
+        attempt=1,
+        params=row["params"],
+        study_id=row["study_id"],
+        study_name=row["name"],
+        tenant=row["tenant"],
+        optuna_study_name=row["optuna_study_name"],
+        spec=row["spec"],
+    )
+
+
+# The fast path's statement: the study is the one ``_pick`` picks; nothing is popped while a
+# trial of the worker's studies waits to be resumed (``_claim_resume`` goes first). The
+# suggestion is locked first, then the study's counters move (under the same guards as
+# ``buffer.pop``), and only then is the suggestion deleted and the trial inserted: where the
+# counters could not move (a pause, a cut, a queued trial or the concurrency cap, read after
+# waiting for the row), the statement changes nothing, and it commits by itself.
+_CLAIM_POP = """
+WITH pick AS (
+    SELECT id FROM seqtune_studies
+    WHERE status = :running AND n_claimed < n_trials
+      AND (max_concurrent IS NULL OR n_running < max_concurrent)
+      AND (CAST(:names AS text[]) IS NULL OR name = ANY(CAST(:names AS text[])))
+    ORDER BY priority DESC, last_served_at ASC NULLS FIRST, id
+    LIMIT 1
+), orphan AS (
+    SELECT 1 FROM seqtune_trials t JOIN seqtune_studies st ON st.id = t.study_id
+    WHERE t.state = :trunning AND t.lease_owner IS NULL AND st.status = :running
+      AND (CAST(:names AS text[]) IS NULL OR st.name = ANY(CAST(:names AS text[])))
+    LIMIT 1
+), sug AS (
+    SELECT id, study_id FROM seqtune_suggestions
+    WHERE study_id = (SELECT id FROM pick) AND NOT EXISTS (SELECT 1 FROM orphan)
+    ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
+), slot AS (
+    UPDATE seqtune_studies
+    SET n_claimed = n_claimed + 1, n_running = n_running + 1, n_buffered = n_buffered - 1,
+        last_served_at = :now
+    WHERE id = (SELECT study_id FROM sug) AND status = :running AND n_waiting = 0
+      AND n_claimed < n_trials
+      AND (max_concurrent IS NULL OR n_running < max_concurrent)
+    RETURNING id, name, tenant, optuna_study_name, spec
+), gone AS (
+    DELETE FROM seqtune_suggestions
+    WHERE id = (SELECT id FROM sug) AND EXISTS (SELECT 1 FROM slot)
+    RETURNING study_id, optuna_trial_id, number, params
+), ins AS (
+    INSERT INTO seqtune_trials (
+        study_id, number, optuna_trial_id, state, params, on_front, curve, epochs, info,
+        attempts, lease_owner, worker, fence, lease_renewed_at, created_at, started_at
+    )
+    SELECT study_id, number, optuna_trial_id, :trunning, params, false,
+           '[]'::jsonb, 0, '{}'::jsonb, 1, :owner, :owner, 1, :now, :now, :now
+    FROM gone
+    RETURNING id, study_id, number, optuna_trial_id, params
+)
+SELECT ins.id, ins.study_id, ins.number, ins.optuna_trial_id, ins.params,
+       slot.name, slot.tenant, slot.optuna_study_name, slot.spec
+FROM ins JOIN slot ON slot.id = ins.study_id
+"""
 
 
 def _claim_resume(s: Session, owner: str, names: list[str] | None) -> Claim | None:
@@ -320,11 +411,10 @@ def _claim_new(
     if final_of is None and buffer.enabled_for(s):
         sk = sketch(storage, ostudy, spec, owner)
         if sk is not None and buffer.wants_buffer(study, spec):
-            # The buffer is empty (or this claim would have popped): stock it, with at least
-            # one suggestion for each claim waiting behind this one.
-            want = max(
-                buffer.target(s, study, spec) - study.n_buffered, buffer.waiters(s, study.id)
-            )
+            # The buffer is empty (or this claim would have popped): stock it, with one
+            # suggestion for each claim waiting behind this one besides its target, so that
+            # the claims after those still find some to pop.
+            want = buffer.target(s, study, spec) - study.n_buffered + buffer.waiters(s, study.id)
             extra = buffer.sketch_many(
                 storage,
                 study,
@@ -632,10 +722,20 @@ def finish(
     runs. Raises Fenced."""
 
     cancelled: list[int] = []
+    # The study's counters last, right before the commit (``close_trial(last=True)``), where
+    # nothing else needs the study's row locked: Postgres, one objective (no Pareto front to
+    # keep), no automatic stopping.
+    last = (
+        not db.settings.is_sqlite
+        and len(claim.spec.get("objectives") or []) == 1
+        and not (claim.spec.get("budget") or {}).get("stop_when")
+    )
 
     def txn(s: Session) -> None:
         cancelled.clear()
         t = _locked(s, claim)
+        if last and model is not None:
+            _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
         # Optuna's tell (inside close_trial) writes first, on its own connection: SQLite's
         # single writer would block it behind this transaction had the checkpoint been written
         # before.
@@ -651,9 +751,10 @@ def finish(
             info=info,
             error=error,
             constraints=constraints,
+            last=last,
         )
         cancelled.extend(gone)
-        if model is not None:
+        if model is not None and not last:
             _put_checkpoint(s, t.id, kind="best", epoch=model_epoch or 0, data=model)
 
     db.run(txn)

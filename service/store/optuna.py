@@ -210,6 +210,7 @@ def sketch(
         owner=owner,
         known=known,
         siblings=[x.trial for x in siblings],
+        study_name=ostudy.study_name,
     )
     sketched = copy.copy(ostudy)  # the same sampler and pruner, reading through the sketch
     sketched._storage = sk
@@ -218,29 +219,81 @@ def sketch(
 
 
 _LOCK_OPTUNA_STUDY = text("SELECT study_id FROM studies WHERE study_id = :sid FOR UPDATE")
-_WRITE_TRIAL = text("""
-WITH tr AS (
+_WRITE_TRIALS = text("""
+WITH base AS (
+    SELECT count(*) AS n FROM trials WHERE study_id = :sid
+), src AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:trials AS jsonb))
+        AS x(i int, start timestamp, params jsonb, attrs jsonb)
+), tr AS (
     INSERT INTO trials (number, study_id, state, datetime_start)
-    VALUES ((SELECT count(*) FROM trials WHERE study_id = :sid), :sid,
-            CAST('RUNNING' AS trialstate), :start)
+    SELECT base.n + src.i, :sid, CAST('RUNNING' AS trialstate), src.start
+    FROM src, base ORDER BY src.i
     RETURNING trial_id, number
+), j AS (
+    SELECT tr.trial_id, tr.number, src.i, src.params, src.attrs
+    FROM tr, base, src WHERE tr.number = base.n + src.i
 ), params AS (
     INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
-    SELECT tr.trial_id, p.name, p.value, p.dist
-    FROM tr, jsonb_to_recordset(CAST(:params AS jsonb)) AS p(name text, value float8, dist text)
+    SELECT j.trial_id, p.name, p.value, p.dist
+    FROM j, jsonb_to_recordset(j.params) AS p(name text, value float8, dist text)
 ), sys AS (
     INSERT INTO trial_system_attributes (trial_id, key, value_json)
-    SELECT tr.trial_id, a.key, a.value
-    FROM tr, jsonb_to_recordset(CAST(:attrs AS jsonb)) AS a(key text, value text, "user" bool)
+    SELECT j.trial_id, a.key, a.value
+    FROM j, jsonb_to_recordset(j.attrs) AS a(key text, value text, "user" bool)
     WHERE NOT a."user"
 ), usr AS (
     INSERT INTO trial_user_attributes (trial_id, key, value_json)
-    SELECT tr.trial_id, a.key, a.value
-    FROM tr, jsonb_to_recordset(CAST(:attrs AS jsonb)) AS a(key text, value text, "user" bool)
+    SELECT j.trial_id, a.key, a.value
+    FROM j, jsonb_to_recordset(j.attrs) AS a(key text, value text, "user" bool)
     WHERE a."user"
 )
-SELECT trial_id, number FROM tr
+SELECT trial_id, number FROM j ORDER BY i
 """)
+
+
+def write_sketches(s: Session, study_id: int, sketches: Sequence[Sketch]) -> list[Asked]:
+    """Write ``sketches`` (of the Optuna study ``study_id``, in order) into Optuna's tables in
+    ``s``'s transaction, in two statements however many there are (Postgres; Optuna's
+    storage is seqtune's database by design, ``Settings.optuna_database_url``): the rows
+    ``RDBStorage.create_new_trial`` writes for a template trial, numbered as it numbers them,
+    under the same lock (the study's row in ``studies``), which is taken first, in a statement
+    of its own, so that the count sees every trial committed before it."""
+    if not sketches:
+        return []
+    s.execute(_LOCK_OPTUNA_STUDY, {"sid": study_id})
+    rows = [
+        {
+            "i": i,
+            # Optuna stores naive UTC (its DateTime columns convert local to UTC).
+            "start": (sk.trial.datetime_start or datetime.now())
+            .astimezone(UTC)
+            .replace(tzinfo=None)
+            .isoformat(),
+            "params": [
+                {
+                    "name": name,
+                    "value": dist.to_internal_repr(sk.trial.params[name]),
+                    "dist": optuna.distributions.distribution_to_json(dist),
+                }
+                for name, dist in sk.trial.distributions.items()
+            ],
+            "attrs": [
+                {"key": k, "value": json.dumps(v), "user": False}
+                for k, v in sk.trial.system_attrs.items()
+            ]
+            + [
+                {"key": k, "value": json.dumps(v), "user": True}
+                for k, v in sk.trial.user_attrs.items()
+            ],
+        }
+        for i, sk in enumerate(sketches)
+    ]
+    got = s.execute(_WRITE_TRIALS, {"sid": study_id, "trials": json.dumps(rows)}).all()
+    return [
+        Asked(r.trial_id, r.number, dict(sk.trial.params))
+        for r, sk in zip(got, sketches, strict=True)
+    ]
 
 
 def _suggest_all(trial: optuna.Trial, spec: StudySpec) -> None:
@@ -278,8 +331,10 @@ class Sketch(optuna.storages.BaseStorage):
         owner: str,
         known: list[FrozenTrial],
         siblings: Sequence[FrozenTrial] = (),
+        study_name: str | None = None,
     ) -> None:
         self.real, self.study_id, self.siblings = real, study_id, list(siblings)
+        self.study_name = study_name
         self.known = known  # the study's trials as read when the batch began
         self.trial = FrozenTrial(
             number=number,
@@ -296,36 +351,9 @@ class Sketch(optuna.storages.BaseStorage):
         )
 
     def write(self, s: Session) -> Asked:
-        """Write the sketched trial into Optuna's tables in ``s``'s transaction (Postgres;
-        Optuna's storage is seqtune's database by design, ``Settings.optuna_database_url``):
-        the rows ``RDBStorage.create_new_trial`` writes for a template trial, numbered as it
-        numbers them, under the same lock (the study's row in ``studies``), which is taken
-        first, in a statement of its own, so that the count sees every trial committed
-        before it."""
-        t = self.trial
-        s.execute(_LOCK_OPTUNA_STUDY, {"sid": self.study_id})
-        params = [
-            {
-                "name": name,
-                "value": dist.to_internal_repr(t.params[name]),
-                "dist": optuna.distributions.distribution_to_json(dist),
-            }
-            for name, dist in t.distributions.items()
-        ]
-        attrs = [
-            {"key": k, "value": json.dumps(v), "user": False} for k, v in t.system_attrs.items()
-        ] + [{"key": k, "value": json.dumps(v), "user": True} for k, v in t.user_attrs.items()]
-        row = s.execute(
-            _WRITE_TRIAL,
-            {
-                "sid": self.study_id,
-                # Optuna stores naive UTC (its DateTime columns convert local to UTC).
-                "start": (t.datetime_start or datetime.now()).astimezone(UTC).replace(tzinfo=None),
-                "params": json.dumps(params),
-                "attrs": json.dumps(attrs),
-            },
-        ).one()
-        return Asked(row.trial_id, row.number, dict(t.params))
+        """Write the sketched trial into Optuna's tables in ``s``'s transaction
+        (``write_sketches``)."""
+        return write_sketches(s, self.study_id, [self])[0]
 
     # The sketched trial.
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -407,6 +435,10 @@ class Sketch(optuna.storages.BaseStorage):
         self.real.set_study_system_attr(study_id, key, value)
 
     def get_study_id_from_name(self, study_name: str) -> int:
+        # Hyperband's pruner makes a study object per bracket on every sampling call (four
+        # per sketch), and each looks its study up by name: the sketch's own is known.
+        if study_name == self.study_name:
+            return self.study_id
         return self.real.get_study_id_from_name(study_name)
 
     def get_study_name_from_id(self, study_id: int) -> str:

@@ -232,13 +232,20 @@ def enqueue_trial(
 
 def count_move(s: Session, study_id: int, old: str | None, new: str | None) -> None:
     """Move one trial between state counters, atomically in SQL (no lost updates)."""
+    values = count_deltas(old, new)
+    if values:
+        s.execute(update(Study).where(Study.id == study_id).values(**values))
+
+
+def count_deltas(old: str | None, new: str | None) -> dict[str, Any]:
+    """The SET clause that moves one trial from state ``old`` to ``new`` in its study's
+    counters (``count_move``)."""
     values: dict[str, Any] = {}
     if old is not None:
         values[_COUNTER[TrialState(old)]] = getattr(Study, _COUNTER[TrialState(old)]) - 1
     if new is not None:
         values[_COUNTER[TrialState(new)]] = getattr(Study, _COUNTER[TrialState(new)]) + 1
-    if values:
-        s.execute(update(Study).where(Study.id == study_id).values(**values))
+    return values
 
 
 def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
