@@ -340,8 +340,9 @@ def test_the_one_statement_claim_resumes_first_and_leaves_what_it_cannot_take(db
     assert leases._claim_popped(db, "w2", None) is None
     resumed = leases.claim(db, storage, owner="w2")
     assert resumed is not None and resumed.number == first.number and resumed.attempt == 2
-    # A queued trial goes first, and the study at its concurrency cap starts nothing: the
-    # statement that finds the study's row unable to move changes nothing.
+    # A queued trial goes first: the statement finds the study's row unable to move (the
+    # study is picked, the suggestion locked) and changes nothing. (A study at its
+    # concurrency cap is not picked at all.)
     db.run(lambda s: s.execute(update(Study).values(n_waiting=1)))
     assert leases._claim_popped(db, "w3", None) is None
     db.run(lambda s: s.execute(update(Study).values(n_waiting=0, max_concurrent=1)))

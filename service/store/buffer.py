@@ -7,16 +7,17 @@ SQLite's single writer keeps the ask-per-claim path):
 
 - A claim that finds the buffer empty takes the study's *ask lock* (a transaction-scoped
   advisory lock, safe behind PgBouncer in transaction mode), samples its own trial and a
-  batch for the buffer (``sketch_many``: as many as the study's ``target``, or as many claims
-  as wait behind it, ``waiters``), and stores them all in its one transaction: Optuna's rows
-  first, then one guarded UPDATE of the study's counters (``leases._claim_new``). So one
-  process at a time refills, in batches, and the study's row is held for one statement.
+  batch for the buffer (``sketch_many``: up to the study's ``target``, plus one for each
+  claim waiting behind it, ``waiters``), and stores them all in its one transaction: Optuna's
+  rows first, in two statements however many (``optuna.write_sketches``), then one guarded
+  UPDATE of the study's counters (``leases._claim_new``). So one process at a time refills,
+  in batches, and the study's row is held for one statement.
 - Claims that arrive while someone asks do not queue to ask in turn: they wait for the asker
   beside each other (``wait_for_asker``, the lock held shared) and then pop what it stored,
   in parallel; one that finds nothing left looks again (``Again``).
-- ``pop`` (``service.store.leases.claim``) turns the oldest suggestion into a running,
-  leased seqtune trial in one statement: ``FOR UPDATE SKIP LOCKED`` on the suggestion and a
-  guarded UPDATE of the study's counters.
+- A claim turns the oldest suggestion into a running, leased seqtune trial in one statement
+  that commits by itself (``leases._CLAIM_POP``; inside a claim's transaction, ``pop``):
+  ``FOR UPDATE SKIP LOCKED`` on the suggestion and a guarded UPDATE of the study's counters.
 - Suggestions are *sketched* (``service.store.optuna.sketch``): Optuna's sampler runs as in
   ``ask()`` and the trial is written, RUNNING in Optuna, in the transaction that gives it its
   budget slot; a batch's sketches see each other as running trials. So TPE's constant liar
@@ -32,7 +33,8 @@ attribute ``seqtune_cancelled``; a deleted study takes its suggestions along (ca
 The trade-off: a suggestion is made before the results of the trials running at the time, as if
 the study had up to ``buffer`` more workers. The target is about ``HORIZON_S`` of recent claims,
 at least one, at most the study's ``sampler.buffer`` (default 8; 0 turns the buffer off); a
-claim stocks more only for claims already waiting, which take them at once. The grid sampler
+claim stocks more only for claims already waiting, which take them at once, so that the claims
+after them still find the target. The grid sampler
 gets no buffer: a cancelled grid point would count as visited in Optuna, and its asks cost
 nothing to hide. Nor do studies with queued trials (they are popped by ask first) or in their
 final phase.
@@ -144,22 +146,25 @@ def wants_buffer(study: Study, spec: StudySpec) -> bool:
 def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = None) -> int:
     """How many suggestions the study should hold: about ``HORIZON_S`` of its claims, at
     the rate of those of the last ``RATE_WINDOW_S`` (up to ``now``; by default the database's
-    clock, which stamped them) over the part of the window they span (a study that began
-    claiming 5 s ago at 10 a second claims 10 a second, not 50 / 30), at least 1, at most
-    ``sampler.buffer``; 0 when it buffers none."""
+    clock; claims are stamped by their workers' clocks), over the window or, in a study whose
+    first claim is younger, over the time since it (a study that began claiming 5 s ago at 10
+    a second claims 10 a second, not 50 / 30; a burst in an older one is averaged over the
+    window), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0
     clock = now if now is not None else func.now()
     since = clock - timedelta(seconds=RATE_WINDOW_S)
     recent, first, clock_now = s.execute(
-        select(func.count(), func.min(Trial.started_at), func.now()).where(
-            Trial.study_id == study.id, Trial.started_at >= since
-        )
+        select(
+            func.count().filter(Trial.started_at >= since),
+            func.min(Trial.started_at),
+            func.now(),
+        ).where(Trial.study_id == study.id)
     ).one()
     if not recent or first is None:
         return 1
-    span = ((now or clock_now) - first).total_seconds()
-    rate = recent / min(RATE_WINDOW_S, max(1.0, span))
+    age = ((now or clock_now) - first).total_seconds()
+    rate = recent / min(RATE_WINDOW_S, max(1.0, age))
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
 
 

@@ -258,8 +258,10 @@ class Database:
     def autocommit(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(connection)`` with no transaction around it: each statement commits by
         itself, with no round trip for BEGIN or COMMIT and no lock held between statements
-        (for one statement that does all its work). Retried and translated like ``run``."""
-        return self._retrying(lambda: self._autocommit_once(fn), retry=True)
+        (for one statement that does all its work). Translated like ``run``, but never
+        retried: a statement whose connection was lost may have committed (``Unavailable``
+        is raised; the caller decides)."""
+        return self._retrying(lambda: self._autocommit_once(fn), retry=False)
 
     def _autocommit_once(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.connect() as conn:

@@ -49,7 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from seqtune.errors import Fenced
+from seqtune.errors import Fenced, Unavailable
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
 from service.store import budget, buffer
@@ -119,7 +119,10 @@ def claim(
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
     """
     if not db.settings.is_sqlite:
-        popped = _claim_popped(db, owner, studies)
+        try:
+            popped = _claim_popped(db, owner, studies)
+        except Unavailable:  # not retried: it may have committed (the reaper frees that
+            popped = None  # trial when its lease lapses); the full claim retries safely
         if popped is not None:
             return popped
     hint = db.run(
