@@ -37,11 +37,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from service.settings import Settings  # noqa: E402
+
 ADMIN = os.environ.get("SEQTUNE_BENCH_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 DB = "seqtune_coord"
 EPOCHS = 20
+STOCK_AHEAD = os.environ.get("SEQTUNE_BENCH_STOCK_AHEAD", "1") == "1"
 # A worker slot's pools (Settings.worker_pool_size, worker_max_overflow): each of its engines.
-POOL = {"pool_size": 2, "max_overflow": 1}
+POOL = {
+    "pool_size": Settings.model_fields["worker_pool_size"].default,
+    "max_overflow": Settings.model_fields["worker_max_overflow"].default,
+}
 # The URLs a worker connects with: seqtune's, and Optuna's storage's (the same unless behind
 # PgBouncer, where Optuna gets an entry, and so a pool, of its own).
 Route = tuple[str, str]
@@ -59,6 +65,7 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
     from service.store import leases
     from service.store.db import Database
     from service.store.optuna import make_storage, optuna_study
+    from service.store.stocker import Stocker
 
     url, optuna_url = route
     settings = Settings(
@@ -69,11 +76,13 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
     )
     db, storage = Database(settings), make_storage(settings)
     owner = f"bench-{os.getpid()}"
-    times, last = [], time.perf_counter()
+    stocker = Stocker(db, storage, owner) if STOCK_AHEAD else None
+    times: list[float] = []
+    last = time.perf_counter()
     calls: dict[str, list[float]] = {"claim": [], "report": [], "tell": []}
     while len(times) < n:
         t0 = time.perf_counter()
-        c = leases.claim(db, storage, owner=owner, studies=[name])
+        c = leases.claim(db, storage, owner=owner, studies=[name], stocker=stocker)
         if c is None:  # as a slot does: wait while the study still has work
             if not leases.has_work(db, studies=[name]):
                 break
@@ -102,6 +111,8 @@ def seqtune_worker(route: Route, name: str, n: int, epochs: int, out: mp.Queue) 
         calls["tell"].append(now - t0)
         times.append(now - last)
         last = now
+    if stocker is not None:
+        stocker.close()
     out.put((times, calls))
 
 

@@ -57,14 +57,17 @@ class Settings(BaseSettings):
     max_overflow: int = Field(
         default=10, ge=0, le=500, description="Connections opened past pool_size at peaks."
     )
-    # A worker slot holds two engines (seqtune's and Optuna's) used by at most two threads at
-    # once (the trial loop, the heartbeat): 2 + 1 per engine covers them, with one to spare.
+    # A worker slot holds two engines (seqtune's and Optuna's) used by up to three threads at
+    # once (the trial loop; the heartbeat; the stocker, ``service.store.stocker``). Each keeps
+    # one connection, the trial loop's, and opens up to two more for moments when the others
+    # need one too, closed once returned: a slot holds 2 at rest and at most 6, and a fleet's
+    # connections follow its slots, not its peaks.
     # `seqtune worker` gives its slots these instead of pool_size / max_overflow.
     worker_pool_size: int = Field(
-        default=2, ge=1, le=50, description="pool_size of each of a worker slot's two engines."
+        default=1, ge=1, le=50, description="pool_size of each of a worker slot's two engines."
     )
     worker_max_overflow: int = Field(
-        default=1, ge=0, le=50, description="max_overflow of each of a worker slot's engines."
+        default=2, ge=0, le=50, description="max_overflow of each of a worker slot's engines."
     )
     pool_recycle_s: int = Field(default=1800, ge=30)
     db_retries: int = Field(default=5, ge=0, le=50, description="Retries on a lost connection.")

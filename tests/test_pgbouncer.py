@@ -137,13 +137,13 @@ def test_a_worker_slot_gets_small_pools(settings: Settings) -> None:
 
     loaded = settings.model_copy(update={"pool_size": 5, "max_overflow": 10})
     slot = worker_settings(loaded)
-    assert (slot.pool_size, slot.max_overflow) == (2, 1)
+    assert (slot.pool_size, slot.max_overflow) == (1, 2)
     assert slot.db_retries >= 12
     db = Database(slot)
     storage = make_storage(slot)
     try:
         for pool in (db.engine.pool, storage.engine.pool):
-            assert (pool.size(), pool._max_overflow) == (2, 1)  # type: ignore[attr-defined]
+            assert (pool.size(), pool._max_overflow) == (1, 2)  # type: ignore[attr-defined]
     finally:
         db.dispose()
         storage.engine.dispose()

@@ -35,6 +35,7 @@ from service.store import datasets as service_datasets
 from service.store import leases, lineage, recovery, workers
 from service.store.db import Database
 from service.store.optuna import make_storage, optuna_study
+from service.store.stocker import Stocker
 from worker import admission, checkpoints, datasets, runner, stopping, tensorboard
 from worker.engine import InitModel
 from worker.objective import prepare_for, resolve, study_baselines
@@ -116,6 +117,10 @@ class Slot:
         self.inits: dict[str, InitModel] = {}  # the last init_from model, decoded once
         self.signals = Signals(cfg.parent_pid)
         self.hb = _Heartbeat(self.db, self.worker_id, self.settings.heartbeat_s)
+        # Refills the buffers of the studies it claims from before they run dry (Postgres).
+        self.stocker = (
+            None if self.settings.is_sqlite else Stocker(self.db, self.storage, self.worker_id)
+        )
         self._last_reap = 0.0
         self.parent_death_signal = False  # slot_main sets it once the kernel's signal is armed
 
@@ -148,7 +153,13 @@ class Slot:
         try:
             while not self.signals.stop.is_set() and not self._orphaned():
                 self._maybe_reap()
-                c = leases.claim(self.db, self.storage, owner=self.worker_id, studies=names)
+                c = leases.claim(
+                    self.db,
+                    self.storage,
+                    owner=self.worker_id,
+                    studies=names,
+                    stocker=self.stocker,
+                )
                 if c is not None and self._orphaned():
                     # The fleet died while this claim was under way: an orphan must not
                     # start a trial (the watch is about to stop it). Hand it back untouched.
@@ -174,6 +185,8 @@ class Slot:
                     break
         finally:
             self.hb.halt()
+            if self.stocker is not None:
+                self.stocker.close()
             workers.stopped(self.db, worker_id=self.worker_id)
             self.db.dispose()
         return done

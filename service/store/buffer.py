@@ -50,24 +50,38 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import column, delete, func, literal, select, table, text
 from sqlalchemy.orm import Session
 
 from seqtune.spec import StudySpec
 from seqtune.states import StudyPhase, StudyStatus
 from service.store.db import Database
-from service.store.optuna import Sketch, asking_study, sketch, write_sketches
-from service.store.tables import Study, Suggestion, Trial
+from service.store.optuna import (
+    WRITE_TRIALS_SQL,
+    Sketch,
+    asking_study,
+    lock_optuna_study,
+    sketch,
+    sketch_rows,
+)
+from service.store.tables import Study, Suggestion, Trial, UtcDateTime
 
 log = logging.getLogger(__name__)
 
 # The advisory lock key space of the ask lock: pg_advisory_xact_lock(ASK_LOCK, study id).
 ASK_LOCK = 0x5E97_0002
 # The buffer holds about this many seconds of the study's recent claims...
-HORIZON_S = 2.0
+HORIZON_S = 4.0
 # ...measured over this window.
 RATE_WINDOW_S = 30.0
+# The most suggestions one stocking samples (a claim's, for the claims waiting behind it, or
+# a worker's stocking ahead)...
+MAX_STOCK = 64
+# ...within about this many seconds (the ask lock and the transaction stay open meanwhile; the
+# idle-in-transaction timeout must not end it).
+STOCK_S = 2.0
 # Optuna system attribute on a suggestion that was cancelled before any claim took it.
 CANCELLED = "seqtune_cancelled"
 
@@ -116,16 +130,7 @@ def wait_for_asker(s: Session, study_id: int) -> None:
 def waiters(s: Session, study_id: int) -> int:
     """How many transactions wait for the study's ask lock right now (claims, in
     ``wait_for_asker``): the asker stocks at least that many suggestions."""
-    return int(
-        s.scalar(
-            text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND classid = :ns AND objid = :id AND objsubid = 2"
-            ),
-            {"ns": ASK_LOCK, "id": study_id},
-        )
-        or 0
-    )
+    return int(s.scalar(select(waiting_column(study_id))) or 0)
 
 
 class Again(Exception):
@@ -152,20 +157,54 @@ def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = Non
     window), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0
-    clock = now if now is not None else func.now()
-    since = clock - timedelta(seconds=RATE_WINDOW_S)
-    recent, first, clock_now = s.execute(
-        select(
-            func.count().filter(Trial.started_at >= since),
-            func.min(Trial.started_at),
-            func.now(),
-        ).where(Trial.study_id == study.id)
-    ).one()
+    return sized(spec, *s.execute(select(*rate_columns(study.id, now))).one())
+
+
+def rate_columns(study_id: int, now: datetime | None = None) -> list[Any]:
+    """What ``target`` sizes the buffer from, as three scalar columns (to select beside
+    others): the study's claims started in the window before ``now`` (by default the
+    database's clock), when its first claim started, and ``now``."""
+    window = timedelta(seconds=RATE_WINDOW_S)
+    clock: Any = func.now() if now is None else literal(now, UtcDateTime())
+    since: Any = func.now() - window if now is None else literal(now - window, UtcDateTime())
+    mine = Trial.study_id == study_id
+    return [
+        select(func.count()).where(mine, Trial.started_at >= since).scalar_subquery(),
+        select(func.min(Trial.started_at)).where(mine).scalar_subquery(),
+        clock,
+    ]
+
+
+def sized(spec: StudySpec, recent: int, first: datetime | None, now: datetime) -> int:
+    """``target`` from what ``rate_columns`` read (for a study that buffers)."""
     if not recent or first is None:
         return 1
-    age = ((now or clock_now) - first).total_seconds()
-    rate = recent / min(RATE_WINDOW_S, max(1.0, age))
+    rate = recent / min(RATE_WINDOW_S, max(1.0, (now - first).total_seconds()))
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
+
+
+def waiting_column(study_id: int) -> Any:
+    """``waiters`` as a scalar column (to select beside others)."""
+    locks = table(
+        "pg_locks",
+        column("locktype"),
+        column("granted"),
+        column("classid"),
+        column("objid"),
+        column("objsubid"),
+    )
+    return (
+        select(func.count())
+        .select_from(locks)
+        .where(
+            locks.c.locktype == "advisory",
+            ~locks.c.granted,
+            locks.c.classid == ASK_LOCK,
+            locks.c.objid == study_id,
+            locks.c.objsubid == 2,
+        )
+        .scalar_subquery()
+    )
 
 
 def sketch_many(
@@ -178,19 +217,21 @@ def sketch_many(
     seed_from: int | None = None,
     siblings: list[Sketch] | None = None,
     within_s: float | None = None,
+    known: list[FrozenTrial] | None = None,
 ) -> list[Sketch]:
     """Up to ``k`` suggestions sampled (``optuna.sketch``), nothing written: each sees the
     ones before it as RUNNING, as it would had they been asked. Sampling takes no lock in
     seqtune's tables (only the caller's ask lock), so finishes and pops of the study go on
     meanwhile. ``siblings``: trials sketched before these in the same transaction.
-    ``within_s``: stop once sampling has taken this long (a slow sampler on a large study)."""
+    ``within_s``: stop once sampling has taken this long (a slow sampler on a large study).
+    ``known``: the study's trials, as the caller read them (``sketch``)."""
     before = list(siblings or [])
     done: list[Sketch] = []
     until = None if within_s is None else time.monotonic() + within_s
     base = seed_from if seed_from is not None else study.n_claimed + study.n_buffered + 1
     while len(done) < k and (until is None or time.monotonic() < until):
         ostudy = asking_study(storage, study.optuna_study_name, spec, seed_offset=base + len(done))
-        sk = sketch(storage, ostudy, spec, owner, siblings=before + done)
+        sk = sketch(storage, ostudy, spec, owner, siblings=before + done, known=known)
         if sk is None:
             break
         done.append(sk)
@@ -204,47 +245,53 @@ def room(study: Study, k: int, *, claiming: int = 0) -> int:
     return max(0, min(k, free))
 
 
-def write(s: Session, study_id: int, sketches: list[Sketch]) -> list[Suggestion]:
-    """Write ``sketches`` to Optuna and to the buffer (their slots are the caller's to take,
-    after: the study's row is locked last, so finishes and pops wait for one statement)."""
-    if not sketches:
-        return []
-    rows = [
-        Suggestion(
-            study_id=study_id,
-            optuna_trial_id=trial.trial_id,
-            number=trial.number,
-            params=trial.params,
-        )
-        for trial in write_sketches(s, sketches[0].study_id, sketches)
-    ]
-    s.add_all(rows)
-    return rows
-
-
 def store(s: Session, study: Study, sketches: list[Sketch], *, claiming: int = 0) -> int:
     """Store as many of ``sketches`` as the study (read under its ask lock) has slots for,
     besides ``claiming`` slots a claim takes in the same transaction, each holding one:
-    Optuna's rows and the suggestions first, then one guarded UPDATE of the study's row
-    (finishes and pops wait for that row: it is taken last). Returns how many. Raises
-    ``Raced`` when the study lost the slots meanwhile (paused, cut back or queued to: the
-    caller's transaction must roll back)."""
+    Optuna's trials, the suggestions and the study's counter in one statement (``_STOCK``,
+    after the Optuna study's row is locked, ``lock_optuna_study``), which writes nothing
+    unless the study still has the slots; it is the study's row, locked last, that finishes
+    and pops wait for, until the caller commits. Returns how many. Raises ``Raced`` when the
+    study lost the slots meanwhile (paused, cut back or queued to: the caller's transaction
+    must roll back)."""
     g = room(study, len(sketches), claiming=claiming)
     if g == 0:
         return 0
-    write(s, study.id, sketches[:g])
+    lock_optuna_study(s, study.optuna_study_id)
     kept = s.execute(
-        update(Study)
-        .where(
-            Study.id == study.id,
-            Study.status == StudyStatus.RUNNING,
-            Study.n_claimed + Study.n_waiting + Study.n_buffered + g + claiming <= Study.n_trials,
-        )
-        .values(n_buffered=Study.n_buffered + g)
-    )
-    if kept.rowcount != 1:  # type: ignore[attr-defined]
+        _STOCK,
+        {
+            "sid": study.optuna_study_id,
+            "trials": sketch_rows(sketches[:g]),
+            "study": study.id,
+            "g": g,
+            "claiming": claiming,
+            "running": str(StudyStatus.RUNNING),
+        },
+    ).scalar()
+    if kept != 1:
         raise Raced(f"study {study.id} lost its room while suggestions were stored")
     return g
+
+
+# Optuna's rows for a batch (``WRITE_TRIALS_SQL``), its suggestions, and the study's counter,
+# moved under the budget's guard first: where it cannot move, nothing is written.
+_STOCK = text(
+    WRITE_TRIALS_SQL.format(
+        gate_cte="""slot AS (
+    UPDATE seqtune_studies SET n_buffered = n_buffered + :g
+    WHERE id = :study AND status = :running
+      AND n_claimed + n_waiting + n_buffered + :g + :claiming <= n_trials
+    RETURNING id
+),""",
+        gate=", slot",
+        more=""", sug AS (
+    INSERT INTO seqtune_suggestions (study_id, optuna_trial_id, number, params, created_at)
+    SELECT :study, j.trial_id, j.number, j.ext, now() FROM j
+)""",
+    )
+    + "SELECT count(*) FROM slot"
+)
 
 
 def pop(s: Session, *, study_id: int, owner: str, now: datetime) -> dict[str, Any] | None:

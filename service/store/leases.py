@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
@@ -55,10 +55,14 @@ from seqtune.states import StudyPhase, StudyStatus, TrialState, trial_transition
 from service.store import budget, buffer
 from service.store.budget import close_trial, enqueue_retrain, finite
 from service.store.db import Database
+from service.store.known import known_trials
 from service.store.optuna import ask_marked, optuna_study, sketch
 from service.store.recovery import poppable, settle_outside
 from service.store.tables import Checkpoint, Study, Trial, utcnow
 from service.store.trials import count_move
+
+if TYPE_CHECKING:
+    from service.store.stocker import Stocker
 
 log = logging.getLogger(__name__)
 _T: Table = Trial.__table__  # type: ignore[assignment]  # Core table for the epoch hot path
@@ -112,11 +116,14 @@ def claim(
     *,
     owner: str,
     studies: list[str] | None = None,
+    stocker: Stocker | None = None,
 ) -> Claim | None:
     """Take one trial to run, or None when no running study has work for this worker.
 
     Trials waiting to be resumed come first; then a new budget slot from the running study
     with the highest priority, least recently served, under its ``max_concurrent_trials``.
+    ``stocker``: the worker's ``service.store.stocker.Stocker``, poked after each pop of a
+    suggestion, so that the study's buffer is refilled before it runs dry.
     """
     if not db.settings.is_sqlite:
         try:
@@ -124,7 +131,10 @@ def claim(
         except Unavailable:  # not retried: it may have committed (the reaper frees that
             popped = None  # trial when its lease lapses); the full claim retries safely
         if popped is not None:
-            return popped
+            c, left = popped
+            if stocker is not None:
+                stocker.poke(c, left)
+            return c
     hint = db.run(
         lambda s: s.execute(
             _pick(studies).with_only_columns(
@@ -151,20 +161,16 @@ def claim(
 
     for _ in range(3):
         try:
-            return db.run(txn)
+            got = db.run(txn)
+            if got is not None and stocker is not None and not got.resumed:
+                stocker.poke(got, None)
+            return got
         except buffer.Raced:  # rolled back: the study changed under the pop; look again
             continue
         except buffer.Again:  # rolled back: others popped what the asker stored; this
             patient = True  # claim now queues for the lock itself, and asks
             continue
     return None
-
-
-# The most suggestions a claim stocks for the claims waiting behind it...
-MAX_STOCK = 64
-# ...sampled within about this many seconds (the ask lock and the claim's transaction stay
-# open meanwhile; the idle-in-transaction timeout must not end it).
-STOCK_S = 2.0
 
 
 def _pick(names: list[str] | None) -> Any:
@@ -183,12 +189,13 @@ def _pick(names: list[str] | None) -> Any:
     return pick.where(Study.name.in_(names)) if names else pick
 
 
-def _claim_popped(db: Database, owner: str, names: list[str] | None) -> Claim | None:
+def _claim_popped(db: Database, owner: str, names: list[str] | None) -> tuple[Claim, int] | None:
     """The claim's fast path (Postgres): a suggestion of the study the next slot comes from,
     popped in one statement that commits by itself (``_CLAIM_POP``), so the study's row is
     locked for that statement's execution only. None, having changed nothing, when a trial
     waits to be resumed, the study has queued trials or no suggestion to pop, or another claim
-    holds its last one: the full claim (``claim``) decides then."""
+    holds its last one: the full claim (``claim``) decides then. With the claim, how many
+    suggestions the study has left."""
     params = {
         "names": list(names) if names else None,
         "owner": owner,
@@ -203,7 +210,7 @@ def _claim_popped(db: Database, owner: str, names: list[str] | None) -> Claim | 
     row = db.autocommit(pop)
     if row is None:
         return None
-    return Claim(
+    c = Claim(
         owner=owner,
         fence=1,
         trial_row_id=row["id"],
@@ -217,6 +224,7 @@ def _claim_popped(db: Database, owner: str, names: list[str] | None) -> Claim | 
         optuna_study_name=row["optuna_study_name"],
         spec=row["spec"],
     )
+    return c, int(row["n_buffered"])
 
 
 # The fast path's statement: the study is the one ``_pick`` picks; nothing is popped while a
@@ -249,7 +257,7 @@ WITH pick AS (
     WHERE id = (SELECT study_id FROM sug) AND status = :running AND n_waiting = 0
       AND n_claimed < n_trials
       AND (max_concurrent IS NULL OR n_running < max_concurrent)
-    RETURNING id, name, tenant, optuna_study_name, spec
+    RETURNING id, name, tenant, optuna_study_name, spec, n_buffered
 ), gone AS (
     DELETE FROM seqtune_suggestions
     WHERE id = (SELECT id FROM sug) AND EXISTS (SELECT 1 FROM slot)
@@ -265,7 +273,7 @@ WITH pick AS (
     RETURNING id, study_id, number, optuna_trial_id, params
 )
 SELECT ins.id, ins.study_id, ins.number, ins.optuna_trial_id, ins.params,
-       slot.name, slot.tenant, slot.optuna_study_name, slot.spec
+       slot.name, slot.tenant, slot.optuna_study_name, slot.spec, slot.n_buffered
 FROM ins JOIN slot ON slot.id = ins.study_id
 """
 
@@ -412,7 +420,9 @@ def _claim_new(
     # this transaction, with a batch for the buffer; a WAITING trial is asked (popped).
     sk, extra = None, []
     if final_of is None and buffer.enabled_for(s):
-        sk = sketch(storage, ostudy, spec, owner)
+        sk = sketch(
+            storage, ostudy, spec, owner, known=known_trials(s.connection(), ostudy._study_id)
+        )
         if sk is not None and buffer.wants_buffer(study, spec):
             # The buffer is empty (or this claim would have popped): stock it, with one
             # suggestion for each claim waiting behind this one besides its target, so that
@@ -423,10 +433,10 @@ def _claim_new(
                 study,
                 spec,
                 owner,
-                k=buffer.room(study, min(MAX_STOCK, want), claiming=1),
+                k=buffer.room(study, min(buffer.MAX_STOCK, want), claiming=1),
                 seed_from=slot_no + 1,
                 siblings=[sk],
-                within_s=STOCK_S,
+                within_s=buffer.STOCK_S,
             )
     asked = ask_marked(storage, ostudy, spec, owner) if sk is None else None
     now = utcnow()

@@ -31,6 +31,7 @@ from seqtune import search
 from seqtune.spec import Categorical, FloatRange, IntRange, PrunerSpec, StudySpec
 from service.settings import Settings
 from service.store.db import engine_kwargs
+from service.store.known import known_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -95,6 +96,12 @@ def optuna_study(
     study = _cached_study(storage, optuna_name, spec)
     study.sampler = make_sampler(_seeded(spec, seed_offset))
     return study
+
+
+def warm_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec) -> None:
+    """Load the study's Optuna object into this process's cache (``optuna_study``), before
+    taking a lock under which it would otherwise load (seconds at 10^4 trials)."""
+    _cached_study(storage, optuna_name, spec)
 
 
 def _cached_study(
@@ -177,6 +184,7 @@ def sketch(
     spec: StudySpec,
     owner: str,
     siblings: Sequence[Sketch] = (),
+    known: list[FrozenTrial] | None = None,
 ) -> Sketch | None:
     """A new trial of ``ostudy`` sampled as ``ask_marked`` samples it, but not yet written:
     Optuna's own ``Trial`` and the study's sampler run against a storage (``Sketch``) that
@@ -186,21 +194,27 @@ def sketch(
     WAITING trial (enqueued: a queued trial, a final-phase retrain, an outside client's),
     which ``ask_marked`` pops, as ``ask()`` would. ``siblings``: trials sketched before it
     in the same transaction (not yet visible to Optuna's connection), which the sampler sees
-    as RUNNING trials too, as it would see them asked.
+    as RUNNING trials too, as it would see them asked. ``known``: the study's trials as read
+    by the caller (``service.store.known.known_trials``, on its transaction's connection);
+    by default they are read on Optuna's.
 
     Why: ``ask()`` writes a trial in five of Optuna's transactions and about 23 statements
     (create, re-read, mark, one per parameter), all under the study's ask lock; on a loaded
     database that was what limited claims (bench/coordination.py). A sketch is written in two
     statements inside the caller's transaction."""
-    # Read through the study's own storage: Optuna's cache of its finished trials (a plain
-    # RDBStorage would read every trial of the study, per ask).
+    # The study's trials as the sampler sees them, read in one statement and cached per
+    # process (``service.store.known``).
     # Siblings share the first one's read of the study (one read per batch: the batch is
     # sampled under the ask lock, so no other ask adds a trial meanwhile).
     reads = ostudy._storage
     if siblings:
         known = siblings[0].known
     else:
-        known = reads.get_all_trials(ostudy._study_id, deepcopy=False)
+        if known is None:
+            rdb: Any = getattr(reads, "_backend", reads)
+            engine = rdb.engine
+            with engine.connect() as conn:
+                known = known_trials(conn, ostudy._study_id)
         if any(t.state == OptunaState.WAITING for t in known):
             return None
     sk = Sketch(
@@ -219,19 +233,22 @@ def sketch(
 
 
 _LOCK_OPTUNA_STUDY = text("SELECT study_id FROM studies WHERE study_id = :sid FOR UPDATE")
-_WRITE_TRIALS = text("""
-WITH base AS (
+# The rows ``RDBStorage.create_new_trial`` writes, for every record of ``:trials``
+# (``sketch_rows``), numbered after the study's trials; ``{gate}``: a relation the trials'
+# INSERT joins (one row: write them; none: write nothing), ``{more}``: further CTEs on ``j``.
+WRITE_TRIALS_SQL = """
+WITH {gate_cte} base AS (
     SELECT count(*) AS n FROM trials WHERE study_id = :sid
 ), src AS (
     SELECT * FROM jsonb_to_recordset(CAST(:trials AS jsonb))
-        AS x(i int, start timestamp, params jsonb, attrs jsonb)
+        AS x(i int, start timestamp, params jsonb, attrs jsonb, ext jsonb)
 ), tr AS (
     INSERT INTO trials (number, study_id, state, datetime_start)
     SELECT base.n + src.i, :sid, CAST('RUNNING' AS trialstate), src.start
-    FROM src, base ORDER BY src.i
+    FROM src, base {gate} ORDER BY src.i
     RETURNING trial_id, number
 ), j AS (
-    SELECT tr.trial_id, tr.number, src.i, src.params, src.attrs
+    SELECT tr.trial_id, tr.number, src.i, src.params, src.attrs, src.ext
     FROM tr, base, src WHERE tr.number = base.n + src.i
 ), params AS (
     INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json)
@@ -247,9 +264,12 @@ WITH base AS (
     SELECT j.trial_id, a.key, a.value
     FROM j, jsonb_to_recordset(j.attrs) AS a(key text, value text, "user" bool)
     WHERE a."user"
+){more}
+"""
+_WRITE_TRIALS = text(
+    WRITE_TRIALS_SQL.format(gate_cte="", gate="", more="")
+    + "SELECT trial_id, number FROM j ORDER BY i"
 )
-SELECT trial_id, number FROM j ORDER BY i
-""")
 
 
 def write_sketches(s: Session, study_id: int, sketches: Sequence[Sketch]) -> list[Asked]:
@@ -262,6 +282,24 @@ def write_sketches(s: Session, study_id: int, sketches: Sequence[Sketch]) -> lis
     if not sketches:
         return []
     s.execute(_LOCK_OPTUNA_STUDY, {"sid": study_id})
+    got = s.execute(_WRITE_TRIALS, {"sid": study_id, "trials": sketch_rows(sketches)}).all()
+    return [
+        Asked(r.trial_id, r.number, dict(sk.trial.params))
+        for r, sk in zip(got, sketches, strict=True)
+    ]
+
+
+def lock_optuna_study(s: Session, study_id: int) -> None:
+    """Lock the Optuna study's row for the rest of ``s``'s transaction, in a statement of its
+    own, as ``RDBStorage.create_new_trial`` does before numbering a trial: the statements after
+    it see every trial committed before (``write_sketches``)."""
+    s.execute(_LOCK_OPTUNA_STUDY, {"sid": study_id})
+
+
+def sketch_rows(sketches: Sequence[Sketch]) -> str:
+    """``sketches`` as the JSON records ``_WRITE_TRIALS`` reads (``trials``): each one's
+    index, start, parameters (internal value and distribution), attributes, and its
+    parameters as the trial shows them (``ext``)."""
     rows = [
         {
             "i": i,
@@ -286,14 +324,11 @@ def write_sketches(s: Session, study_id: int, sketches: Sequence[Sketch]) -> lis
                 {"key": k, "value": json.dumps(v), "user": True}
                 for k, v in sk.trial.user_attrs.items()
             ],
+            "ext": sk.trial.params,
         }
         for i, sk in enumerate(sketches)
     ]
-    got = s.execute(_WRITE_TRIALS, {"sid": study_id, "trials": json.dumps(rows)}).all()
-    return [
-        Asked(r.trial_id, r.number, dict(sk.trial.params))
-        for r, sk in zip(got, sketches, strict=True)
-    ]
+    return json.dumps(rows)
 
 
 def _suggest_all(trial: optuna.Trial, spec: StudySpec) -> None:
