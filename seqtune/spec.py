@@ -223,7 +223,7 @@ class SamplerSpec(_Strict):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(integral)] | None = None
     options: dict[str, Scalar | None] = Field(default_factory=dict, max_length=32)
     # At most this many suggestions asked ahead of claims, on Postgres (0: none; each claim
-    # asks). The buffer holds about two seconds of recent claims, at least one, at most this.
+    # asks). The buffer holds about four seconds of recent claims, at least one, at most this.
     buffer: Int = Field(default=64, ge=0, le=256)
 
 

@@ -160,9 +160,9 @@ def test_a_lower_budget_cancels_the_suggestions_beyond_it(db: Database, storage)
 
 
 def test_target_follows_the_claim_rate_within_the_cap(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
-    make(db, storage, sampler={"name": "random", "buffer": 6}, budget={"n_trials": 200})
+    make(db, storage, sampler={"name": "random", "buffer": 8}, budget={"n_trials": 200})
     now = utcnow()
-    assert buffer.HORIZON_S == 4.0 and buffer.RATE_WINDOW_S == 30.0  # the numbers below
+    assert buffer.HORIZON_S == 4.0 and buffer.RATE_WINDOW_S == 10.0  # the numbers below
 
     def target() -> int:
         return db.run(
@@ -183,25 +183,25 @@ def test_target_follows_the_claim_rate_within_the_cap(db: Database, storage) -> 
     assert target() == 1
     for _ in range(16):
         assert leases.claim(db, storage, owner="w") is not None
-    spread(30)  # ids 1-16: over the last 16.6 s
-    assert target() == 4  # 16 claims in the 16.6 s since the first, times 4 s: 3.86
+    spread(30)  # ids 1-16: over the last 16.6 s, ids 1-9 in the last 10 s
+    assert target() == 4  # 9 claims in the 10 s window, times 4 s: 3.6
     spread(4)
     # The same 16 in the last 2.2 s: a study that began claiming moments ago is measured
-    # over the time since its first claim, not the whole window (16 / 30 s would want 3).
-    assert target() == 6  # 16 in 2.2 s would want 30: the study's cap is 6
+    # over the time since its first claim, not the whole window (16 / 10 s would want 7).
+    assert target() == 8  # 16 in 2.2 s would want 30: the study's cap is 8
     for _ in range(44):
         assert leases.claim(db, storage, owner="w") is not None
     spread(30)
-    assert target() == 6  # 60 in 30 s would want 8: the study's cap is 6
+    assert target() == 8  # 20 of the 60 in the last 10 s want 8
     # A burst in an older study is averaged over the window: 4 claims in the last second of
-    # a study claiming for 40 s want 1.
+    # a study claiming for 40 s want 2.
     db.run(
         lambda s: s.execute(
             update(Trial).where(Trial.id > 4).values(started_at=now - timedelta(seconds=40))
         )
     )
     db.run(lambda s: s.execute(update(Trial).where(Trial.id <= 4).values(started_at=now)))
-    assert target() == 1  # 4 in 30 s: 0.53 (over their own 1 s: 16, capped at 6)
+    assert target() == 2  # 4 in 10 s: 1.6 (over their own 1 s: 16, capped at 8)
     # Claims older than the window no longer count.
     db.run(lambda s: s.execute(update(Trial).values(started_at=now - timedelta(minutes=5))))
     assert target() == 1

@@ -8,13 +8,20 @@ SQLite's single writer keeps the ask-per-claim path):
 - A claim that finds the buffer empty takes the study's *ask lock* (a transaction-scoped
   advisory lock, safe behind PgBouncer in transaction mode), samples its own trial and a
   batch for the buffer (``sketch_many``: up to the study's ``target``, plus one for each
-  claim waiting behind it, ``waiters``), and stores them all in its one transaction: Optuna's
-  rows first, in two statements however many (``optuna.write_sketches``), then one guarded
-  UPDATE of the study's counters (``leases._claim_new``). So one process at a time refills,
-  in batches, and the study's row is held for one statement.
+  claim waiting behind it, ``waiters``), and stores them all in its one transaction
+  (``leases._claim_new``): the batch's Optuna rows, its suggestions and the study's counter
+  in one statement however many (``store``), the counter moved first under the budget's
+  guard. So one process at a time refills, in batches, and the study's row is held from
+  that statement to the commit.
 - Claims that arrive while someone asks do not queue to ask in turn: they wait for the asker
   beside each other (``wait_for_asker``, the lock held shared) and then pop what it stored,
   in parallel; one that finds nothing left looks again (``Again``).
+- So that claims seldom find it empty, workers stock it ahead (``service.store.stocker``): a
+  claim whose pop leaves half the target or less pokes its worker's stocker thread, which
+  refills the buffer to the target under the same ask lock (taken only if free), in four
+  statements, while claims go on popping; the worker that stocked keeps it topped up for a
+  while after. A batch reads the study's trials in one statement, cached per process
+  (``service.store.known``).
 - A claim turns the oldest suggestion into a running, leased seqtune trial in one statement
   that commits by itself (``leases._CLAIM_POP``; inside a claim's transaction, ``pop``):
   ``FOR UPDATE SKIP LOCKED`` on the suggestion and a guarded UPDATE of the study's counters.
@@ -32,7 +39,7 @@ attribute ``seqtune_cancelled``; a deleted study takes its suggestions along (ca
 
 The trade-off: a suggestion is made before the results of the trials running at the time, as if
 the study had up to ``buffer`` more workers. The target is about ``HORIZON_S`` of recent claims,
-at least one, at most the study's ``sampler.buffer`` (default 8; 0 turns the buffer off); a
+at least one, at most the study's ``sampler.buffer`` (default 64; 0 turns the buffer off); a
 claim stocks more only for claims already waiting, which take them at once, so that the claims
 after them still find the target. The grid sampler
 gets no buffer: a cancelled grid point would count as visited in Optuna, and its asks cost
@@ -72,10 +79,13 @@ log = logging.getLogger(__name__)
 
 # The advisory lock key space of the ask lock: pg_advisory_xact_lock(ASK_LOCK, study id).
 ASK_LOCK = 0x5E97_0002
-# The buffer holds about this many seconds of the study's recent claims...
+# The buffer holds about this many seconds of the study's recent claims (enough for a
+# stocker's refill, about a second on a loaded 2-core machine, and for a wave of claims from
+# workers that finish together)...
 HORIZON_S = 4.0
-# ...measured over this window.
-RATE_WINDOW_S = 30.0
+# ...measured over this window (short enough to follow a fleet that speeds up, after a
+# start-up in which every worker loads a large study, say).
+RATE_WINDOW_S = 10.0
 # The most suggestions one stocking samples (a claim's, for the claims waiting behind it, or
 # a worker's stocking ahead)...
 MAX_STOCK = 64
@@ -152,8 +162,8 @@ def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = Non
     """How many suggestions the study should hold: about ``HORIZON_S`` of its claims, at
     the rate of those of the last ``RATE_WINDOW_S`` (up to ``now``; by default the database's
     clock; claims are stamped by their workers' clocks), over the window or, in a study whose
-    first claim is younger, over the time since it (a study that began claiming 5 s ago at 10
-    a second claims 10 a second, not 50 / 30; a burst in an older one is averaged over the
+    first claim is younger, over the time since it (a study that began claiming 2 s ago at 10
+    a second claims 10 a second, not 20 / 10; a burst in an older one is averaged over the
     window), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0

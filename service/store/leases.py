@@ -143,7 +143,9 @@ def claim(
         ).first()
     )
     if hint is not None:  # load (and warm) the likely study's Optuna object before locking
-        optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
+        ostudy = optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
+        if buffer.enabled(db):  # and this process's copy of its trials (``known_trials``)
+            db.autocommit(lambda conn: known_trials(conn, ostudy._study_id))
         if hint[3] > 0:
             # Queued trials that an outside Optuna client took are settled first, in a
             # transaction of their own: the claim's transaction must not write before its ask

@@ -98,10 +98,11 @@ def optuna_study(
     return study
 
 
-def warm_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec) -> None:
+def warm_study(storage: optuna.storages.BaseStorage, optuna_name: str, spec: StudySpec) -> int:
     """Load the study's Optuna object into this process's cache (``optuna_study``), before
-    taking a lock under which it would otherwise load (seconds at 10^4 trials)."""
-    _cached_study(storage, optuna_name, spec)
+    taking a lock under which it would otherwise load (seconds at 10^4 trials). Returns the
+    Optuna study's id."""
+    return _cached_study(storage, optuna_name, spec)._study_id
 
 
 def _cached_study(

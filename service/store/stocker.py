@@ -208,8 +208,11 @@ class Stocker:
     def _one(self, study_id: int) -> None:
         try:
             name, spec = self._studies[study_id]
-            # Optuna's study object loads (every trial, the first time) before the lock.
-            warm_study(self.storage, name, StudySpec.model_validate(spec))
+            # Optuna's study object and this process's copy of the study's trials load (every
+            # trial, the first time: seconds at 10^4 trials on a loaded machine) before the
+            # lock; under it, only what changed since is read.
+            optuna_id = warm_study(self.storage, name, StudySpec.model_validate(spec))
+            self.db.autocommit(lambda conn: known_trials(conn, optuna_id))
             done = restock(self.db, self.storage, study_id, self.owner)
         except buffer.Raced:  # paused, cut back or queued to meanwhile: nothing was stored
             self._targets.pop(study_id, None)
