@@ -45,8 +45,10 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 def decode_snapshot(data: bytes) -> dict[str, Any]:
     """A snapshot's training state from its stored bytes. Not ``weights_only``: the state
-    holds more than tensors (RNG states, numpy values), and only workers wrote it."""
-    state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=False)
+    holds more than tensors (RNG states, numpy values), and only workers wrote it. On the
+    CPU: a GPU worker's snapshot holds CUDA tensors (the optimizer's state), and the worker
+    that resumes it may have no GPU; ``train`` moves the state to its own device."""
+    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     return state
 
 

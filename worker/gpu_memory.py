@@ -1,10 +1,15 @@
 """Several trials on one GPU: estimate what a trial needs, and start it only when it fits.
 
 The estimate counts what the engine keeps on the device: the parameters with their gradients
-and optimizer state (and the copy of the best weights early stopping keeps), the activations
-the LSTM saves for backward over a batch of ``seq_len`` steps, the trial's windows (the engine
-keeps every split on the device) and an evaluation batch. It is recorded in each trial's
-``info`` beside the measured peak, so the two can be compared on real hardware.
+and optimizer state (and the copy of the best weights early stopping keeps), what a training
+step of cuDNN's LSTM holds over a batch of ``seq_len`` steps (saved for backward, its
+workspaces, the gradients of the gates), the trial's windows (the engine keeps every split on
+the device), cuBLAS's workspaces, which live as long as the slot process, and fixed cuDNN
+buffers. Evaluation needs no term of its own: on CUDA the engine evaluates a training batch at
+a time, which holds less than a training step. The step's and the fixed terms' sizes were
+measured (``tests/gpu/peaks.py`` on an H100, torch 2.11, cuDNN 9.19: 0.87x to 1.09x of the
+peak for the shapes there); the estimate is recorded in each trial's ``info`` beside the
+measured peak (BENCHMARKS.md, "GPU").
 
 Slots of one machine share a ledger file per GPU (``<data_dir>/gpu/<index>.json``, guarded by
 ``flock``): a slot reserves its trial's estimate before training and frees it after, and a
@@ -25,7 +30,14 @@ from typing import Any
 import numpy as np
 
 CONTEXT_BYTES = 600 * 2**20  # the CUDA context and cuDNN handles of one slot process
-SLACK = 1.25  # the caching allocator's fragmentation and cuDNN workspaces
+# cuBLAS's and cuBLASLt's workspaces (32 MiB each on Hopper), allocated through torch's
+# allocator at a process's first matrix product and kept: they count in every trial's peak.
+BLAS_WORKSPACES = 64 * 2**20
+FIXED_BYTES = 14 * 2**20  # cuDNN's buffers that do not grow with the trial's shape
+# A training step, per window, time step, layer and direction, in activation-sized values:
+# STEP_PER_UNIT for each hidden unit (the four gates and their gradients) plus STEP_FIXED.
+STEP_PER_UNIT = 8
+STEP_FIXED = 650
 
 
 @dataclass(frozen=True)
@@ -56,14 +68,12 @@ def estimate_bytes(s: Shape) -> int:
     p = param_count(s)
     states = {"adam": 2, "adamw": 2, "rmsprop": 1, "sgd": 1}.get(s.optimizer, 2)
     params = 4 * p * (1 + 1 + states + 1)  # weights, grads, optimizer state, best copy
-    act = 2 if s.half else 4
+    act = 2 if s.half else 4  # autocast runs cuDNN's LSTM in fp16, for bf16 too
     dirs = 2 if s.bidirectional else 1
-    # cuDNN keeps, per layer, step and direction: 4 gates, the cell and the hidden state.
-    saved = s.batch * s.seq_len * s.layers * dirs * 6 * s.hidden * act
+    step = s.batch * s.seq_len * s.layers * dirs * (STEP_PER_UNIT * s.hidden + STEP_FIXED) * act
     io = s.batch * s.seq_len * s.n_in * 4 * 3  # input, its noise copy, its grad path
     data = s.n_windows * (s.seq_len * s.n_in + s.n_out) * 4
-    evaluation = min(s.n_windows or s.batch, 4096) * s.seq_len * dirs * s.hidden * act * 2
-    return int(SLACK * (params + saved + io + evaluation) + data)
+    return int(BLAS_WORKSPACES + FIXED_BYTES + params + step + io + data)
 
 
 def shape_of(hp: Any, data: Any, device: str = "cuda") -> Shape:

@@ -12,6 +12,7 @@ once. Its timing (heartbeat, reap interval, poll, orphan grace) and database com
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import platform
@@ -264,10 +265,14 @@ class Slot:
             outcome = runner.classify(spec, exc)
             if outcome.reason == "error":
                 log.exception("trial %s#%d failed", c.study_name, c.number)
-            elif outcome.reason == "oom":
-                torch.cuda.empty_cache()  # the next trial must not start on this one's cache
         finally:
             self.hb.watch(None)
+        if outcome.reason == "oom":
+            # The next trial must not start on this one's cache. Here, not in the except
+            # block: there the exception's traceback still holds the failed trial's frames,
+            # and with them its model, optimizer and windows on the GPU.
+            gc.collect()
+            torch.cuda.empty_cache()
         self._settle(ostudy, c, outcome, estimate)
 
     def _attempt(
@@ -280,7 +285,9 @@ class Slot:
         init = self._init(c, spec)
         self._baselines(c, spec, frame)
         # The hold-out split sizes the memory estimate (walk-forward folds train on less).
-        data = prepare_for(spec, hp, frame, self.cfg.device)
+        # Prepared on the CPU: the estimate needs its shapes only, and a copy on the GPU
+        # would stay there beside the training's own for the whole trial.
+        data = prepare_for(spec, hp, frame, "cpu")
         need = admission.estimate(hp, data, self.cfg.device)
         with admission.gpu_room(
             need,
