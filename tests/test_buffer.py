@@ -207,6 +207,34 @@ def test_target_follows_the_claim_rate_within_the_cap(db: Database, storage) -> 
     assert target() == 1
 
 
+def test_target_expects_the_claims_of_the_running_trials(db: Database, storage) -> None:  # type: ignore[no-untyped-def]
+    """A fleet that started together claims again as its trials end, before the window has
+    seen a claim: six running trials that take 2 s each will claim 3 a second."""
+    make(db, storage, sampler={"name": "random", "buffer": 64}, budget={"n_trials": 200})
+    got = [leases.claim(db, storage, owner="w") for _ in range(10)]
+    assert all(got)
+    for c in got[:4]:
+        assert c is not None
+        finish(db, storage, c)
+    now = utcnow()
+    done = [c.trial_row_id for c in got[:4] if c is not None]
+    db.run(
+        lambda s: s.execute(
+            update(Trial).values(
+                started_at=now - timedelta(seconds=20), finished_at=now - timedelta(seconds=18)
+            )
+        )
+    )
+    db.run(lambda s: s.execute(update(Trial).where(~Trial.id.in_(done)).values(finished_at=None)))
+    row = study_row(db)
+    assert row.n_running == 6
+    # Nothing started in the last 10 s: observed, the target would be 1.
+    got_target = db.run(
+        lambda s: buffer.target(s, study_row(db), StudySpec.model_validate(row.spec), now)
+    )
+    assert got_target == 12  # 6 running / 2 s each, times 4 s
+
+
 @pytest.mark.parametrize("sampler", [{"name": "tpe", "buffer": 0}, {"name": "grid"}])
 def test_no_buffer_when_turned_off_or_for_grid(db: Database, storage, sampler) -> None:  # type: ignore[no-untyped-def]
     space = {"hidden_size": {"type": "int", "low": 8, "high": 32, "step": 8}}

@@ -31,16 +31,25 @@ def storage(settings):  # type: ignore[no-untyped-def]
     return make_storage(settings)
 
 
+@pytest.fixture(autouse=True)
+def steady(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets at the cap and leads that last, however slowly the machine runs the test
+    (the live clock ages the claims the targets are measured from)."""
+    monkeypatch.setattr(buffer, "HORIZON_S", 1000.0)
+    monkeypatch.setattr(stocker, "LEAD_S", 120.0)
+
+
 def study_row(db: Database) -> Study:
     return db.run(lambda s: s.scalar(select(Study)))
 
 
 def busy_study(db: Database, storage: Any, cap: int = 8, claims: int = 4) -> list[leases.Claim]:
-    """A study claimed ``claims`` times within the last second: its target is its cap."""
+    """A study claimed ``claims`` times within the last second (its first claim under a
+    second old: the rate is over 1 s): its target is its cap."""
     make(db, storage, sampler={"name": "random", "buffer": cap}, budget={"n_trials": 100})
     got = [leases.claim(db, storage, owner="w") for _ in range(claims)]
     assert all(got)
-    db.run(lambda s: s.execute(update(Trial).values(started_at=utcnow() - timedelta(seconds=1))))
+    db.run(lambda s: s.execute(update(Trial).values(started_at=utcnow() - timedelta(seconds=0.5))))
     # Empty its buffer (what the claims stocked), as a pause would.
     gone = db.run(lambda s: buffer.cancel(s, s.scalar(select(Study)), keep=0))
     buffer.fail_cancelled(storage, gone)

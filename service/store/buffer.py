@@ -59,7 +59,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import column, delete, func, literal, select, table, text
+from sqlalchemy import column, delete, extract, func, literal, select, table, text
 from sqlalchemy.orm import Session
 
 from seqtune.spec import StudySpec
@@ -84,8 +84,12 @@ ASK_LOCK = 0x5E97_0002
 # workers that finish together)...
 HORIZON_S = 4.0
 # ...measured over this window (short enough to follow a fleet that speeds up, after a
-# start-up in which every worker loads a large study, say).
+# start-up in which every worker loads a large study, say)...
 RATE_WINDOW_S = 10.0
+# ...or expected from the running trials and how long the last few finished ones ran
+# (``sized``), trials shorter than this counted as this long.
+RECENT_FINISHED = 16
+MIN_TRIAL_S = 1.0
 # The most suggestions one stocking samples (a claim's, for the claims waiting behind it, or
 # a worker's stocking ahead)...
 MAX_STOCK = 64
@@ -167,29 +171,58 @@ def target(s: Session, study: Study, spec: StudySpec, now: datetime | None = Non
     window), at least 1, at most ``sampler.buffer``; 0 when it buffers none."""
     if not wants_buffer(study, spec):
         return 0
-    return sized(spec, *s.execute(select(*rate_columns(study.id, now))).one())
+    recent, first, clock, mean_s = s.execute(select(*rate_columns(study.id, now))).one()
+    return sized(spec, recent, first, clock, mean_s, study.n_running)
 
 
 def rate_columns(study_id: int, now: datetime | None = None) -> list[Any]:
-    """What ``target`` sizes the buffer from, as three scalar columns (to select beside
+    """What ``target`` sizes the buffer from, as four scalar columns (to select beside
     others): the study's claims started in the window before ``now`` (by default the
-    database's clock), when its first claim started, and ``now``."""
+    database's clock), when its first claim started, ``now``, and how long its last
+    ``RECENT_FINISHED`` finished trials ran, on average, in seconds."""
     window = timedelta(seconds=RATE_WINDOW_S)
     clock: Any = func.now() if now is None else literal(now, UtcDateTime())
     since: Any = func.now() - window if now is None else literal(now - window, UtcDateTime())
     mine = Trial.study_id == study_id
+    last = (
+        select(Trial.started_at, Trial.finished_at)
+        .where(mine, Trial.finished_at.is_not(None), Trial.started_at.is_not(None))
+        .order_by(Trial.id.desc())
+        .limit(RECENT_FINISHED)
+        .subquery()
+    )
     return [
         select(func.count()).where(mine, Trial.started_at >= since).scalar_subquery(),
         select(func.min(Trial.started_at)).where(mine).scalar_subquery(),
         clock,
+        select(
+            func.avg(extract("epoch", last.c.finished_at - last.c.started_at))
+        ).scalar_subquery(),
     ]
 
 
-def sized(spec: StudySpec, recent: int, first: datetime | None, now: datetime) -> int:
-    """``target`` from what ``rate_columns`` read (for a study that buffers)."""
-    if not recent or first is None:
+def sized(
+    spec: StudySpec,
+    recent: int,
+    first: datetime | None,
+    now: datetime,
+    mean_s: float | None = None,
+    running: int = 0,
+) -> int:
+    """``target`` from what ``rate_columns`` read and the study's running trials (for a
+    study that buffers). The claim rate is the larger of the one observed (``recent`` over
+    the window, or over the time since the first claim in a younger study) and the one
+    expected: each running trial claims again when it ends, ``running / mean_s`` a second
+    (Little's law; trials under ``MIN_TRIAL_S`` counted as that long). The expected rate is
+    what a fleet that starts, or restarts, at once is about to claim at, before the window
+    has seen it; for long trials it is small, and the buffer stays at one."""
+    observed = 0.0
+    if recent and first is not None:
+        observed = recent / min(RATE_WINDOW_S, max(1.0, (now - first).total_seconds()))
+    expected = running / max(float(mean_s), MIN_TRIAL_S) if running and mean_s is not None else 0
+    rate = max(observed, expected)
+    if rate <= 0:
         return 1
-    rate = recent / min(RATE_WINDOW_S, max(1.0, (now - first).total_seconds()))
     return max(1, min(spec.sampler.buffer, math.ceil(rate * HORIZON_S)))
 
 

@@ -13,8 +13,8 @@ pruned trial by its last one). So this reads all of that in one statement, with 
 intermediate values of PRUNED trials only, and builds the ``FrozenTrial`` objects directly
 (9 ms of CPU for the same 356 trials, cold).
 
-Cached: a study's trial numbers are dense among committed trials (Optuna and
-``write_sketches`` number a trial by count under the study's row lock, held to commit), so
+Cached: a study's trial numbers are dense among committed trials (Optuna, ``write_sketches``
+and ``buffer.store`` number a trial by count under the study's row lock, held to commit), so
 once trials ``0..n`` are all read finished, they are kept and never read again (a finished
 trial no longer changes); each read then fetches only the trials numbered after them (those
 running, buffered or new), and the last kept one, to check that the cache is still the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from optuna.distributions import BaseDistribution, json_to_distribution
@@ -91,7 +92,8 @@ def known_trials(conn: Connection, study_id: int) -> list[FrozenTrial]:
                 break
             cached.finished.append(t)
         out = list(cached.finished)
-    out.extend(t for t in fresh if t.number >= len(out))
+    kept = len(out)
+    out.extend(t for t in fresh if t.number >= kept)
     return out
 
 
@@ -102,6 +104,13 @@ def _same(kept: FrozenTrial, row: Any) -> bool:
         kept.datetime_start,
         kept.datetime_complete,
     )
+
+
+def _local(stamp: datetime | None) -> datetime | None:
+    """A stored (naive UTC) stamp as Optuna's storage hands it out: naive local time."""
+    if stamp is None:
+        return None
+    return stamp.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
 
 
 def _distribution(js: str) -> BaseDistribution:
@@ -126,8 +135,8 @@ def _frozen(row: Any) -> FrozenTrial:
         values=[TrialValueModel.stored_repr_to_value(v, getattr(_VALUE, t)) for v, t in values]
         if values
         else None,
-        datetime_start=start,
-        datetime_complete=complete,
+        datetime_start=_local(start),
+        datetime_complete=_local(complete),
         params=ext,
         distributions=dists,
         user_attrs={k: json.loads(v) for k, v in user or ()},

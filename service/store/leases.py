@@ -145,7 +145,10 @@ def claim(
     if hint is not None:  # load (and warm) the likely study's Optuna object before locking
         ostudy = optuna_study(storage, hint[0], StudySpec.model_validate(hint[1]))
         if buffer.enabled(db):  # and this process's copy of its trials (``known_trials``)
-            db.autocommit(lambda conn: known_trials(conn, ostudy._study_id))
+            try:
+                db.autocommit(lambda conn: known_trials(conn, ostudy._study_id))
+            except Unavailable:  # only a warm-up: the claim reads them again, retried
+                log.warning("reading study %s's trials ahead failed", hint[0], exc_info=True)
         if hint[3] > 0:
             # Queued trials that an outside Optuna client took are settled first, in a
             # transaction of their own: the claim's transaction must not write before its ask

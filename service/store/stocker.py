@@ -90,11 +90,13 @@ def restock(
         ).first()
         if row is None:
             return Restocked(target=0)
-        got, study, recent, first, now, waiting = row
-        if not got:
-            return Restocked(busy=True)
+        got, study, recent, first, now, mean_s, waiting = row
         spec = StudySpec.model_validate(study.spec)
-        target = buffer.sized(spec, recent, first, now) if buffer.wants_buffer(study, spec) else 0
+        target = 0
+        if buffer.wants_buffer(study, spec):
+            target = buffer.sized(spec, recent, first, now, mean_s, study.n_running)
+        if not got:  # the target still guides this worker's pokes
+            return Restocked(target=target, busy=True)
         if target == 0 or study.n_claimed >= study.n_trials:
             return Restocked(target=target)
         if study.n_buffered * 4 > target * 3:  # stocked meanwhile (a claim, another worker)
@@ -121,11 +123,10 @@ class Stocker:
     A worker that has just stocked a study *leads* it for ``LEAD_S``: its thread looks at
     the study's count every ``POLL_S`` (one read of one row) and tops the buffer up as soon
     as a quarter of the target is gone, and each top-up renews the lead. So while claims go
-    on, one worker keeps stocking, and its copy of the study's trials (Optuna's cache, read
-    at each stocking) stays current: it reads only what changed since its last stocking, where
-    a worker stocking for the first time in a while reads every trial finished since. A
-    leader that finds the lock taken steps down (another worker is stocking); a leader that
-    dies leaves the study to the next claim that pops the buffer down to half."""
+    on, one worker keeps stocking, early (before the claims' pokes, at half), in batches of
+    about a quarter of the target, without a transaction per poke. A leader that finds the
+    lock taken, or nothing it can stock, steps down; a leader that dies leaves the study to
+    the next claim that pops the buffer down to half."""
 
     def __init__(self, db: Database, storage: optuna.storages.BaseStorage, owner: str) -> None:
         self.db, self.storage, self.owner = db, storage, owner
@@ -224,14 +225,13 @@ class Stocker:
             self._leading.pop(study_id, None)
             return
         now = time.monotonic()
+        if done.target is not None:
+            self._targets[study_id] = (done.target, now)
         if done.busy:  # someone else is stocking it: let them lead
             self._busy_until[study_id] = now + BUSY_BACKOFF_S
             self._leading.pop(study_id, None)
-            return
-        if done.target is not None:
-            self._targets[study_id] = (done.target, now)
-        if done.target == 0:
-            self._leading.pop(study_id, None)
         elif done.stored > 0:
             self._leading[study_id] = now + LEAD_S
+        else:  # nothing to stock (or nothing it could: budget, queued trials): no lead
+            self._leading.pop(study_id, None)
         self.restocked += done.stored
