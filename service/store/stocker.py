@@ -59,7 +59,8 @@ BUSY_BACKOFF_S = 0.25
 @dataclass(frozen=True)
 class Restocked:
     """What one restock did: suggestions ``stored``, the study's ``target`` as read (0: the
-    study takes none), and whether the ask lock was ``busy`` (nothing was read)."""
+    study takes none), and whether the ask lock was ``busy`` (someone else is stocking it:
+    the study was read, nothing was stocked)."""
 
     stored: int = 0
     target: int | None = None
