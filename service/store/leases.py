@@ -215,14 +215,9 @@ def _claim_popped(db: Database, owner: str, names: list[str] | None) -> tuple[Cl
     row = db.autocommit(pop)
     if row is None:
         return None
-    c = Claim(
-        owner=owner,
-        fence=1,
-        trial_row_id=row["id"],
-        number=row["number"],
-        optuna_trial_id=row["optuna_trial_id"],
-        attempt=1,
-        params=row["params"],
+    c = _first_attempt(
+        owner,
+        row,
         study_id=row["study_id"],
         study_name=row["name"],
         tenant=row["tenant"],
@@ -341,6 +336,29 @@ def _popped(s: Session, study: Study, owner: str) -> Claim | None:
     row = buffer.pop(s, study_id=study.id, owner=owner, now=now)
     if row is None:
         return None
+    return _first_attempt(
+        owner,
+        row,
+        study_id=study.id,
+        study_name=study.name,
+        tenant=study.tenant,
+        optuna_study_name=study.optuna_study_name,
+        spec=study.spec,
+    )
+
+
+def _first_attempt(
+    owner: str,
+    row: Any,
+    *,
+    study_id: int,
+    study_name: str,
+    tenant: str,
+    optuna_study_name: str,
+    spec: dict[str, Any],
+) -> Claim:
+    """The claim of a popped suggestion (``row``: the new trial's id, number, Optuna id and
+    parameters): its first attempt, fence 1."""
     return Claim(
         owner=owner,
         fence=1,
@@ -349,11 +367,11 @@ def _popped(s: Session, study: Study, owner: str) -> Claim | None:
         optuna_trial_id=row["optuna_trial_id"],
         attempt=1,
         params=row["params"],
-        study_id=study.id,
-        study_name=study.name,
-        tenant=study.tenant,
-        optuna_study_name=study.optuna_study_name,
-        spec=study.spec,
+        study_id=study_id,
+        study_name=study_name,
+        tenant=tenant,
+        optuna_study_name=optuna_study_name,
+        spec=spec,
     )
 
 
